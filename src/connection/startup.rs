@@ -1,0 +1,290 @@
+//! Opening a connection: the socket, the StartupMessage, authentication, and the messages the
+//! server sends before its first ReadyForQuery (PostgreSQL docs §55.2.1 "Start-up").
+
+use std::time::Duration;
+
+use tokio::net::{TcpStream, UnixStream};
+
+use super::stream::{MessageStream, Socket};
+use crate::config::{Config, Host, SslMode};
+use crate::error::{Error, ErrorKind, Result};
+use crate::protocol::scram::{self, ChannelBinding, ScramSha256};
+use crate::protocol::{self, Authentication, BackendMessage, frontend};
+
+/// What the server told us during startup.
+pub(crate) struct Startup {
+    pub(crate) stream: MessageStream,
+    pub(crate) parameters: Vec<(String, String)>,
+    pub(crate) process_id: i32,
+    pub(crate) secret_key: bytes::Bytes,
+    pub(crate) notices: Vec<crate::error::DbError>,
+    pub(crate) status: protocol::TransactionStatus,
+    /// The host and port this connection reached (for CancelRequest).
+    pub(crate) host: Host,
+    pub(crate) port: u16,
+}
+
+/// Tries each host in turn (libpq's order) and returns the first connection that starts.
+pub(crate) async fn connect(config: &Config) -> Result<Startup> {
+    let hosts = config.effective_hosts();
+    let mut last_error = None;
+    for (host, port) in &hosts {
+        let attempt = connect_host(config, host, *port);
+        let result = match config.get_connect_timeout() {
+            Some(limit) => match tokio::time::timeout(limit, attempt).await {
+                Ok(r) => r,
+                Err(_) => Err(Error::timeout(format!(
+                    "could not connect to {} within {}",
+                    describe(host, *port),
+                    human(limit)
+                ))),
+            },
+            None => attempt.await,
+        };
+        match result {
+            Ok(startup) => return Ok(startup),
+            // Settings that are wrong for every host make trying the next one pointless.
+            Err(e) if e.kind() == ErrorKind::Config => return Err(e),
+            Err(e) => last_error = Some(e),
+        }
+    }
+    Err(last_error.unwrap_or_else(|| Error::config("no host to connect to")))
+}
+
+fn describe(host: &Host, port: u16) -> String {
+    match host {
+        Host::Tcp(h) => format!("{h}:{port}"),
+        Host::Unix(dir) => format!("socket {}/.s.PGSQL.{port}", dir.display()),
+    }
+}
+
+fn human(d: Duration) -> String {
+    format!("{:.1}s", d.as_secs_f64())
+}
+
+pub(crate) async fn open_socket(host: &Host, port: u16) -> Result<Socket> {
+    match host {
+        Host::Tcp(h) => {
+            let stream = TcpStream::connect((h.as_str(), port))
+                .await
+                .map_err(|e| Error::io(&format!("could not connect to {h}:{port}"), e))?;
+            // Small queries must not wait for Nagle's algorithm to fill a packet.
+            stream
+                .set_nodelay(true)
+                .map_err(|e| Error::io("could not set TCP_NODELAY", e))?;
+            Ok(Socket::Tcp(stream))
+        }
+        Host::Unix(dir) => {
+            let path = dir.join(format!(".s.PGSQL.{port}"));
+            let stream = UnixStream::connect(&path)
+                .await
+                .map_err(|e| Error::io(&format!("could not connect to {}", path.display()), e))?;
+            Ok(Socket::Unix(stream))
+        }
+    }
+}
+
+async fn connect_host(config: &Config, host: &Host, port: u16) -> Result<Startup> {
+    match config.get_ssl_mode() {
+        SslMode::Disable | SslMode::Allow | SslMode::Prefer => {}
+        mode => {
+            return Err(Error::config(format!(
+                "sslmode={} needs TLS, which this version of pgengine does not support yet; \
+                 use sslmode=disable or prefer",
+                ssl_mode_name(mode)
+            )));
+        }
+    }
+    let user = config.effective_user()?;
+    let dbname = config.effective_dbname()?;
+    let socket = open_socket(host, port).await?;
+    let mut stream = MessageStream::new(socket, protocol::DEFAULT_MAX_MESSAGE_LEN);
+
+    let mut params: Vec<(&str, &str)> = vec![
+        ("user", &user),
+        ("database", &dbname),
+        // We decode every text value as UTF-8, so the server must send UTF-8.
+        ("client_encoding", "UTF8"),
+    ];
+    if let Some(app) = config.get_application_name() {
+        params.push(("application_name", app));
+    }
+    if let Some(options) = config.get_options() {
+        params.push(("options", options));
+    }
+    frontend::startup(&mut stream.write_buf, frontend::PROTOCOL_3_0, &params)?;
+    stream.flush().await?;
+
+    authenticate(&mut stream, config, host, port, &user).await?;
+    let mut startup = finish_startup(stream).await?;
+    startup.host = host.clone();
+    startup.port = port;
+    Ok(startup)
+}
+
+fn ssl_mode_name(mode: SslMode) -> &'static str {
+    match mode {
+        SslMode::Disable => "disable",
+        SslMode::Allow => "allow",
+        SslMode::Prefer => "prefer",
+        SslMode::Require => "require",
+        SslMode::VerifyCa => "verify-ca",
+        SslMode::VerifyFull => "verify-full",
+    }
+}
+
+/// Turns an ErrorResponse received before ReadyForQuery into an error: SQLSTATE class 28
+/// ("invalid authorization specification", e.g. 28P01 wrong password) is an auth failure.
+fn startup_error(db: crate::error::DbError) -> Error {
+    let kind = if db.code().starts_with("28") {
+        ErrorKind::Auth
+    } else {
+        ErrorKind::Db
+    };
+    Error::with_db(kind, db)
+}
+
+async fn authenticate(
+    stream: &mut MessageStream,
+    config: &Config,
+    host: &Host,
+    port: u16,
+    user: &str,
+) -> Result<()> {
+    let password = || {
+        config.password_for(host, port).ok_or_else(|| {
+            Error::auth(
+                "the server asked for a password but none was given \
+                 (set it in the connection string, PGPASSWORD or the .pgpass file)",
+            )
+        })
+    };
+    let mut scram: Option<ScramSha256> = None;
+    loop {
+        match stream.read_message().await? {
+            BackendMessage::Authentication(auth) => match auth {
+                Authentication::Ok => {
+                    if let Some(s) = &scram
+                        && !s.is_done()
+                    {
+                        // A server that skips SASLFinal has not proved it knows the password.
+                        return Err(Error::auth(
+                            "the server ended SCRAM authentication without proving its identity",
+                        ));
+                    }
+                    return Ok(());
+                }
+                Authentication::CleartextPassword => {
+                    frontend::password(&mut stream.write_buf, &password()?)?;
+                    stream.flush().await?;
+                }
+                Authentication::Md5Password { salt } => {
+                    let hash = protocol::md5_password(user.as_bytes(), &password()?, salt);
+                    frontend::password(&mut stream.write_buf, hash.as_bytes())?;
+                    stream.flush().await?;
+                }
+                Authentication::Sasl(mechanisms) => {
+                    if scram.is_some() {
+                        return Err(Error::protocol("the server restarted SASL authentication"));
+                    }
+                    if !mechanisms.iter().any(|m| m == scram::SCRAM_SHA_256) {
+                        return Err(Error::auth(format!(
+                            "none of the server's SASL mechanisms ({}) is supported",
+                            mechanisms.join(", ")
+                        )));
+                    }
+                    // Without TLS there is no channel to bind to: gs2 flag 'n'.
+                    let s = ScramSha256::new(&password()?, ChannelBinding::Unsupported);
+                    frontend::sasl_initial_response(
+                        &mut stream.write_buf,
+                        scram::SCRAM_SHA_256,
+                        s.client_first(),
+                    )?;
+                    stream.flush().await?;
+                    scram = Some(s);
+                }
+                Authentication::SaslContinue(data) => {
+                    let s = scram.as_mut().ok_or_else(|| {
+                        Error::protocol("SASLContinue without a SASL exchange in progress")
+                    })?;
+                    let client_final = s.update(&data)?;
+                    frontend::sasl_response(&mut stream.write_buf, &client_final)?;
+                    stream.flush().await?;
+                }
+                Authentication::SaslFinal(data) => {
+                    let s = scram.as_mut().ok_or_else(|| {
+                        Error::protocol("SASLFinal without a SASL exchange in progress")
+                    })?;
+                    s.finish(&data)?;
+                }
+                Authentication::KerberosV5 => {
+                    return Err(Error::auth("Kerberos V5 authentication is not supported"));
+                }
+                Authentication::Gss | Authentication::GssContinue(_) => {
+                    return Err(Error::auth("GSSAPI authentication is not supported"));
+                }
+                Authentication::Sspi => {
+                    return Err(Error::auth("SSPI authentication is not supported"));
+                }
+            },
+            BackendMessage::ErrorResponse(db) => return Err(startup_error(db)),
+            BackendMessage::NoticeResponse(_) => {}
+            BackendMessage::NegotiateProtocolVersion {
+                newest_minor,
+                unrecognized,
+            } => {
+                // We ask for 3.0 with no options, so any answer but "3.0, nothing unknown"
+                // is the server misbehaving; 3.0 itself is fine to continue with.
+                if newest_minor != 0 || !unrecognized.is_empty() {
+                    return Err(Error::protocol(format!(
+                        "the server cannot speak protocol 3.0 (it offers 3.{newest_minor})"
+                    )));
+                }
+            }
+            other => {
+                return Err(Error::protocol(format!(
+                    "unexpected message during authentication: {:?}",
+                    other.tag() as char
+                )));
+            }
+        }
+    }
+}
+
+async fn finish_startup(mut stream: MessageStream) -> Result<Startup> {
+    let mut parameters = Vec::new();
+    let mut notices = Vec::new();
+    let mut key = None;
+    loop {
+        match stream.read_message().await? {
+            BackendMessage::BackendKeyData {
+                process_id,
+                secret_key,
+            } => key = Some((process_id, secret_key)),
+            BackendMessage::ParameterStatus { name, value } => parameters.push((name, value)),
+            BackendMessage::NoticeResponse(n) => notices.push(n),
+            BackendMessage::ErrorResponse(db) => return Err(startup_error(db)),
+            BackendMessage::ReadyForQuery(status) => {
+                // Some poolers and proxies send no BackendKeyData: cancellation is then
+                // impossible, but the connection is still good.
+                let (process_id, secret_key) = key.unwrap_or((0, bytes::Bytes::new()));
+                return Ok(Startup {
+                    stream,
+                    parameters,
+                    process_id,
+                    secret_key,
+                    notices,
+                    status,
+                    host: Host::Tcp(String::new()),
+                    port: 0,
+                });
+            }
+            other => {
+                return Err(Error::protocol(format!(
+                    "unexpected message during startup: {:?}",
+                    other.tag() as char
+                )));
+            }
+        }
+    }
+}

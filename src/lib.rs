@@ -1,0 +1,52 @@
+//! # pgengine
+//!
+//! An async PostgreSQL engine for Rust, built on its own implementation of the PostgreSQL
+//! frontend/backend wire protocol (version 3.0).
+//!
+//! The crate is layered, lowest first; a lower layer never names a higher one:
+//!
+//! - [`protocol`]: bytes in, bytes out. Every message's encoder and decoder, framing with a
+//!   length limit, and the authentication exchanges (MD5, SCRAM-SHA-256) as pure state machines.
+//!   No I/O, no tokio.
+//! - [`config`]: connection settings from libpq-style URLs and `key=value` strings, the `PG*`
+//!   environment variables and the `.pgpass` file.
+//! - [`connection`]: one socket (TCP or Unix): startup, authentication, the read/write loop and
+//!   the server's `ReadyForQuery` transaction status.
+//! - [`error`]: the one [`Error`] type, with a [`ErrorKind`] a caller can match on and every
+//!   field of a server error.
+//! - `testing` (feature `testing`): [`testing::TempCluster`], a throwaway PostgreSQL cluster for
+//!   tests, examples and benchmarks.
+//!
+//! ```no_run
+//! # async fn demo() -> pgengine::Result<()> {
+//! use pgengine::{Config, Connection};
+//!
+//! let config: Config = "postgres://app@localhost/appdb".parse()?;
+//! let mut conn = Connection::connect(&config).await?;
+//! let results = conn.simple_query("SELECT 1; SELECT 'two'").await?;
+//! assert_eq!(results.len(), 2);
+//! conn.close().await?;
+//! # Ok(())
+//! # }
+//! ```
+
+#![warn(missing_docs)]
+
+pub mod config;
+pub mod connection;
+pub mod error;
+pub mod protocol;
+pub mod row;
+#[cfg(feature = "testing")]
+pub mod testing;
+
+pub use config::Config;
+pub use connection::{CancelToken, Connection, Notification, TransactionStatus};
+pub use error::{DbError, Error, ErrorKind, Result};
+pub use postgres_types::{FromSql, ToSql, Type};
+pub use row::{Column, Row, SimpleQueryResult, SimpleRow};
+
+/// The README's examples, compiled as doctests so that the front page stays true.
+#[cfg(doctest)]
+#[doc = include_str!("../README.md")]
+pub struct ReadmeDoctests;

@@ -1,0 +1,299 @@
+//! Rows of a result and the columns that describe them.
+//!
+//! A [`Row`] keeps the server's DataRow as one shared buffer and decodes a column only when it
+//! is asked for, through `postgres_types::FromSql`: there is no allocation per column.
+
+use std::fmt;
+use std::sync::Arc;
+
+use postgres_types::{FromSql, Type};
+
+use crate::error::{Error, Result};
+use crate::protocol::{DataRow, FieldDescription};
+
+/// A column of a result: its name, type and origin.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Column {
+    name: String,
+    table_oid: u32,
+    column_id: i16,
+    type_: Type,
+}
+
+impl Column {
+    pub(crate) fn from_field(field: &FieldDescription) -> Column {
+        Column {
+            name: field.name.clone(),
+            table_oid: field.table_oid,
+            column_id: field.column_id,
+            type_: type_from_oid(field.type_oid),
+        }
+    }
+
+    /// The column's name (`?column?` for an unnamed expression).
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// The column's type.
+    pub fn type_(&self) -> &Type {
+        &self.type_
+    }
+
+    /// The OID of the column's type.
+    pub fn type_oid(&self) -> u32 {
+        self.type_.oid()
+    }
+
+    /// The OID of the table the column comes from, if it is a plain table column.
+    pub fn table_oid(&self) -> Option<u32> {
+        (self.table_oid != 0).then_some(self.table_oid)
+    }
+
+    /// The column's attribute number in that table.
+    pub fn column_id(&self) -> Option<i16> {
+        (self.column_id != 0).then_some(self.column_id)
+    }
+}
+
+/// The type for `oid`: a built-in one, or an opaque placeholder for types this crate does not
+/// know (extension and user-defined types), which `FromSql` impls can still inspect by OID.
+pub(crate) fn type_from_oid(oid: u32) -> Type {
+    Type::from_oid(oid).unwrap_or_else(|| {
+        Type::new(
+            format!("oid_{oid}"),
+            oid,
+            postgres_types::Kind::Simple,
+            "unknown".to_owned(),
+        )
+    })
+}
+
+/// Something that picks a column: its position (`usize`) or its name (`&str`).
+pub trait RowIndex: fmt::Display {
+    /// The position of the column in `columns`, if there is one.
+    fn index(&self, columns: &[Column]) -> Option<usize>;
+}
+
+impl RowIndex for usize {
+    fn index(&self, columns: &[Column]) -> Option<usize> {
+        (*self < columns.len()).then_some(*self)
+    }
+}
+
+impl RowIndex for str {
+    fn index(&self, columns: &[Column]) -> Option<usize> {
+        columns.iter().position(|c| c.name == self)
+    }
+}
+
+impl<T: RowIndex + ?Sized> RowIndex for &T {
+    fn index(&self, columns: &[Column]) -> Option<usize> {
+        T::index(*self, columns)
+    }
+}
+
+/// One row of a result, in the binary format.
+#[derive(Clone)]
+pub struct Row {
+    columns: Arc<[Column]>,
+    data: DataRow,
+}
+
+impl Row {
+    pub(crate) fn new(columns: Arc<[Column]>, data: DataRow) -> Result<Row> {
+        if data.len() != columns.len() {
+            return Err(Error::protocol(format!(
+                "DataRow has {} columns but RowDescription has {}",
+                data.len(),
+                columns.len()
+            )));
+        }
+        Ok(Row { columns, data })
+    }
+
+    /// The columns of the row.
+    pub fn columns(&self) -> &[Column] {
+        &self.columns
+    }
+
+    /// The number of columns.
+    pub fn len(&self) -> usize {
+        self.columns.len()
+    }
+
+    /// True if the row has no columns.
+    pub fn is_empty(&self) -> bool {
+        self.columns.is_empty()
+    }
+
+    /// The value of a column, decoded as `T`.
+    ///
+    /// # Panics
+    ///
+    /// If the column does not exist or cannot be decoded as `T`; use [`Row::try_get`] to get an
+    /// error instead.
+    #[track_caller]
+    pub fn get<'a, I, T>(&'a self, idx: I) -> T
+    where
+        I: RowIndex,
+        T: FromSql<'a>,
+    {
+        match self.try_get(idx) {
+            Ok(v) => v,
+            Err(e) => panic!("Row::get: {e}"),
+        }
+    }
+
+    /// The value of a column, decoded as `T`, or an error saying why it cannot be.
+    pub fn try_get<'a, I, T>(&'a self, idx: I) -> Result<T>
+    where
+        I: RowIndex,
+        T: FromSql<'a>,
+    {
+        let i = idx
+            .index(&self.columns)
+            .ok_or_else(|| Error::conversion(format!("the row has no column {idx}")))?;
+        let column = &self.columns[i];
+        if !T::accepts(&column.type_) {
+            return Err(Error::conversion(format!(
+                "column {:?} of type {} cannot be read as {}",
+                column.name,
+                column.type_,
+                std::any::type_name::<T>()
+            )));
+        }
+        let raw = self.data.value(i);
+        FromSql::from_sql_nullable(&column.type_, raw).map_err(|e| {
+            Error::conversion(format!("could not decode column {:?}: {e}", column.name))
+        })
+    }
+
+    /// The raw bytes of a column in the wire format, or `None` for NULL.
+    pub fn raw(&self, idx: usize) -> Option<&[u8]> {
+        self.data.value(idx)
+    }
+}
+
+impl fmt::Debug for Row {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Row")
+            .field("columns", &self.columns)
+            .finish_non_exhaustive()
+    }
+}
+
+/// One row of a simple-protocol result: every value in the text format.
+#[derive(Clone)]
+pub struct SimpleRow {
+    columns: Arc<[Column]>,
+    data: DataRow,
+}
+
+impl SimpleRow {
+    pub(crate) fn new(columns: Arc<[Column]>, data: DataRow) -> Result<SimpleRow> {
+        let row = Row::new(columns, data)?;
+        Ok(SimpleRow {
+            columns: row.columns,
+            data: row.data,
+        })
+    }
+
+    /// The columns of the row.
+    pub fn columns(&self) -> &[Column] {
+        &self.columns
+    }
+
+    /// The number of columns.
+    pub fn len(&self) -> usize {
+        self.columns.len()
+    }
+
+    /// True if the row has no columns.
+    pub fn is_empty(&self) -> bool {
+        self.columns.is_empty()
+    }
+
+    /// The text of a column, `None` for NULL; an error if the column does not exist or its
+    /// text is not UTF-8.
+    pub fn try_get<I: RowIndex>(&self, idx: I) -> Result<Option<&str>> {
+        let i = idx
+            .index(&self.columns)
+            .ok_or_else(|| Error::conversion(format!("the row has no column {idx}")))?;
+        self.data
+            .value(i)
+            .map(|v| {
+                std::str::from_utf8(v)
+                    .map_err(|_| Error::conversion(format!("column {idx} is not valid UTF-8")))
+            })
+            .transpose()
+    }
+
+    /// The text of a column, `None` for NULL or when there is no such column.
+    pub fn get<I: RowIndex>(&self, idx: I) -> Option<&str> {
+        self.try_get(idx).ok().flatten()
+    }
+}
+
+impl fmt::Debug for SimpleRow {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let mut d = f.debug_map();
+        for (i, c) in self.columns.iter().enumerate() {
+            d.entry(&c.name, &self.get(i));
+        }
+        d.finish()
+    }
+}
+
+/// The outcome of one statement of a simple query.
+#[derive(Debug, Clone)]
+pub struct SimpleQueryResult {
+    pub(crate) columns: Arc<[Column]>,
+    pub(crate) rows: Vec<SimpleRow>,
+    pub(crate) tag: String,
+}
+
+impl SimpleQueryResult {
+    /// The columns, empty for a statement that returns no rows.
+    pub fn columns(&self) -> &[Column] {
+        &self.columns
+    }
+
+    /// The rows, in the order the server sent them.
+    pub fn rows(&self) -> &[SimpleRow] {
+        &self.rows
+    }
+
+    /// The command tag, e.g. `"SELECT 2"` or `"INSERT 0 1"`.
+    pub fn tag(&self) -> &str {
+        &self.tag
+    }
+
+    /// The number of rows the command returned or affected, from its tag.
+    pub fn rows_affected(&self) -> u64 {
+        rows_affected(&self.tag)
+    }
+}
+
+/// The row count at the end of a CommandComplete tag (`"INSERT 0 5"` → 5), or 0 for commands
+/// that report none (`"CREATE TABLE"`).
+pub(crate) fn rows_affected(tag: &str) -> u64 {
+    tag.rsplit(' ')
+        .next()
+        .and_then(|n| n.parse().ok())
+        .unwrap_or(0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::rows_affected;
+
+    #[test]
+    fn rows_affected_from_tags() {
+        assert_eq!(rows_affected("INSERT 0 5"), 5);
+        assert_eq!(rows_affected("SELECT 12"), 12);
+        assert_eq!(rows_affected("UPDATE 0"), 0);
+        assert_eq!(rows_affected("CREATE TABLE"), 0);
+        assert_eq!(rows_affected(""), 0);
+    }
+}
