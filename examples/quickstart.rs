@@ -45,10 +45,10 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
 
     // The extended protocol: typed parameters and typed rows in the binary format.
     let rows = conn
-        .query(
+        .query((
             "SELECT name, popularity FROM bands WHERE popularity > $1 ORDER BY id",
-            &[&500i32],
-        )
+            (500i32,),
+        ))
         .await?;
     for row in &rows {
         let name: &str = row.get("name");
@@ -63,10 +63,10 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         err.code().unwrap_or("?"),
         err
     );
-    let rows = conn
-        .query("SELECT $1::text || ' still works'", &[&"the connection"])
+    let row = conn
+        .query_one(("SELECT $1::text || ' still works'", ("the connection",)))
         .await?;
-    println!("{}", rows[0].get::<_, &str>(0));
+    println!("{}", row.get::<_, &str>(0));
 
     conn.close().await?;
     drop(cluster);

@@ -38,6 +38,8 @@ pub enum ErrorKind {
     Pool,
     /// A Rust value could not be encoded as a parameter, or a column decoded into a Rust type.
     Conversion,
+    /// A query returned a different number of rows than the call expects (`query_one`).
+    RowCount,
 }
 
 impl fmt::Display for ErrorKind {
@@ -53,6 +55,7 @@ impl fmt::Display for ErrorKind {
             ErrorKind::Transaction => "transaction error",
             ErrorKind::Pool => "pool error",
             ErrorKind::Conversion => "conversion error",
+            ErrorKind::RowCount => "unexpected number of rows",
         })
     }
 }
@@ -122,6 +125,11 @@ impl Error {
     #[allow(dead_code)]
     pub(crate) fn conversion(message: impl Into<String>) -> Error {
         Error::new(ErrorKind::Conversion, message)
+    }
+
+    /// A query returned the wrong number of rows.
+    pub(crate) fn row_count(message: impl Into<String>) -> Error {
+        Error::new(ErrorKind::RowCount, message)
     }
 
     /// A socket error, with what we were doing when it happened.

@@ -36,14 +36,19 @@ pub mod config;
 pub mod connection;
 pub mod error;
 pub mod protocol;
+pub mod query;
 pub mod row;
 #[cfg(feature = "testing")]
 pub mod testing;
+pub mod types;
 
 pub use config::Config;
-pub use connection::{CancelToken, Connection, Notification, TransactionStatus};
+pub use connection::{
+    CancelToken, Connection, ConnectionStats, Notification, RowStream, TransactionStatus,
+};
 pub use error::{DbError, Error, ErrorKind, Result};
 pub use postgres_types::{FromSql, ToSql, Type};
+pub use query::{BorrowedParams, Query, ToQuery};
 pub use row::{Column, Row, SimpleQueryResult, SimpleRow};
 
 /// The README's examples, compiled as doctests so that the front page stays true.

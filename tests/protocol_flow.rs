@@ -81,9 +81,9 @@ async fn errors_carry_sqlstate_and_the_connection_recovers() {
         let r = conn.simple_query("SELECT 42").await.unwrap();
         assert_eq!(r[0].rows()[0].get(0), Some("42"));
         // And so does the extended protocol.
-        let err = conn.execute(sql, &[]).await.unwrap_err();
+        let err = conn.execute(sql).await.unwrap_err();
         assert_eq!(err.code(), Some(code), "extended {sql}: {err}");
-        let rows = conn.query("SELECT $1::int4", &[&7i32]).await.unwrap();
+        let rows = conn.query(("SELECT $1::int4", (7i32,))).await.unwrap();
         assert_eq!(rows[0].get::<_, i32>(0), 7);
     }
 }
@@ -154,21 +154,10 @@ async fn transaction_status_follows_ready_for_query() {
 #[tokio::test]
 async fn extended_protocol_binds_and_reads_binary_values() {
     let mut conn = connect().await;
-    let rows = conn
-        .query(
-            "SELECT $1::int8 AS big, $2::text AS t, $3::float8 AS f, $4::bool AS b, \
-             $5::int4 AS n, $6::bytea AS raw",
-            &[
-                &-5i64,
-                &"héllo",
-                &2.5f64,
-                &true,
-                &None::<i32>,
-                &vec![0u8, 255],
-            ],
-        )
-        .await
-        .unwrap();
+    let sql = "SELECT $1::int8 AS big, $2::text AS t, $3::float8 AS f, $4::bool AS b, \
+               $5::int4 AS n, $6::bytea AS raw";
+    let params = (-5i64, "héllo", 2.5f64, true, None::<i32>, vec![0u8, 255]);
+    let rows = conn.query((sql, params)).await.unwrap();
     assert_eq!(rows.len(), 1);
     let row = &rows[0];
     assert_eq!(row.get::<_, i64>("big"), -5);
@@ -192,23 +181,25 @@ async fn wrong_parameters_fail_before_anything_runs() {
     conn.simple_query("CREATE TEMP TABLE p (v int8)")
         .await
         .unwrap();
-    // Too few values.
+    // Too few and too many values.
+    for params in [vec![], vec![1i64, 2]] {
+        let q = pgengine::Query::new("INSERT INTO p VALUES ($1)");
+        let q = params.into_iter().fold(q, |q, v| q.bind(v));
+        let err = conn.execute(&q).await.unwrap_err();
+        assert_eq!(err.kind(), ErrorKind::Conversion, "{err}");
+        assert!(err.safe_to_retry());
+    }
+    // A value whose type the column cannot take: the server, which sees the type chosen for
+    // the value (text), refuses the statement before running it.
     let err = conn
-        .execute("INSERT INTO p VALUES ($1)", &[])
+        .execute(("INSERT INTO p VALUES ($1)", ("text",)))
         .await
         .unwrap_err();
-    assert_eq!(err.kind(), ErrorKind::Conversion, "{err}");
-    // A value the parameter's type does not accept.
-    let err = conn
-        .execute("INSERT INTO p VALUES ($1)", &[&"text"])
-        .await
-        .unwrap_err();
-    assert_eq!(err.kind(), ErrorKind::Conversion, "{err}");
-    assert!(err.safe_to_retry());
+    assert_eq!(err.code(), Some("42804"), "{err}");
     let r = conn.simple_query("SELECT count(*) FROM p").await.unwrap();
     assert_eq!(r[0].rows()[0].get(0), Some("0"));
     assert_eq!(
-        conn.execute("INSERT INTO p VALUES ($1)", &[&1i64])
+        conn.execute(("INSERT INTO p VALUES ($1)", (1i64,)))
             .await
             .unwrap(),
         1
@@ -245,7 +236,7 @@ async fn parameter_changes_are_tracked() {
         .await
         .unwrap();
     assert_eq!(conn.parameter("TimeZone"), Some("Asia/Tokyo"));
-    conn.execute("SET application_name = 'renamed'", &[])
+    conn.execute("SET application_name = 'renamed'")
         .await
         .unwrap();
     assert_eq!(conn.parameter("application_name"), Some("renamed"));
@@ -261,7 +252,7 @@ async fn notifications_are_kept_not_mistaken_for_results() {
         .await
         .unwrap();
     sender
-        .execute("SELECT pg_notify('pgengine_chan', 'payload 2')", &[])
+        .execute("SELECT pg_notify('pgengine_chan', 'payload 2')")
         .await
         .unwrap();
     // The notifications arrive during the listener's next query, which still returns its rows.
@@ -282,7 +273,7 @@ async fn terminated_backend_breaks_the_connection() {
     let mut admin = connect().await;
     let pid = victim.process_id();
     admin
-        .query("SELECT pg_terminate_backend($1)", &[&pid])
+        .query(("SELECT pg_terminate_backend($1)", (pid,)))
         .await
         .unwrap();
     let err = victim.simple_query("SELECT 1").await.unwrap_err();
@@ -305,7 +296,7 @@ async fn dropped_query_future_is_drained_before_the_next_query() {
     let r = conn.simple_query("SELECT 'fresh'").await.unwrap();
     assert_eq!(r[0].rows()[0].get(0), Some("fresh"));
     let rows = conn
-        .query("SELECT $1::text", &[&"also fresh"])
+        .query(("SELECT $1::text", ("also fresh",)))
         .await
         .unwrap();
     assert_eq!(rows[0].get::<_, &str>(0), "also fresh");

@@ -12,21 +12,26 @@
 //! - `broken`: set when the byte stream can no longer be trusted (an I/O or protocol error, or
 //!   a write cut off half way). A broken connection refuses every request.
 
+mod cache;
+mod extended;
+mod simple;
 mod startup;
 mod stream;
 
 use std::collections::{HashMap, VecDeque};
 use std::fmt;
-use std::sync::Arc;
+use std::future::poll_fn;
+use std::task::{Context, Poll, ready};
 
 use bytes::Bytes;
-use postgres_types::{ToSql, Type};
 
 use crate::config::Config;
 use crate::error::{DbError, Error, Result};
 use crate::protocol::{BackendMessage, frontend};
-use crate::row::{Column, Row, SimpleQueryResult, SimpleRow, type_from_oid};
+use cache::StatementCache;
 use stream::MessageStream;
+
+pub use extended::RowStream;
 
 pub use crate::protocol::TransactionStatus;
 
@@ -102,7 +107,37 @@ pub struct Connection {
     cancel: CancelToken,
     notice_handler: NoticeHandler,
     notifications: VecDeque<Notification>,
+    statements: StatementCache,
+    /// Statements evicted from the cache whose Close has not been confirmed by the server yet;
+    /// they go out in front of the next request.
+    closes_due: Vec<std::sync::Arc<str>>,
+    /// The Closes in the pipeline in flight, confirmed one by one by CloseComplete.
+    pending_closes: Vec<std::sync::Arc<str>>,
+    stats: ConnectionStats,
 }
+
+/// Counts of what this connection sent, for tests and monitoring: they show, for example,
+/// that a cached statement is not parsed again.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct ConnectionStats {
+    /// Parse messages (statements prepared).
+    pub parses: u64,
+    /// Bind messages.
+    pub binds: u64,
+    /// Close messages for statements evicted from the cache.
+    pub closes: u64,
+    /// Requests sent that the server answers with ReadyForQuery (Sync or simple Query): the
+    /// number of round trips.
+    pub round_trips: u64,
+    /// Statement cache hits.
+    pub cache_hits: u64,
+    /// Statement cache misses.
+    pub cache_misses: u64,
+}
+
+/// The default number of prepared statements a connection keeps.
+pub const DEFAULT_STATEMENT_CACHE_CAPACITY: usize = 256;
 
 impl fmt::Debug for Connection {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
@@ -155,6 +190,10 @@ impl Connection {
             },
             notice_handler: Box::new(log_notice),
             notifications: VecDeque::new(),
+            statements: StatementCache::new(DEFAULT_STATEMENT_CACHE_CAPACITY),
+            closes_due: Vec::new(),
+            pending_closes: Vec::new(),
+            stats: ConnectionStats::default(),
         };
         for notice in &s.notices {
             (conn.notice_handler)(notice);
@@ -209,179 +248,28 @@ impl Connection {
         self.notifications.drain(..).collect()
     }
 
-    /// Runs one or more SQL statements with the simple query protocol and returns one result
-    /// per statement that produced one (an empty query string gives none). Values come back
-    /// in the text format.
-    ///
-    /// If a statement fails, the server skips the rest of the string; the error is returned
-    /// and the connection is ready for the next query.
-    pub async fn simple_query(&mut self, sql: &str) -> Result<Vec<SimpleQueryResult>> {
-        self.prepare_request().await?;
-        frontend::query(&mut self.stream.write_buf, sql)?;
-        self.send(1).await?;
-
-        let mut results = Vec::new();
-        let mut columns: Option<Arc<[Column]>> = None;
-        let mut rows = Vec::new();
-        let mut error = None;
-        loop {
-            match self.read().await? {
-                BackendMessage::RowDescription(fields) => {
-                    columns = Some(fields.iter().map(Column::from_field).collect());
-                }
-                BackendMessage::DataRow(data) => {
-                    let cols = columns
-                        .clone()
-                        .ok_or_else(|| self.protocol_error("DataRow before RowDescription"))?;
-                    rows.push(SimpleRow::new(cols, data).map_err(|e| self.fail(e))?);
-                }
-                BackendMessage::CommandComplete(tag) => {
-                    results.push(SimpleQueryResult {
-                        columns: columns.take().unwrap_or_else(|| Arc::from([])),
-                        rows: std::mem::take(&mut rows),
-                        tag,
-                    });
-                }
-                BackendMessage::EmptyQueryResponse => {}
-                BackendMessage::ErrorResponse(db) => error = Some(Error::db(db)),
-                BackendMessage::CopyInResponse(_) => {
-                    // The server waits for data we do not have: refuse, and it answers with an
-                    // ErrorResponse and ReadyForQuery as usual.
-                    frontend::copy_fail(
-                        &mut self.stream.write_buf,
-                        "COPY FROM STDIN is not supported by simple_query",
-                    )?;
-                    self.flush().await?;
-                }
-                BackendMessage::CopyOutResponse(_) => {
-                    error = Some(Error::conversion(
-                        "COPY TO STDOUT is not supported by simple_query; its data was discarded",
-                    ));
-                }
-                BackendMessage::CopyData(_) | BackendMessage::CopyDone => {}
-                BackendMessage::ReadyForQuery(_) => break,
-                other => return Err(self.unexpected(&other, "a simple query")),
-            }
-        }
-        match error {
-            Some(e) => Err(e),
-            None => Ok(results),
-        }
+    /// Sets how many prepared statements this connection keeps (least recently used ones are
+    /// closed on the server). 0 turns caching off: every query uses the unnamed statement, which
+    /// is what PgBouncer in transaction pooling mode needs.
+    pub fn set_statement_cache_capacity(&mut self, capacity: usize) {
+        // Statements that no longer fit are closed in front of the next request.
+        let evicted = self.statements.set_capacity(capacity);
+        self.closes_due.extend(evicted);
     }
 
-    /// Runs `sql` with the extended protocol, binding `params` in the binary format, and
-    /// returns its rows (binary format, decoded on demand by [`Row::get`]).
-    ///
-    /// ```no_run
-    /// # async fn demo(conn: &mut pgengine::Connection) -> pgengine::Result<()> {
-    /// let rows = conn.query("SELECT $1::int4 + 1 AS n", &[&41i32]).await?;
-    /// assert_eq!(rows[0].get::<_, i32>("n"), 42);
-    /// # Ok(())
-    /// # }
-    /// ```
-    pub async fn query(&mut self, sql: &str, params: &[&(dyn ToSql + Sync)]) -> Result<Vec<Row>> {
-        let (rows, _) = self.run_extended(sql, params).await?;
-        Ok(rows)
+    /// The most prepared statements this connection keeps.
+    pub fn statement_cache_capacity(&self) -> usize {
+        self.statements.capacity()
     }
 
-    /// Runs `sql` with the extended protocol and returns the number of rows it affected.
-    pub async fn execute(&mut self, sql: &str, params: &[&(dyn ToSql + Sync)]) -> Result<u64> {
-        let (_, affected) = self.run_extended(sql, params).await?;
-        Ok(affected)
+    /// The number of statements in the cache.
+    pub fn cached_statements(&self) -> usize {
+        self.statements.len()
     }
 
-    /// Prepares `sql` as the unnamed statement and learns its parameter and result types
-    /// (Parse, Describe, Sync: one round trip).
-    async fn describe_unnamed(&mut self, sql: &str) -> Result<(Vec<Type>, Arc<[Column]>)> {
-        self.prepare_request().await?;
-        frontend::parse(&mut self.stream.write_buf, "", sql, &[])?;
-        frontend::describe(&mut self.stream.write_buf, frontend::Target::Statement, "")?;
-        frontend::sync(&mut self.stream.write_buf);
-        self.send(1).await?;
-
-        let mut param_types = Vec::new();
-        let mut columns: Arc<[Column]> = Arc::from([]);
-        let mut error = None;
-        loop {
-            match self.read().await? {
-                BackendMessage::ParseComplete | BackendMessage::NoData => {}
-                BackendMessage::ParameterDescription(oids) => {
-                    param_types = oids.into_iter().map(type_from_oid).collect();
-                }
-                BackendMessage::RowDescription(fields) => {
-                    columns = fields.iter().map(Column::from_field).collect();
-                }
-                BackendMessage::ErrorResponse(db) => error = Some(Error::db(db)),
-                BackendMessage::ReadyForQuery(_) => break,
-                other => return Err(self.unexpected(&other, "Describe")),
-            }
-        }
-        match error {
-            Some(e) => Err(e),
-            None => Ok((param_types, columns)),
-        }
-    }
-
-    async fn run_extended(
-        &mut self,
-        sql: &str,
-        params: &[&(dyn ToSql + Sync)],
-    ) -> Result<(Vec<Row>, u64)> {
-        let (param_types, columns) = self.describe_unnamed(sql).await?;
-        if param_types.len() != params.len() {
-            return Err(Error::conversion(format!(
-                "the statement has {} parameters but {} values were given",
-                param_types.len(),
-                params.len()
-            ))
-            .retry_safe());
-        }
-        // Encode every value before anything is sent: a value of the wrong type must not leave
-        // half a pipeline on the wire.
-        let buf = &mut self.stream.write_buf;
-        let result = frontend::bind(
-            buf,
-            "",
-            "",
-            &[1],
-            params.len(),
-            |i, buf| {
-                params[i]
-                    .to_sql_checked(&param_types[i], buf)
-                    .map(|n| matches!(n, postgres_types::IsNull::Yes))
-                    .map_err(|e| {
-                        Error::conversion(format!("parameter ${}: {e}", i + 1)).retry_safe()
-                    })
-            },
-            &[1],
-        );
-        if let Err(e) = result {
-            buf.clear();
-            return Err(e);
-        }
-        frontend::execute(buf, "", 0)?;
-        frontend::sync(buf);
-        self.send(1).await?;
-
-        let mut rows = Vec::new();
-        let mut affected = 0;
-        let mut error = None;
-        loop {
-            match self.read().await? {
-                BackendMessage::BindComplete | BackendMessage::EmptyQueryResponse => {}
-                BackendMessage::DataRow(data) => {
-                    rows.push(Row::new(columns.clone(), data).map_err(|e| self.fail(e))?);
-                }
-                BackendMessage::CommandComplete(tag) => affected = crate::row::rows_affected(&tag),
-                BackendMessage::ErrorResponse(db) => error = Some(Error::db(db)),
-                BackendMessage::ReadyForQuery(_) => break,
-                other => return Err(self.unexpected(&other, "Execute")),
-            }
-        }
-        match error {
-            Some(e) => Err(e),
-            None => Ok((rows, affected)),
-        }
+    /// What this connection has sent so far.
+    pub fn stats(&self) -> ConnectionStats {
+        self.stats
     }
 
     /// Says goodbye to the server (Terminate) and closes the socket.
@@ -415,6 +303,7 @@ impl Connection {
     /// Sends what is in the write buffer; `syncs` is how many ReadyForQuery it will earn.
     async fn send(&mut self, syncs: usize) -> Result<()> {
         self.pending += syncs;
+        self.stats.round_trips += syncs as u64;
         self.flush().await
     }
 
@@ -425,14 +314,19 @@ impl Connection {
         r.map_err(|e| self.fail(e))
     }
 
-    /// Reads the next message that belongs to the request in flight. Notices, parameter
-    /// changes and notifications can arrive at any time (§55.2.7 "Asynchronous Operations")
-    /// and are dealt with here.
+    /// Reads the next message that belongs to the request in flight.
     async fn read(&mut self) -> Result<BackendMessage> {
+        poll_fn(|cx| self.poll_read(cx)).await
+    }
+
+    /// Polls for the next message that belongs to the request in flight. Notices, parameter
+    /// changes and notifications can arrive at any time (§55.2.7 "Asynchronous Operations") and
+    /// are dealt with here; ReadyForQuery updates the transaction status.
+    fn poll_read(&mut self, cx: &mut Context<'_>) -> Poll<Result<BackendMessage>> {
         loop {
-            let msg = match self.stream.read_message().await {
+            let msg = match ready!(self.stream.poll_message(cx)) {
                 Ok(m) => m,
-                Err(e) => return Err(self.fail(e)),
+                Err(e) => return Poll::Ready(Err(self.fail(e))),
             };
             match msg {
                 BackendMessage::NoticeResponse(notice) => (self.notice_handler)(&notice),
@@ -452,20 +346,51 @@ impl Connection {
                 }
                 BackendMessage::ReadyForQuery(status) => {
                     if self.pending == 0 {
-                        return Err(self.protocol_error("ReadyForQuery that no request asked for"));
+                        return Poll::Ready(Err(
+                            self.protocol_error("ReadyForQuery that no request asked for")
+                        ));
                     }
                     self.pending -= 1;
                     self.status = status;
-                    return Ok(msg);
+                    return Poll::Ready(Ok(msg));
                 }
                 BackendMessage::ErrorResponse(ref db) if db.severity() == "FATAL" => {
                     // The server closes the session after a FATAL error (e.g. an administrator
                     // terminated the backend).
                     self.broken = Some(format!("the server ended the session: {}", db.message()));
-                    return Err(Error::db(db.clone()));
+                    return Poll::Ready(Err(Error::db(db.clone())));
                 }
-                other => return Ok(other),
+                other => return Poll::Ready(Ok(other)),
             }
+        }
+    }
+
+    /// Reads until the ReadyForQuery that ends the current request, keeping the first server
+    /// error seen on the way; anything else is a protocol error.
+    async fn finish_request(&mut self, mut error: Option<Error>) -> Result<()> {
+        loop {
+            match self.read().await? {
+                BackendMessage::ReadyForQuery(_) => break,
+                BackendMessage::ErrorResponse(db) => {
+                    error.get_or_insert(Error::db(db));
+                }
+                // What a request may still produce after the part its caller consumed.
+                BackendMessage::DataRow(_)
+                | BackendMessage::CommandComplete(_)
+                | BackendMessage::EmptyQueryResponse
+                | BackendMessage::PortalSuspended
+                | BackendMessage::CloseComplete
+                | BackendMessage::BindComplete
+                | BackendMessage::ParseComplete
+                | BackendMessage::NoData
+                | BackendMessage::RowDescription(_)
+                | BackendMessage::ParameterDescription(_) => {}
+                other => return Err(self.unexpected(&other, "the end of a request")),
+            }
+        }
+        match error {
+            Some(e) => Err(e),
+            None => Ok(()),
         }
     }
 

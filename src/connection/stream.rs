@@ -6,12 +6,13 @@
 //! slower than one that decoded them). Writes are batched: callers encode a whole pipeline into
 //! `write_buf` and [`MessageStream::flush`] sends it with one `write_all`.
 
+use std::future::poll_fn;
 use std::io;
 use std::pin::Pin;
-use std::task::{Context, Poll};
+use std::task::{Context, Poll, ready};
 
-use bytes::BytesMut;
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
+use bytes::{BufMut, BytesMut};
+use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, ReadBuf};
 use tokio::net::{TcpStream, UnixStream};
 
 use crate::error::{Error, Result};
@@ -102,11 +103,17 @@ impl MessageStream {
 
     /// Reads the next message, waiting for the socket as needed.
     pub(crate) async fn read_message(&mut self) -> Result<BackendMessage> {
+        poll_fn(|cx| self.poll_message(cx)).await
+    }
+
+    /// Polls for the next message: decodes one from the buffer if it is all there, otherwise
+    /// reads more. Cancel-safe: bytes already read stay in the buffer.
+    pub(crate) fn poll_message(&mut self, cx: &mut Context<'_>) -> Poll<Result<BackendMessage>> {
         loop {
             if let Some(msg) = protocol::read_message(&mut self.read_buf, self.max_message_len)? {
-                return Ok(msg);
+                return Poll::Ready(Ok(msg));
             }
-            self.fill().await?;
+            ready!(self.poll_fill(cx))?;
         }
     }
 
@@ -114,7 +121,7 @@ impl MessageStream {
     #[allow(dead_code)]
     pub(crate) async fn read_byte(&mut self) -> Result<u8> {
         if self.read_buf.is_empty() {
-            self.fill().await?;
+            poll_fn(|cx| self.poll_fill(cx)).await?;
         }
         let b = self.read_buf[0];
         let _ = self.read_buf.split_to(1);
@@ -122,7 +129,7 @@ impl MessageStream {
     }
 
     /// Reads more bytes from the socket into the read buffer.
-    async fn fill(&mut self) -> Result<()> {
+    fn poll_fill(&mut self, cx: &mut Context<'_>) -> Poll<Result<()>> {
         // If a long message is partly here, make room for (a bounded part of) the rest of it.
         let want = match protocol::frame_len(&self.read_buf, self.max_message_len)? {
             Some(len) => (1 + len)
@@ -131,19 +138,24 @@ impl MessageStream {
             None => 0,
         };
         self.read_buf.reserve(want.max(READ_CHUNK));
-        let n = self
-            .socket
-            .read_buf(&mut self.read_buf)
-            .await
+        let dst = self.read_buf.chunk_mut();
+        // SAFETY: `chunk_mut` is the buffer's spare capacity; ReadBuf only hands it to the
+        // socket to write into and tracks how much was initialised and filled.
+        let dst = unsafe { dst.as_uninit_slice_mut() };
+        let mut rb = ReadBuf::uninit(dst);
+        ready!(Pin::new(&mut self.socket).poll_read(cx, &mut rb))
             .map_err(|e| Error::io("could not read from the server", e))?;
+        let n = rb.filled().len();
         if n == 0 {
-            return Err(Error::closed(if self.read_buf.is_empty() {
-                "the server closed the connection".to_owned()
+            return Poll::Ready(Err(Error::closed(if self.read_buf.is_empty() {
+                "the server closed the connection"
             } else {
-                "the server closed the connection in the middle of a message".to_owned()
-            }));
+                "the server closed the connection in the middle of a message"
+            })));
         }
-        Ok(())
+        // SAFETY: the socket initialised and filled the first `n` bytes of the spare capacity.
+        unsafe { self.read_buf.advance_mut(n) };
+        Poll::Ready(Ok(()))
     }
 
     /// Shuts the socket down (after Terminate has been flushed).

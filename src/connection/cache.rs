@@ -1,0 +1,198 @@
+//! The connection's prepared-statement cache: SQL text → a named statement on the server, its
+//! parameter types and its result columns. Least recently used entries are evicted; the caller
+//! must then Close the evicted statement on the server (we hand back its name for that).
+//!
+//! Plain data, no I/O: the connection decides when to Parse and Close.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use postgres_types::Type;
+
+use crate::row::Column;
+
+/// A statement the server has parsed and described.
+#[derive(Debug, Clone)]
+pub(crate) struct Statement {
+    /// The server-side name; `""` for the unnamed statement.
+    pub(crate) name: Arc<str>,
+    /// The parameter types from ParameterDescription.
+    pub(crate) param_types: Arc<[Type]>,
+    /// The result columns from RowDescription (empty for NoData).
+    pub(crate) columns: Arc<[Column]>,
+}
+
+struct Entry {
+    statement: Statement,
+    last_used: u64,
+}
+
+/// An LRU map from SQL text to prepared statements.
+pub(crate) struct StatementCache {
+    capacity: usize,
+    entries: HashMap<Box<str>, Entry>,
+    /// Increases on every use; an entry's `last_used` orders eviction.
+    clock: u64,
+    /// Names are never reused on one connection, so a late CloseComplete or a stale name can
+    /// never be confused with a newer statement.
+    next_id: u64,
+}
+
+impl StatementCache {
+    pub(crate) fn new(capacity: usize) -> StatementCache {
+        StatementCache {
+            capacity,
+            entries: HashMap::new(),
+            clock: 0,
+            next_id: 0,
+        }
+    }
+
+    /// The most statements kept; 0 means none are kept (unnamed statements only).
+    pub(crate) fn capacity(&self) -> usize {
+        self.capacity
+    }
+
+    pub(crate) fn len(&self) -> usize {
+        self.entries.len()
+    }
+
+    /// The cached statement for `sql`, marked as just used.
+    pub(crate) fn get(&mut self, sql: &str) -> Option<&Statement> {
+        self.clock += 1;
+        let clock = self.clock;
+        self.entries.get_mut(sql).map(|e| {
+            e.last_used = clock;
+            &e.statement
+        })
+    }
+
+    /// A fresh statement name, or `""` (the unnamed statement) when caching is off.
+    pub(crate) fn next_name(&mut self) -> Arc<str> {
+        if self.capacity == 0 {
+            return Arc::from("");
+        }
+        self.next_id += 1;
+        Arc::from(format!("pge_{}", self.next_id))
+    }
+
+    /// Makes room for one more entry: returns the names of statements evicted to do so, which
+    /// the caller must Close on the server.
+    pub(crate) fn make_room(&mut self) -> Vec<Arc<str>> {
+        let mut evicted = Vec::new();
+        while self.capacity > 0 && self.entries.len() >= self.capacity {
+            match self.evict_oldest() {
+                Some(name) => evicted.push(name),
+                None => break,
+            }
+        }
+        evicted
+    }
+
+    /// Remembers `statement` for `sql` (after [`StatementCache::make_room`]). Does nothing when
+    /// caching is off.
+    pub(crate) fn insert(&mut self, sql: &str, statement: Statement) {
+        if self.capacity == 0 || statement.name.is_empty() {
+            return;
+        }
+        self.clock += 1;
+        self.entries.insert(
+            sql.into(),
+            Entry {
+                statement,
+                last_used: self.clock,
+            },
+        );
+    }
+
+    /// Forgets the statement for `sql` and returns it (so its name can be Closed).
+    pub(crate) fn remove(&mut self, sql: &str) -> Option<Statement> {
+        self.entries.remove(sql).map(|e| e.statement)
+    }
+
+    /// Changes the capacity and returns the names of the statements that no longer fit, which
+    /// the caller must Close. Names keep counting up, so none is ever reused.
+    pub(crate) fn set_capacity(&mut self, capacity: usize) -> Vec<Arc<str>> {
+        self.capacity = capacity;
+        if capacity == 0 {
+            return self
+                .entries
+                .drain()
+                .map(|(_, e)| e.statement.name)
+                .collect();
+        }
+        let mut evicted = Vec::new();
+        while self.entries.len() > capacity {
+            evicted.extend(self.evict_oldest());
+        }
+        evicted
+    }
+
+    fn evict_oldest(&mut self) -> Option<Arc<str>> {
+        let oldest = self
+            .entries
+            .iter()
+            .min_by_key(|(_, e)| e.last_used)
+            .map(|(k, _)| k.clone())?;
+        self.entries.remove(&oldest).map(|e| e.statement.name)
+    }
+
+    /// Forgets everything (e.g. after `DISCARD ALL` or `DEALLOCATE ALL` dropped the statements
+    /// on the server).
+    pub(crate) fn clear(&mut self) {
+        self.entries.clear();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn stmt(cache: &mut StatementCache) -> Statement {
+        Statement {
+            name: cache.next_name(),
+            param_types: Arc::from([]),
+            columns: Arc::from([]),
+        }
+    }
+
+    #[test]
+    fn evicts_least_recently_used() {
+        let mut c = StatementCache::new(2);
+        let a = stmt(&mut c);
+        assert!(c.make_room().is_empty());
+        c.insert("a", a.clone());
+        let b = stmt(&mut c);
+        assert!(c.make_room().is_empty());
+        c.insert("b", b);
+        // Using "a" makes "b" the oldest.
+        assert_eq!(c.get("a").unwrap().name, a.name);
+        let evicted = c.make_room();
+        assert_eq!(evicted.len(), 1);
+        assert_eq!(&*evicted[0], "pge_2");
+        let d = stmt(&mut c);
+        c.insert("d", d);
+        assert!(c.get("b").is_none());
+        assert!(c.get("a").is_some());
+        assert_eq!(c.len(), 2);
+    }
+
+    #[test]
+    fn capacity_zero_keeps_nothing_and_uses_the_unnamed_statement() {
+        let mut c = StatementCache::new(0);
+        let s = stmt(&mut c);
+        assert_eq!(&*s.name, "");
+        assert!(c.make_room().is_empty());
+        c.insert("a", s);
+        assert!(c.get("a").is_none());
+    }
+
+    #[test]
+    fn names_are_never_reused() {
+        let mut c = StatementCache::new(1);
+        let names: Vec<_> = (0..5).map(|_| c.next_name()).collect();
+        let mut unique = names.clone();
+        unique.dedup();
+        assert_eq!(names, unique);
+    }
+}

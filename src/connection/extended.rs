@@ -1,0 +1,656 @@
+//! The extended query protocol (PostgreSQL docs §55.2.3) with the statement cache.
+//!
+//! Every query is one write and one round trip:
+//!
+//! ```text
+//! cached:    Bind(stmt) Execute Sync
+//! uncached:  [Close(evicted)…] Parse(stmt, types) Describe(stmt) Bind(stmt) Execute Sync
+//! ```
+//!
+//! An uncached statement can go out in one write because the parameter types in Parse are
+//! chosen here, from the Rust values: each value is encoded as the first built-in type it
+//! accepts ([`CANDIDATE_TYPES`]), so there is nothing to wait for before Bind. A value that
+//! accepts no built-in type (a user-defined enum or composite), or a placeholder count we are
+//! unsure of, falls back to asking the server first (Parse, Describe, Sync), then binds with
+//! the types the server gave. A cached statement binds with the types the server described.
+//!
+//! When a cached plan is invalidated by DDL in a way the server cannot absorb ("cached plan
+//! must not change result type", SQLSTATE 0A000), or the statement was dropped behind our back
+//! (26000), the statement is prepared again and the query retried once — only outside a
+//! transaction, where the failed attempt cannot have changed anything.
+
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll, ready};
+
+use bytes::BytesMut;
+use futures::Stream;
+use postgres_types::{Format, IsNull, ToSql, Type, WrongType};
+
+use super::Connection;
+use super::cache::Statement;
+use crate::error::{Error, Result};
+use crate::protocol::{BackendMessage, Target, TransactionStatus, frontend};
+use crate::query::{CANDIDATE_TYPES, Params, ToQuery, count_placeholders};
+use crate::row::{Column, Row, rows_affected, type_from_oid};
+
+/// Why a parameter could not be encoded as a given type.
+enum EncodeError {
+    /// The value does not accept the type: try another.
+    WrongType,
+    /// The value accepts the type but failed to encode.
+    Failed(Error),
+}
+
+fn encode_param(
+    value: &(dyn ToSql + Sync),
+    ty: &Type,
+    i: usize,
+    buf: &mut BytesMut,
+) -> std::result::Result<bool, EncodeError> {
+    match value.to_sql_checked(ty, buf) {
+        Ok(IsNull::Yes) => Ok(true),
+        Ok(IsNull::No) => Ok(false),
+        Err(e) if e.is::<WrongType>() => Err(EncodeError::WrongType),
+        Err(e) => Err(EncodeError::Failed(
+            Error::conversion(format!("parameter ${}: {e}", i + 1)).retry_safe(),
+        )),
+    }
+}
+
+fn format_code(f: Format) -> i16 {
+    match f {
+        Format::Text => 0,
+        Format::Binary => 1,
+    }
+}
+
+/// What the pipeline just written will answer, so the responses can be checked in order.
+enum Plan {
+    /// Bind of a cached statement.
+    Cached { statement: Statement },
+    /// Parse + Describe + Bind of a new statement, with the types chosen for it.
+    New {
+        name: Arc<str>,
+        param_types: Vec<Type>,
+    },
+}
+
+/// The outcome of writing a pipeline.
+enum Written {
+    Plan(Plan),
+    /// The types cannot be chosen from the values: ask the server first.
+    NeedsDescribe,
+}
+
+impl Connection {
+    /// Runs a query and returns all its rows.
+    ///
+    /// ```no_run
+    /// # async fn demo(conn: &mut pgengine::Connection) -> pgengine::Result<()> {
+    /// let rows = conn.query(("SELECT $1::int4 + 1 AS n", (41i32,))).await?;
+    /// assert_eq!(rows[0].get::<_, i32>("n"), 42);
+    /// # Ok(())
+    /// # }
+    /// ```
+    pub async fn query(&mut self, query: impl ToQuery) -> Result<Vec<Row>> {
+        let mut stream = self.query_stream(query).await?;
+        let mut rows = Vec::new();
+        while let Some(row) = std::future::poll_fn(|cx| stream.poll_next_row(cx)).await {
+            rows.push(row?);
+        }
+        Ok(rows)
+    }
+
+    /// Runs a query that must return exactly one row.
+    pub async fn query_one(&mut self, query: impl ToQuery) -> Result<Row> {
+        let mut rows = self.query(query).await?;
+        match rows.len() {
+            1 => Ok(rows.pop().expect("one row")),
+            n => Err(Error::row_count(format!(
+                "the query returned {n} rows, not exactly one"
+            ))),
+        }
+    }
+
+    /// Runs a query that must return at most one row.
+    pub async fn query_opt(&mut self, query: impl ToQuery) -> Result<Option<Row>> {
+        let mut rows = self.query(query).await?;
+        match rows.len() {
+            0 | 1 => Ok(rows.pop()),
+            n => Err(Error::row_count(format!(
+                "the query returned {n} rows, not at most one"
+            ))),
+        }
+    }
+
+    /// Runs a statement and returns the number of rows it affected (or returned).
+    pub async fn execute(&mut self, query: impl ToQuery) -> Result<u64> {
+        let mut stream = self.query_stream(query).await?;
+        while let Some(row) = std::future::poll_fn(|cx| stream.poll_next_row(cx)).await {
+            row?;
+        }
+        Ok(stream.rows_affected().unwrap_or(0))
+    }
+
+    /// Runs a query and returns a stream of its rows, read from the socket as the stream is
+    /// polled: memory stays bounded however many rows there are.
+    ///
+    /// Dropping the stream early is safe: the rest of the result is read and discarded before
+    /// the connection's next request.
+    ///
+    /// ```no_run
+    /// # async fn demo(conn: &mut pgengine::Connection) -> pgengine::Result<()> {
+    /// use futures::TryStreamExt;
+    /// let mut rows = conn.query_stream("SELECT generate_series(1, 1000000)").await?;
+    /// let mut sum = 0i64;
+    /// while let Some(row) = rows.try_next().await? {
+    ///     sum += i64::from(row.get::<_, i32>(0));
+    /// }
+    /// # Ok(())
+    /// # }
+    /// ```
+    pub async fn query_stream(&mut self, query: impl ToQuery) -> Result<RowStream<'_>> {
+        let columns = self.start_extended(query.sql(), query.params()).await?;
+        Ok(RowStream {
+            conn: self,
+            columns,
+            state: StreamState::Rows,
+            rows_affected: None,
+        })
+    }
+
+    /// Sends the pipeline for `sql` and reads the responses up to BindComplete; what follows
+    /// is rows. Retries once after a cached statement turned out to be stale.
+    async fn start_extended(&mut self, sql: &str, params: &dyn Params) -> Result<Arc<[Column]>> {
+        self.prepare_request().await?;
+        let mut retried = false;
+        loop {
+            let plan = match self.write_pipeline(sql, params) {
+                Ok(Written::Plan(plan)) => plan,
+                Ok(Written::NeedsDescribe) => {
+                    let statement = self.describe_statement(sql).await?;
+                    if statement.param_types.len() != params.len() {
+                        return Err(param_count_error(statement.param_types.len(), params.len()));
+                    }
+                    if let Err(i) = self.write_cached_bind(&statement, params)? {
+                        return Err(Error::conversion(format!(
+                            "parameter ${}: the value cannot be sent as the server's type {}",
+                            i + 1,
+                            statement.param_types[i]
+                        ))
+                        .retry_safe());
+                    }
+                    self.write_closes_before_bind()?;
+                    Plan::Cached { statement }
+                }
+                Err(e) => {
+                    self.abandon_pipeline();
+                    return Err(e);
+                }
+            };
+            self.send(1).await?;
+            match self.read_pipeline_start(sql, plan).await {
+                Ok(columns) => return Ok(columns),
+                Err((e, stale)) => {
+                    if stale && !retried && self.status == TransactionStatus::Idle {
+                        retried = true;
+                        continue;
+                    }
+                    return Err(e);
+                }
+            }
+        }
+    }
+
+    /// Forgets a pipeline that was being written when an error stopped it: nothing of it goes
+    /// out, and the Closes it carried are due again.
+    fn abandon_pipeline(&mut self) {
+        self.stream.write_buf.clear();
+    }
+
+    /// Writes Close for every statement whose Close the server has not confirmed.
+    fn write_closes(&mut self) -> Result<Vec<Arc<str>>> {
+        let closes = std::mem::take(&mut self.closes_due);
+        for name in &closes {
+            if let Err(e) = frontend::close(&mut self.stream.write_buf, Target::Statement, name) {
+                self.closes_due = closes;
+                return Err(e);
+            }
+            self.stats.closes += 1;
+        }
+        Ok(closes)
+    }
+
+    /// Writes the whole pipeline for one query into the write buffer.
+    fn write_pipeline(&mut self, sql: &str, params: &dyn Params) -> Result<Written> {
+        if let Some(statement) = self.statements.get(sql).cloned() {
+            if statement.param_types.len() != params.len() {
+                return Err(param_count_error(statement.param_types.len(), params.len()));
+            }
+            // The types were chosen for earlier values (or by the server); a value of another
+            // Rust type may not fit them, and then the statement is prepared again for it.
+            if self.write_cached_bind(&statement, params)?.is_ok() {
+                self.stats.cache_hits += 1;
+                self.write_closes_before_bind()?;
+                return Ok(Written::Plan(Plan::Cached { statement }));
+            }
+            self.statements.remove(sql);
+            self.closes_due.push(statement.name.clone());
+        }
+        let placeholders = count_placeholders(sql);
+        if placeholders != params.len() {
+            // Our count could be wrong for unusual SQL; the server's never is.
+            return Ok(Written::NeedsDescribe);
+        }
+        self.stats.cache_misses += 1;
+        let evicted = self.statements.make_room();
+        self.closes_due.extend(evicted);
+        let closes = self.write_closes()?;
+        let name = self.statements.next_name();
+        match self.write_new_statement(&name, sql, params) {
+            Ok(Some(param_types)) => {
+                self.pending_closes = closes;
+                Ok(Written::Plan(Plan::New { name, param_types }))
+            }
+            Ok(None) => {
+                self.closes_due.extend(closes);
+                self.stream.write_buf.clear();
+                Ok(Written::NeedsDescribe)
+            }
+            Err(e) => {
+                self.closes_due.extend(closes);
+                Err(e)
+            }
+        }
+    }
+
+    /// The Closes of evicted statements go before the Bind of a cached statement too; the Bind
+    /// is already in the buffer, so they are moved in front of it.
+    fn write_closes_before_bind(&mut self) -> Result<()> {
+        if self.closes_due.is_empty() {
+            self.pending_closes = Vec::new();
+            return Ok(());
+        }
+        let pipeline = self.stream.write_buf.split();
+        let closes = self.write_closes()?;
+        self.stream.write_buf.unsplit(pipeline);
+        self.pending_closes = closes;
+        Ok(())
+    }
+
+    /// Writes Bind, Execute and Sync for a prepared statement. Returns `Ok(Err(i))` (having
+    /// written nothing) if value `i` does not accept its parameter's type.
+    fn write_cached_bind(
+        &mut self,
+        statement: &Statement,
+        params: &dyn Params,
+    ) -> Result<std::result::Result<(), usize>> {
+        let types = &statement.param_types;
+        let formats: Vec<i16> = if (0..params.len())
+            .all(|i| matches!(params.get(i).encode_format(&types[i]), Format::Binary))
+        {
+            vec![1]
+        } else {
+            (0..params.len())
+                .map(|i| format_code(params.get(i).encode_format(&types[i])))
+                .collect()
+        };
+        let buf = &mut self.stream.write_buf;
+        let start = buf.len();
+        let mut wrong = None;
+        let r = frontend::bind::<Error, _>(
+            buf,
+            "",
+            &statement.name,
+            &formats,
+            params.len(),
+            |i, buf| match encode_param(params.get(i), &types[i], i, buf) {
+                Ok(null) => Ok(null),
+                Err(EncodeError::WrongType) => {
+                    wrong = Some(i);
+                    Err(Error::conversion("wrong type"))
+                }
+                Err(EncodeError::Failed(e)) => Err(e),
+            },
+            &[1],
+        );
+        match (r, wrong) {
+            (Ok(()), _) => {}
+            (Err(_), Some(i)) => {
+                buf.truncate(start);
+                return Ok(Err(i));
+            }
+            (Err(e), None) => return Err(e),
+        }
+        frontend::execute(buf, "", 0)?;
+        frontend::sync(buf);
+        self.stats.binds += 1;
+        Ok(Ok(()))
+    }
+
+    /// Writes Parse, Describe, Bind, Execute and Sync for a statement not prepared yet,
+    /// choosing each parameter's type from its value. Returns the chosen types, or `None`
+    /// (having written nothing useful) if some value accepts no built-in type.
+    fn write_new_statement(
+        &mut self,
+        name: &str,
+        sql: &str,
+        params: &dyn Params,
+    ) -> Result<Option<Vec<Type>>> {
+        let n = params.len();
+        let buf = &mut self.stream.write_buf;
+        let start = buf.len();
+        // Parse with placeholder OIDs, filled in once the values have chosen their types.
+        frontend::parse(buf, name, sql, &vec![0; n])?;
+        let oids_at = buf.len() - 4 * n;
+        frontend::describe(buf, Target::Statement, name)?;
+        let bind_at = buf.len();
+        let mut types: Vec<Type> = Vec::with_capacity(n);
+        let mut unknown = false;
+        // One format code per parameter, rewritten below if a type wants text.
+        let formats = vec![1i16; n];
+        let r = frontend::bind::<Error, _>(
+            buf,
+            "",
+            name,
+            &formats,
+            n,
+            |i, buf| {
+                let value = params.get(i);
+                let mark = buf.len();
+                for ty in CANDIDATE_TYPES {
+                    match encode_param(value, ty, i, buf) {
+                        Ok(null) => {
+                            types.push(ty.clone());
+                            return Ok(null);
+                        }
+                        Err(EncodeError::WrongType) => buf.truncate(mark),
+                        Err(EncodeError::Failed(e)) => return Err(e),
+                    }
+                }
+                unknown = true;
+                Err(Error::conversion("no built-in type"))
+            },
+            &[1],
+        );
+        if unknown {
+            buf.truncate(start);
+            return Ok(None);
+        }
+        if let Err(e) = r {
+            buf.truncate(start);
+            return Err(e);
+        }
+        for (i, ty) in types.iter().enumerate() {
+            let at = oids_at + 4 * i;
+            buf[at..at + 4].copy_from_slice(&ty.oid().to_be_bytes());
+            let code = format_code(params.get(i).encode_format(ty));
+            if code != 1 {
+                // 'B', length, portal "" + NUL, statement name + NUL, format count, formats…
+                let at = bind_at + 1 + 4 + 1 + name.len() + 1 + 2 + 2 * i;
+                buf[at..at + 2].copy_from_slice(&code.to_be_bytes());
+            }
+        }
+        frontend::execute(buf, "", 0)?;
+        frontend::sync(buf);
+        self.stats.parses += 1;
+        self.stats.binds += 1;
+        Ok(Some(types))
+    }
+
+    /// Prepares `sql` by asking the server for its parameter and result types (Parse,
+    /// Describe, Sync), and caches it — for values whose types we cannot choose ourselves.
+    async fn describe_statement(&mut self, sql: &str) -> Result<Statement> {
+        self.stats.cache_misses += 1;
+        let evicted = self.statements.make_room();
+        self.closes_due.extend(evicted);
+        let closes = self.write_closes()?;
+        let name = self.statements.next_name();
+        let buf = &mut self.stream.write_buf;
+        frontend::parse(buf, &name, sql, &[])?;
+        frontend::describe(buf, Target::Statement, &name)?;
+        frontend::sync(buf);
+        self.stats.parses += 1;
+        self.send(1).await?;
+
+        let mut confirmed = 0;
+        let mut param_types: Option<Arc<[Type]>> = None;
+        let mut statement = None;
+        let mut error = None;
+        loop {
+            match self.read().await? {
+                BackendMessage::CloseComplete => confirmed += 1,
+                BackendMessage::ParseComplete => {}
+                BackendMessage::ParameterDescription(oids) => {
+                    param_types = Some(oids.into_iter().map(type_from_oid).collect());
+                }
+                BackendMessage::RowDescription(fields) => {
+                    let columns = fields.iter().map(Column::from_field).collect();
+                    statement = Some(self.remember(sql, &name, param_types.take(), columns));
+                }
+                BackendMessage::NoData => {
+                    statement = Some(self.remember(sql, &name, param_types.take(), Arc::from([])));
+                }
+                BackendMessage::ErrorResponse(db) => {
+                    error.get_or_insert(Error::db(db));
+                }
+                BackendMessage::ReadyForQuery(_) => break,
+                other => return Err(self.unexpected(&other, "Describe")),
+            }
+        }
+        self.closes_due.extend(closes.into_iter().skip(confirmed));
+        match (error, statement) {
+            (Some(e), _) => Err(e),
+            (None, Some(statement)) => Ok(statement),
+            (None, None) => Err(self.protocol_error("Describe answered without a description")),
+        }
+    }
+
+    /// Caches a statement the server has described (a no-op when caching is off) and returns
+    /// it.
+    fn remember(
+        &mut self,
+        sql: &str,
+        name: &Arc<str>,
+        param_types: Option<Arc<[Type]>>,
+        columns: Arc<[Column]>,
+    ) -> Statement {
+        let statement = Statement {
+            name: name.clone(),
+            param_types: param_types.unwrap_or_else(|| Arc::from([])),
+            columns,
+        };
+        self.statements.insert(sql, statement.clone());
+        statement
+    }
+
+    /// Reads the responses to a pipeline up to BindComplete and returns the result columns.
+    /// On error, reads on to ReadyForQuery and says whether the statement was stale (so the
+    /// query may be retried).
+    async fn read_pipeline_start(
+        &mut self,
+        sql: &str,
+        plan: Plan,
+    ) -> std::result::Result<Arc<[Column]>, (Error, bool)> {
+        let closes = std::mem::take(&mut self.pending_closes);
+        let mut confirmed = 0;
+        let mut parsed = false;
+        let mut param_types: Option<Arc<[Type]>> = None;
+        let mut columns: Option<Arc<[Column]>> = None;
+        let outcome: std::result::Result<(), Error> = loop {
+            let msg = match self.read().await {
+                Ok(m) => m,
+                Err(e) => return Err((e, false)),
+            };
+            match msg {
+                BackendMessage::CloseComplete => confirmed += 1,
+                BackendMessage::ParseComplete => parsed = true,
+                BackendMessage::ParameterDescription(oids) => {
+                    param_types = Some(oids.into_iter().map(type_from_oid).collect());
+                }
+                BackendMessage::RowDescription(fields) => {
+                    columns = Some(fields.iter().map(Column::from_field).collect());
+                }
+                BackendMessage::NoData => columns = Some(Arc::from([])),
+                BackendMessage::BindComplete => break Ok(()),
+                BackendMessage::ErrorResponse(db) => break Err(Error::db(db)),
+                other => return Err((self.unexpected(&other, "Bind"), false)),
+            }
+        };
+        self.closes_due.extend(closes.into_iter().skip(confirmed));
+
+        // A new statement that the server parsed and described is worth keeping, even if its
+        // Bind failed (a bad value does not make the statement bad).
+        if let Plan::New {
+            name,
+            param_types: chosen,
+        } = &plan
+            && parsed
+            && let Some(cols) = &columns
+        {
+            let types = param_types.clone().unwrap_or_else(|| chosen.clone().into());
+            self.remember(sql, name, Some(types), cols.clone());
+        }
+        match outcome {
+            Ok(()) => match plan {
+                Plan::Cached { statement, .. } => Ok(statement.columns),
+                Plan::New { .. } => columns.ok_or_else(|| {
+                    (
+                        self.protocol_error("BindComplete before the statement's description"),
+                        false,
+                    )
+                }),
+            },
+            Err(e) => {
+                let stale = match &plan {
+                    Plan::Cached { statement } => match e.code() {
+                        // The plan no longer fits the tables: drop this statement.
+                        Some("0A000") => {
+                            self.statements.remove(sql);
+                            self.closes_due.push(statement.name.clone());
+                            true
+                        }
+                        // Our statements were dropped behind our back (DEALLOCATE ALL,
+                        // DISCARD ALL): none of them exists any more.
+                        Some("26000") => {
+                            self.statements.clear();
+                            true
+                        }
+                        _ => false,
+                    },
+                    Plan::New { .. } => false,
+                };
+                match self.finish_request(Some(e)).await {
+                    Err(e) => Err((e, stale)),
+                    Ok(()) => unreachable!("finish_request with an error returns it"),
+                }
+            }
+        }
+    }
+}
+
+fn param_count_error(expected: usize, given: usize) -> Error {
+    Error::conversion(format!(
+        "the statement has {expected} parameters but {given} values were given"
+    ))
+    .retry_safe()
+}
+
+enum StreamState {
+    /// Rows are arriving.
+    Rows,
+    /// The server reported an error; reading on to ReadyForQuery before returning it.
+    Draining(Option<Error>),
+    /// ReadyForQuery has been read.
+    Done,
+}
+
+/// The rows of a query, read from the socket as they are polled.
+///
+/// Implements `futures::Stream<Item = Result<Row>>`. An error reported by the server in the
+/// middle of the rows is returned as the stream's last item, after the connection has read
+/// on to ReadyForQuery, so it is ready for the next request.
+pub struct RowStream<'a> {
+    conn: &'a mut Connection,
+    columns: Arc<[Column]>,
+    state: StreamState,
+    rows_affected: Option<u64>,
+}
+
+impl RowStream<'_> {
+    /// The result's columns.
+    pub fn columns(&self) -> &[Column] {
+        &self.columns
+    }
+
+    /// The row count from CommandComplete, once the stream has ended.
+    pub fn rows_affected(&self) -> Option<u64> {
+        self.rows_affected
+    }
+
+    /// Polls for the next row.
+    pub fn poll_next_row(&mut self, cx: &mut Context<'_>) -> Poll<Option<Result<Row>>> {
+        loop {
+            if matches!(self.state, StreamState::Done) {
+                return Poll::Ready(None);
+            }
+            let msg = match ready!(self.conn.poll_read(cx)) {
+                Ok(msg) => msg,
+                Err(e) => {
+                    self.state = StreamState::Done;
+                    return Poll::Ready(Some(Err(e)));
+                }
+            };
+            match msg {
+                BackendMessage::DataRow(data) if matches!(self.state, StreamState::Rows) => {
+                    match Row::new(self.columns.clone(), data) {
+                        Ok(row) => return Poll::Ready(Some(Ok(row))),
+                        Err(e) => {
+                            self.state = StreamState::Done;
+                            return Poll::Ready(Some(Err(self.conn.fail(e))));
+                        }
+                    }
+                }
+                BackendMessage::CommandComplete(tag) => {
+                    self.rows_affected = Some(rows_affected(&tag));
+                }
+                BackendMessage::EmptyQueryResponse
+                | BackendMessage::PortalSuspended
+                | BackendMessage::DataRow(_) => {}
+                BackendMessage::ErrorResponse(db) => {
+                    if let StreamState::Rows = self.state {
+                        self.state = StreamState::Draining(Some(Error::db(db)));
+                    }
+                }
+                BackendMessage::ReadyForQuery(_) => {
+                    let state = std::mem::replace(&mut self.state, StreamState::Done);
+                    if let StreamState::Draining(Some(e)) = state {
+                        return Poll::Ready(Some(Err(e)));
+                    }
+                    return Poll::Ready(None);
+                }
+                other => {
+                    self.state = StreamState::Done;
+                    return Poll::Ready(Some(Err(self.conn.unexpected(&other, "a row stream"))));
+                }
+            }
+        }
+    }
+}
+
+impl Stream for RowStream<'_> {
+    type Item = Result<Row>;
+
+    fn poll_next(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Row>>> {
+        self.get_mut().poll_next_row(cx)
+    }
+}
+
+impl std::fmt::Debug for RowStream<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RowStream")
+            .field("columns", &self.columns)
+            .finish_non_exhaustive()
+    }
+}

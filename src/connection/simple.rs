@@ -1,0 +1,88 @@
+//! The simple query protocol (PostgreSQL docs §55.2.2): one Query message with any number of
+//! statements, results in the text format, one ReadyForQuery at the end.
+
+use std::sync::Arc;
+
+use super::Connection;
+use crate::error::{Error, Result};
+use crate::protocol::{BackendMessage, frontend};
+use crate::row::{Column, SimpleQueryResult, SimpleRow};
+
+impl Connection {
+    /// Runs one or more SQL statements with the simple query protocol and returns one result
+    /// per statement that produced one (an empty query string gives none). Values come back
+    /// in the text format.
+    ///
+    /// If a statement fails, the server skips the rest of the string; the error is returned
+    /// and the connection is ready for the next query.
+    ///
+    /// ```no_run
+    /// # async fn demo(conn: &mut pgengine::Connection) -> pgengine::Result<()> {
+    /// let results = conn.simple_query("SELECT 1 AS one; SELECT 'two'").await?;
+    /// assert_eq!(results[0].rows()[0].get("one"), Some("1"));
+    /// # Ok(())
+    /// # }
+    /// ```
+    pub async fn simple_query(&mut self, sql: &str) -> Result<Vec<SimpleQueryResult>> {
+        self.prepare_request().await?;
+        frontend::query(&mut self.stream.write_buf, sql)?;
+        self.send(1).await?;
+
+        let mut results = Vec::new();
+        let mut columns: Option<Arc<[Column]>> = None;
+        let mut rows = Vec::new();
+        let mut error = None;
+        loop {
+            match self.read().await? {
+                BackendMessage::RowDescription(fields) => {
+                    columns = Some(fields.iter().map(Column::from_field).collect());
+                }
+                BackendMessage::DataRow(data) => {
+                    let cols = columns
+                        .clone()
+                        .ok_or_else(|| self.protocol_error("DataRow before RowDescription"))?;
+                    rows.push(SimpleRow::new(cols, data).map_err(|e| self.fail(e))?);
+                }
+                BackendMessage::CommandComplete(tag) => {
+                    results.push(SimpleQueryResult {
+                        columns: columns.take().unwrap_or_else(|| Arc::from([])),
+                        rows: std::mem::take(&mut rows),
+                        tag,
+                    });
+                }
+                BackendMessage::EmptyQueryResponse => {}
+                BackendMessage::ErrorResponse(db) => {
+                    error.get_or_insert(Error::db(db));
+                }
+                BackendMessage::CopyInResponse(_) => {
+                    // The server waits for data we do not have: refuse, and it answers with an
+                    // ErrorResponse and ReadyForQuery as usual.
+                    frontend::copy_fail(
+                        &mut self.stream.write_buf,
+                        "COPY FROM STDIN is not supported by simple_query",
+                    )?;
+                    self.flush().await?;
+                }
+                BackendMessage::CopyOutResponse(_) => {
+                    error.get_or_insert(Error::conversion(
+                        "COPY TO STDOUT is not supported by simple_query; its data was discarded",
+                    ));
+                }
+                BackendMessage::CopyData(_) | BackendMessage::CopyDone => {}
+                BackendMessage::ReadyForQuery(_) => break,
+                other => return Err(self.unexpected(&other, "a simple query")),
+            }
+        }
+        // A statement like DISCARD ALL or DEALLOCATE ALL drops our prepared statements.
+        if results
+            .iter()
+            .any(|r| r.tag == "DISCARD ALL" || r.tag == "DEALLOCATE ALL")
+        {
+            self.statements.clear();
+        }
+        match error {
+            Some(e) => Err(e),
+            None => Ok(results),
+        }
+    }
+}

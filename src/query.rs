@@ -1,0 +1,473 @@
+//! What a user asks the server to run: SQL text with `$1..$n` placeholders and their values.
+//!
+//! Two forms reach the same code through [`ToQuery`]:
+//!
+//! - [`Query`], owned and `Send + Sync`: built in one place, run in another, kept in an
+//!   `Atomic` or a batch.
+//! - borrowed, for zero-copy calls: `(sql, &[&dyn ToSql])`, or `(sql, (a, b, …))` with a Rust
+//!   tuple of values of different types, or a plain `&str` with no parameters.
+//!
+//! ```
+//! use pgengine::Query;
+//!
+//! let q = Query::new("SELECT name FROM band WHERE popularity > $1 AND name <> $2")
+//!     .bind(1000)
+//!     .bind("Pythonistas".to_owned());
+//! assert_eq!(q.param_count(), 2);
+//! ```
+//!
+//! Before anything is sent, the number of values is checked against the placeholders in the
+//! SQL ([`count_placeholders`]), and each value is encoded through `postgres_types::ToSql`.
+
+use std::fmt;
+
+use postgres_types::{ToSql, Type};
+
+/// Borrowed parameter values of mixed types, for `(sql, params)` queries:
+/// `let p: BorrowedParams = &[&id, &name];`.
+pub type BorrowedParams<'a> = &'a [&'a (dyn ToSql + Sync)];
+
+/// A parameter value that can be sent and shared between threads.
+pub type BoxedParam = Box<dyn ToSql + Send + Sync>;
+
+/// An owned query: SQL text and its parameter values.
+pub struct Query {
+    sql: String,
+    params: Vec<BoxedParam>,
+}
+
+impl Query {
+    /// A query with no parameters yet.
+    pub fn new(sql: impl Into<String>) -> Query {
+        Query {
+            sql: sql.into(),
+            params: Vec::new(),
+        }
+    }
+
+    /// Adds the value of the next placeholder (`$1`, then `$2`, …).
+    pub fn bind<T: ToSql + Send + Sync + 'static>(mut self, value: T) -> Query {
+        self.params.push(Box::new(value));
+        self
+    }
+
+    /// Adds the value of the next placeholder, in place.
+    pub fn push_bind<T: ToSql + Send + Sync + 'static>(&mut self, value: T) -> &mut Query {
+        self.params.push(Box::new(value));
+        self
+    }
+
+    /// The SQL text.
+    pub fn sql(&self) -> &str {
+        &self.sql
+    }
+
+    /// The number of values bound so far.
+    pub fn param_count(&self) -> usize {
+        self.params.len()
+    }
+}
+
+impl fmt::Debug for Query {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        // Values are left out: they may be secrets, and most have no useful Debug anyway.
+        f.debug_struct("Query")
+            .field("sql", &self.sql)
+            .field("params", &self.params.len())
+            .finish()
+    }
+}
+
+/// A list of parameter values, indexed from 0.
+pub trait Params {
+    /// How many values there are.
+    fn len(&self) -> usize;
+    /// The value at `i` (`i < len()`).
+    fn get(&self, i: usize) -> &(dyn ToSql + Sync);
+    /// True if there are none.
+    fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+impl Params for [&(dyn ToSql + Sync)] {
+    fn len(&self) -> usize {
+        <[_]>::len(self)
+    }
+    fn get(&self, i: usize) -> &(dyn ToSql + Sync) {
+        self[i]
+    }
+}
+
+impl<const N: usize> Params for [&(dyn ToSql + Sync); N] {
+    fn len(&self) -> usize {
+        N
+    }
+    fn get(&self, i: usize) -> &(dyn ToSql + Sync) {
+        self[i]
+    }
+}
+
+impl Params for Vec<BoxedParam> {
+    fn len(&self) -> usize {
+        Vec::len(self)
+    }
+    fn get(&self, i: usize) -> &(dyn ToSql + Sync) {
+        &*self[i]
+    }
+}
+
+impl<P: Params + ?Sized> Params for &P {
+    fn len(&self) -> usize {
+        P::len(self)
+    }
+    fn get(&self, i: usize) -> &(dyn ToSql + Sync) {
+        P::get(self, i)
+    }
+}
+
+impl Params for () {
+    fn len(&self) -> usize {
+        0
+    }
+    fn get(&self, i: usize) -> &(dyn ToSql + Sync) {
+        unreachable!("() has no parameter {i}")
+    }
+}
+
+macro_rules! tuple_params {
+    ($n:literal: $($T:ident $i:tt),+) => {
+        impl<$($T: ToSql + Sync),+> Params for ($($T,)+) {
+            fn len(&self) -> usize {
+                $n
+            }
+            fn get(&self, i: usize) -> &(dyn ToSql + Sync) {
+                match i {
+                    $($i => &self.$i,)+
+                    _ => panic!("parameter index {i} out of range for {} values", $n),
+                }
+            }
+        }
+    };
+}
+
+tuple_params!(1: A 0);
+tuple_params!(2: A 0, B 1);
+tuple_params!(3: A 0, B 1, C 2);
+tuple_params!(4: A 0, B 1, C 2, D 3);
+tuple_params!(5: A 0, B 1, C 2, D 3, E 4);
+tuple_params!(6: A 0, B 1, C 2, D 3, E 4, F 5);
+tuple_params!(7: A 0, B 1, C 2, D 3, E 4, F 5, G 6);
+tuple_params!(8: A 0, B 1, C 2, D 3, E 4, F 5, G 6, H 7);
+tuple_params!(9: A 0, B 1, C 2, D 3, E 4, F 5, G 6, H 7, I 8);
+tuple_params!(10: A 0, B 1, C 2, D 3, E 4, F 5, G 6, H 7, I 8, J 9);
+tuple_params!(11: A 0, B 1, C 2, D 3, E 4, F 5, G 6, H 7, I 8, J 9, K 10);
+tuple_params!(12: A 0, B 1, C 2, D 3, E 4, F 5, G 6, H 7, I 8, J 9, K 10, L 11);
+
+/// Anything that can be run as a query: SQL text and its parameter values.
+///
+/// Implemented for [`Query`] (owned or borrowed), `&str` and `String` (no parameters), and
+/// `(sql, params)` pairs where `params` is a slice or array of `&(dyn ToSql + Sync)` or a
+/// tuple of values:
+///
+/// ```no_run
+/// # async fn demo(conn: &mut pgengine::Connection) -> pgengine::Result<()> {
+/// conn.execute("CREATE TEMP TABLE t (id int8, name text)").await?;
+/// conn.execute(("INSERT INTO t VALUES ($1, $2)", (7i64, "seven"))).await?;
+/// let name: String = conn.query_one(("SELECT name FROM t WHERE id = $1", (&7i64,))).await?.get(0);
+/// # Ok(())
+/// # }
+/// ```
+pub trait ToQuery {
+    /// The SQL text.
+    fn sql(&self) -> &str;
+    /// The parameter values.
+    fn params(&self) -> &dyn Params;
+}
+
+impl ToQuery for Query {
+    fn sql(&self) -> &str {
+        &self.sql
+    }
+    fn params(&self) -> &dyn Params {
+        &self.params
+    }
+}
+
+impl<Q: ToQuery + ?Sized> ToQuery for &Q {
+    fn sql(&self) -> &str {
+        (**self).sql()
+    }
+    fn params(&self) -> &dyn Params {
+        (**self).params()
+    }
+}
+
+impl ToQuery for str {
+    fn sql(&self) -> &str {
+        self
+    }
+    fn params(&self) -> &dyn Params {
+        &()
+    }
+}
+
+impl ToQuery for String {
+    fn sql(&self) -> &str {
+        self
+    }
+    fn params(&self) -> &dyn Params {
+        &()
+    }
+}
+
+impl<S: AsRef<str>, P: Params> ToQuery for (S, P) {
+    fn sql(&self) -> &str {
+        self.0.as_ref()
+    }
+    fn params(&self) -> &dyn Params {
+        &self.1
+    }
+}
+
+/// The built-in types a parameter's type is chosen from when the server has not described the
+/// statement yet, in order of preference: the first one the value accepts wins. Where a Rust
+/// type accepts several (a `String` accepts text, varchar, bpchar and name; a JSON value json
+/// and jsonb), the first is the one the server converts from most freely — text has implicit
+/// casts to varchar and bpchar, and json and jsonb assignment casts both ways.
+pub(crate) const CANDIDATE_TYPES: &[Type] = &[
+    Type::BOOL,
+    Type::INT4,
+    Type::INT8,
+    Type::INT2,
+    Type::FLOAT8,
+    Type::FLOAT4,
+    Type::TEXT,
+    Type::BYTEA,
+    Type::NUMERIC,
+    Type::TIMESTAMPTZ,
+    Type::TIMESTAMP,
+    Type::DATE,
+    Type::TIME,
+    Type::TIMETZ,
+    Type::INTERVAL,
+    Type::UUID,
+    Type::JSONB,
+    Type::JSON,
+    Type::INET,
+    Type::CIDR,
+    Type::MACADDR,
+    Type::MACADDR8,
+    Type::BIT,
+    Type::VARBIT,
+    Type::POINT,
+    Type::BOX,
+    Type::PATH,
+    Type::OID,
+    Type::CHAR,
+    Type::VARCHAR,
+    Type::BPCHAR,
+    Type::NAME,
+    Type::BOOL_ARRAY,
+    Type::INT4_ARRAY,
+    Type::INT8_ARRAY,
+    Type::INT2_ARRAY,
+    Type::FLOAT8_ARRAY,
+    Type::FLOAT4_ARRAY,
+    Type::TEXT_ARRAY,
+    Type::BYTEA_ARRAY,
+    Type::NUMERIC_ARRAY,
+    Type::TIMESTAMPTZ_ARRAY,
+    Type::TIMESTAMP_ARRAY,
+    Type::DATE_ARRAY,
+    Type::TIME_ARRAY,
+    Type::INTERVAL_ARRAY,
+    Type::UUID_ARRAY,
+    Type::JSONB_ARRAY,
+    Type::JSON_ARRAY,
+    Type::INET_ARRAY,
+    Type::OID_ARRAY,
+    Type::CHAR_ARRAY,
+    Type::VARCHAR_ARRAY,
+    Type::BPCHAR_ARRAY,
+    Type::NAME_ARRAY,
+];
+
+/// The number of parameters the server will see in `sql`: the highest `$n` outside string
+/// literals, quoted identifiers, dollar-quoted strings and comments. PostgreSQL itself takes the
+/// highest number, so `$2` alone means two parameters.
+///
+/// ```
+/// use pgengine::query::count_placeholders;
+/// assert_eq!(count_placeholders("SELECT $1, '$2', \"$3\", $$ $4 $$ -- $5\n, $2"), 2);
+/// ```
+pub fn count_placeholders(sql: &str) -> usize {
+    let b = sql.as_bytes();
+    let mut i = 0;
+    let mut max = 0usize;
+    while i < b.len() {
+        match b[i] {
+            b'\'' => {
+                // E'…' strings honour backslash escapes; standard ones only doubled quotes.
+                let escapes =
+                    i > 0 && matches!(b[i - 1], b'e' | b'E') && !ident_char_before(b, i - 1);
+                i = skip_quoted(b, i + 1, b'\'', escapes);
+            }
+            b'"' => i = skip_quoted(b, i + 1, b'"', false),
+            b'-' if b.get(i + 1) == Some(&b'-') => {
+                i = b[i..]
+                    .iter()
+                    .position(|&c| c == b'\n')
+                    .map_or(b.len(), |p| i + p + 1);
+            }
+            b'/' if b.get(i + 1) == Some(&b'*') => i = skip_block_comment(b, i + 2),
+            b'$' => {
+                let digits = b[i + 1..].iter().take_while(|c| c.is_ascii_digit()).count();
+                if digits > 0 && !ident_char_before(b, i) {
+                    let n = sql[i + 1..i + 1 + digits]
+                        .parse::<usize>()
+                        .unwrap_or(usize::MAX);
+                    max = max.max(n);
+                    i += 1 + digits;
+                } else if let Some(end) = dollar_tag_end(b, i) {
+                    // $tag$ … $tag$: skip to the matching closing tag.
+                    let tag = &b[i..=end];
+                    i = find(b, end + 1, tag).map_or(b.len(), |p| p + tag.len());
+                } else {
+                    i += 1;
+                }
+            }
+            _ => i += 1,
+        }
+    }
+    max
+}
+
+/// True if the byte before `i` continues an identifier (so `a$1` is not a placeholder and
+/// `e'..'` in `some_e'..'` is not an escape string).
+fn ident_char_before(b: &[u8], i: usize) -> bool {
+    i > 0
+        && (b[i - 1].is_ascii_alphanumeric()
+            || b[i - 1] == b'_'
+            || b[i - 1] == b'$'
+            || b[i - 1] >= 0x80)
+}
+
+fn skip_quoted(b: &[u8], mut i: usize, quote: u8, backslash_escapes: bool) -> usize {
+    while i < b.len() {
+        if backslash_escapes && b[i] == b'\\' {
+            i += 2;
+        } else if b[i] == quote {
+            if b.get(i + 1) == Some(&quote) {
+                i += 2;
+            } else {
+                return i + 1;
+            }
+        } else {
+            i += 1;
+        }
+    }
+    b.len()
+}
+
+fn skip_block_comment(b: &[u8], mut i: usize) -> usize {
+    // Block comments nest in PostgreSQL.
+    let mut depth = 1;
+    while i < b.len() {
+        if b[i] == b'/' && b.get(i + 1) == Some(&b'*') {
+            depth += 1;
+            i += 2;
+        } else if b[i] == b'*' && b.get(i + 1) == Some(&b'/') {
+            depth -= 1;
+            i += 2;
+            if depth == 0 {
+                return i;
+            }
+        } else {
+            i += 1;
+        }
+    }
+    b.len()
+}
+
+/// If a dollar-quote tag (`$$` or `$name$`) starts at `i`, the index of its closing `$`.
+fn dollar_tag_end(b: &[u8], i: usize) -> Option<usize> {
+    if ident_char_before(b, i) {
+        return None;
+    }
+    let mut j = i + 1;
+    while j < b.len() {
+        match b[j] {
+            b'$' => return Some(j),
+            c if c.is_ascii_alphanumeric() || c == b'_' || c >= 0x80 => {
+                // A tag cannot start with a digit (that would be a placeholder).
+                if j == i + 1 && c.is_ascii_digit() {
+                    return None;
+                }
+                j += 1;
+            }
+            _ => return None,
+        }
+    }
+    None
+}
+
+fn find(hay: &[u8], from: usize, needle: &[u8]) -> Option<usize> {
+    hay.get(from..)?
+        .windows(needle.len())
+        .position(|w| w == needle)
+        .map(|p| from + p)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn placeholders_outside_literals_and_comments() {
+        let cases: &[(&str, usize)] = &[
+            ("SELECT 1", 0),
+            ("SELECT $1", 1),
+            ("SELECT $2", 2),
+            ("SELECT $1 + $10", 10),
+            ("SELECT '$1'", 0),
+            ("SELECT 'it''s $1'", 0),
+            ("SELECT E'\\'$1'", 0),
+            ("SELECT e'\\\\', $1", 1),
+            ("SELECT \"$1\"", 0),
+            ("SELECT 1 -- $1\n", 0),
+            ("SELECT 1 -- $1\n + $2", 2),
+            ("SELECT /* $1 /* $2 */ $3 */ $4", 4),
+            ("SELECT $$ $1 $$, $2", 2),
+            ("SELECT $tag$ $1 $$ $2 $tag$, $3", 3),
+            ("SELECT a$1 FROM t", 0),
+            ("SELECT 'unterminated $1", 0),
+            ("SELECT $", 0),
+            ("SELECT $x", 0),
+        ];
+        for (sql, n) in cases {
+            assert_eq!(count_placeholders(sql), *n, "{sql}");
+        }
+    }
+
+    #[test]
+    fn tuple_and_slice_params() {
+        let q = ("SELECT $1, $2", (1i32, "two"));
+        assert_eq!(q.params().len(), 2);
+        let v = 5i64;
+        let slice: &[&(dyn ToSql + Sync)] = &[&v];
+        let q = ("SELECT $1", slice);
+        assert_eq!(q.params().len(), 1);
+        assert_eq!(ToQuery::params("SELECT 1").len(), 0);
+        let owned = Query::new("SELECT $1").bind(3i16);
+        assert_eq!(owned.params().len(), 1);
+        assert!(!format!("{owned:?}").contains('3'));
+    }
+
+    proptest::proptest! {
+        #[test]
+        fn counting_never_panics(sql in "\\PC{0,64}") {
+            let _ = count_placeholders(&sql);
+        }
+    }
+}

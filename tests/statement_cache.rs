@@ -1,0 +1,225 @@
+//! The statement cache, observed through the connection's counters and the server's own
+//! `pg_prepared_statements` view (read with the simple protocol, which does not touch the
+//! cache).
+
+mod common;
+
+use common::connect;
+use pgengine::{BorrowedParams, Connection, ErrorKind, TransactionStatus};
+
+/// Our prepared statements as the server lists them, by statement text.
+async fn server_statements(conn: &mut Connection) -> Vec<String> {
+    let r = conn
+        .simple_query("SELECT statement FROM pg_prepared_statements ORDER BY prepare_time, name")
+        .await
+        .unwrap();
+    r[0].rows()
+        .iter()
+        .map(|row| row.get(0).unwrap().to_owned())
+        .collect()
+}
+
+#[tokio::test]
+async fn second_run_sends_no_parse_and_one_round_trip_each() {
+    let mut conn = connect().await;
+    let before = conn.stats();
+    let sql = "SELECT $1::int4 * 2";
+    assert_eq!(
+        conn.query_one((sql, (21i32,)))
+            .await
+            .unwrap()
+            .get::<_, i32>(0),
+        42
+    );
+    let first = conn.stats();
+    assert_eq!(first.parses - before.parses, 1);
+    // A new statement with parameters still takes a single round trip.
+    assert_eq!(first.round_trips - before.round_trips, 1);
+    assert_eq!(
+        conn.query_one((sql, (5i32,)))
+            .await
+            .unwrap()
+            .get::<_, i32>(0),
+        10
+    );
+    let second = conn.stats();
+    assert_eq!(second.parses, first.parses, "no Parse the second time");
+    assert_eq!(second.cache_hits - first.cache_hits, 1);
+    assert_eq!(second.round_trips - first.round_trips, 1);
+    assert_eq!(server_statements(&mut conn).await, [sql]);
+}
+
+#[tokio::test]
+async fn capacity_zero_uses_unnamed_statements_only() {
+    let mut conn = connect().await;
+    conn.set_statement_cache_capacity(0);
+    for i in 0..3i64 {
+        let row = conn.query_one(("SELECT $1::int8 + 1", (i,))).await.unwrap();
+        assert_eq!(row.get::<_, i64>(0), i + 1);
+    }
+    assert_eq!(conn.stats().parses, 3);
+    assert_eq!(conn.cached_statements(), 0);
+    assert!(server_statements(&mut conn).await.is_empty());
+}
+
+#[tokio::test]
+async fn eviction_closes_the_statement_on_the_server() {
+    let mut conn = connect().await;
+    conn.set_statement_cache_capacity(2);
+    for sql in ["SELECT 1", "SELECT 2", "SELECT 3"] {
+        conn.query(sql).await.unwrap();
+    }
+    assert_eq!(conn.cached_statements(), 2);
+    assert_eq!(server_statements(&mut conn).await, ["SELECT 2", "SELECT 3"]);
+    // Using "SELECT 2" makes "SELECT 3" the least recently used.
+    conn.query("SELECT 2").await.unwrap();
+    conn.query("SELECT 4").await.unwrap();
+    assert_eq!(server_statements(&mut conn).await, ["SELECT 2", "SELECT 4"]);
+    // Shrinking the cache closes what no longer fits, in front of the next request.
+    conn.set_statement_cache_capacity(1);
+    conn.query("SELECT 2").await.unwrap();
+    assert_eq!(server_statements(&mut conn).await.len(), 1);
+}
+
+#[tokio::test]
+async fn ddl_that_changes_the_result_type_is_retried_once() {
+    let mut conn = connect().await;
+    conn.simple_query("CREATE TEMP TABLE d (a int); INSERT INTO d VALUES (1)")
+        .await
+        .unwrap();
+    let rows = conn.query("SELECT * FROM d").await.unwrap();
+    assert_eq!(rows[0].len(), 1);
+    conn.simple_query("ALTER TABLE d ADD COLUMN b text DEFAULT 'new'")
+        .await
+        .unwrap();
+    let parses = conn.stats().parses;
+    // The cached plan returns one column; the table now has two: the server refuses the old
+    // plan (0A000), and the query is prepared again and retried transparently.
+    let rows = conn.query("SELECT * FROM d").await.unwrap();
+    assert_eq!(rows[0].len(), 2);
+    assert_eq!(rows[0].get::<_, &str>("b"), "new");
+    assert_eq!(conn.stats().parses, parses + 1);
+
+    // Inside a transaction the failed attempt aborted it: the error is the caller's to see.
+    conn.simple_query("BEGIN; ALTER TABLE d ADD COLUMN c int")
+        .await
+        .unwrap();
+    let err = conn.query("SELECT * FROM d").await.unwrap_err();
+    assert_eq!(err.code(), Some("0A000"), "{err}");
+    assert_eq!(conn.transaction_status(), TransactionStatus::Failed);
+    conn.simple_query("ROLLBACK").await.unwrap();
+    assert_eq!(conn.query("SELECT * FROM d").await.unwrap()[0].len(), 2);
+}
+
+#[tokio::test]
+async fn statements_dropped_behind_our_back_are_prepared_again() {
+    let mut conn = connect().await;
+    conn.query("SELECT 'kept'").await.unwrap();
+    conn.execute("DEALLOCATE ALL").await.unwrap();
+    let row = conn.query_one("SELECT 'kept'").await.unwrap();
+    assert_eq!(row.get::<_, &str>(0), "kept");
+    conn.simple_query("DISCARD ALL").await.unwrap();
+    assert_eq!(conn.cached_statements(), 0);
+    assert_eq!(
+        conn.query_one("SELECT 'kept'")
+            .await
+            .unwrap()
+            .get::<_, &str>(0),
+        "kept"
+    );
+}
+
+#[tokio::test]
+async fn other_value_types_for_the_same_sql_prepare_a_new_statement() {
+    let mut conn = connect().await;
+    let sql = "SELECT $1 + 1";
+    assert_eq!(
+        conn.query_one((sql, (1i32,)))
+            .await
+            .unwrap()
+            .get::<_, i32>(0),
+        2
+    );
+    assert_eq!(
+        conn.query_one((sql, (1i64,)))
+            .await
+            .unwrap()
+            .get::<_, i64>(0),
+        2
+    );
+    assert_eq!(
+        conn.query_one((sql, (1.5f64,)))
+            .await
+            .unwrap()
+            .get::<_, f64>(0),
+        2.5
+    );
+    // Each statement the server held for the SQL was closed when replaced.
+    assert_eq!(server_statements(&mut conn).await, [sql]);
+}
+
+/// A value only the server can type: an enum that postgres-types knows by name alone.
+#[derive(Debug)]
+struct Mood(&'static str);
+
+impl postgres_types::ToSql for Mood {
+    fn to_sql(
+        &self,
+        _: &postgres_types::Type,
+        out: &mut bytes::BytesMut,
+    ) -> Result<postgres_types::IsNull, Box<dyn std::error::Error + Sync + Send>> {
+        out.extend_from_slice(self.0.as_bytes());
+        Ok(postgres_types::IsNull::No)
+    }
+    fn accepts(ty: &postgres_types::Type) -> bool {
+        ty.name() == "mood"
+    }
+    postgres_types::to_sql_checked!();
+}
+
+#[tokio::test]
+async fn values_of_user_defined_types_ask_the_server_for_the_type() {
+    let mut conn = connect().await;
+    conn.simple_query("DROP TYPE IF EXISTS mood; CREATE TYPE mood AS ENUM ('sad', 'happy')")
+        .await
+        .unwrap_or_default();
+    let before = conn.stats();
+    let sql = "SELECT $1::mood::text";
+    let row = conn.query_one((sql, (Mood("happy"),))).await.unwrap();
+    assert_eq!(row.get::<_, &str>(0), "happy");
+    // Parse+Describe first, then Bind: two round trips the first time, one afterwards.
+    assert_eq!(conn.stats().round_trips - before.round_trips, 2);
+    let row = conn.query_one((sql, (Mood("sad"),))).await.unwrap();
+    assert_eq!(row.get::<_, &str>(0), "sad");
+    assert_eq!(conn.stats().round_trips - before.round_trips, 3);
+    // A value of another type makes a statement typed for it, which the server refuses to
+    // run: integer has no cast to mood.
+    let err = conn.query_one((sql, (5i32,))).await.unwrap_err();
+    assert_eq!(err.code(), Some("42846"), "{err}");
+    assert!(conn.is_idle());
+}
+
+#[tokio::test]
+async fn borrowed_params_of_mixed_types() {
+    let mut conn = connect().await;
+    let name = String::from("borrowed");
+    let id = 7i64;
+    let params: BorrowedParams = &[&id, &name];
+    let row = conn
+        .query_one(("SELECT $1::int8, $2::text", params))
+        .await
+        .unwrap();
+    assert_eq!(row.get::<_, i64>(0), 7);
+    assert_eq!(row.get::<_, &str>(1), "borrowed");
+    let err = conn
+        .query_one("SELECT 1 UNION ALL SELECT 2")
+        .await
+        .unwrap_err();
+    assert_eq!(err.kind(), ErrorKind::RowCount);
+    assert!(
+        conn.query_opt("SELECT 1 WHERE false")
+            .await
+            .unwrap()
+            .is_none()
+    );
+}
