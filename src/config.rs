@@ -337,7 +337,7 @@ impl fmt::Debug for Secret {
 #[derive(Clone, Default)]
 pub struct Config {
     hosts: Option<Vec<Host>>,
-    hostaddrs: Option<Vec<IpAddr>>,
+    hostaddrs: Option<Vec<Option<HostAddr>>>,
     ports: Option<Vec<u16>>,
     user: Option<String>,
     password: Option<Secret>,
@@ -1234,13 +1234,129 @@ fn split_list(value: &str) -> impl Iterator<Item = &str> {
         .flatten()
 }
 
-fn parse_hostaddrs(value: &str) -> std::result::Result<Vec<IpAddr>, String> {
+/// `hostaddr` values: numeric addresses, one per host slot; an empty entry leaves that slot to
+/// a name lookup of its host, as libpq does.
+fn parse_hostaddrs(value: &str) -> std::result::Result<Vec<Option<HostAddr>>, String> {
     split_list(value)
         .map(|addr| {
-            addr.parse()
-                .map_err(|_| format!("could not parse network address \"{addr}\""))
+            if addr.is_empty() {
+                return Ok(None);
+            }
+            HostAddr::parse(addr)
+                .map(Some)
+                .ok_or_else(|| format!("could not parse network address \"{addr}\""))
         })
         .collect()
+}
+
+/// A numeric server address (`hostaddr`), read as `getaddrinfo` with `AI_NUMERICHOST` reads it
+/// for libpq: IPv4 in any `inet_aton` form (`127.0.0.1`, `127.1`, `0x7f.1`), IPv6, and IPv6
+/// with a zone (`fe80::1%eth0`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HostAddr {
+    ip: IpAddr,
+    scope_id: u32,
+    text: String,
+}
+
+impl HostAddr {
+    /// Reads a numeric address, or `None` if `text` is not one.
+    ///
+    /// ```
+    /// use pgengine::config::HostAddr;
+    /// assert_eq!(HostAddr::parse("127.1").unwrap().ip().to_string(), "127.0.0.1");
+    /// assert!(HostAddr::parse("db.example.com").is_none());
+    /// ```
+    pub fn parse(text: &str) -> Option<HostAddr> {
+        let (ip, scope_id) = if let Ok(ip) = text.parse::<IpAddr>() {
+            (ip, 0)
+        } else if let Some((addr, zone)) = text.split_once('%') {
+            let ip: std::net::Ipv6Addr = addr.parse().ok()?;
+            (IpAddr::V6(ip), zone_index(zone)?)
+        } else {
+            (IpAddr::V4(inet_aton(text)?), 0)
+        };
+        Some(HostAddr {
+            ip,
+            scope_id,
+            text: text.to_owned(),
+        })
+    }
+
+    /// The address.
+    pub fn ip(&self) -> IpAddr {
+        self.ip
+    }
+
+    /// The socket address to connect to on `port` (with the IPv6 zone, if any).
+    pub fn socket_addr(&self, port: u16) -> std::net::SocketAddr {
+        match self.ip {
+            IpAddr::V4(v4) => std::net::SocketAddr::from((v4, port)),
+            IpAddr::V6(v6) => std::net::SocketAddrV6::new(v6, port, 0, self.scope_id).into(),
+        }
+    }
+}
+
+impl From<IpAddr> for HostAddr {
+    fn from(ip: IpAddr) -> HostAddr {
+        HostAddr {
+            ip,
+            scope_id: 0,
+            text: ip.to_string(),
+        }
+    }
+}
+
+impl fmt::Display for HostAddr {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.text)
+    }
+}
+
+/// IPv4 in the forms `inet_aton` accepts: one to four parts, each decimal, octal (leading 0)
+/// or hex (0x); the last part fills the remaining bytes.
+fn inet_aton(text: &str) -> Option<std::net::Ipv4Addr> {
+    let parts: Vec<u32> = text.split('.').map(c_number).collect::<Option<_>>()?;
+    let (last, head) = parts.split_last()?;
+    if head.len() > 3 || head.iter().any(|&p| p > 255) {
+        return None;
+    }
+    let last_bits = 8 * (4 - head.len() as u32);
+    if last_bits < 32 && u64::from(*last) >= 1u64 << last_bits {
+        return None;
+    }
+    let mut value = *last;
+    for (i, p) in head.iter().enumerate() {
+        value |= p << (24 - 8 * i as u32);
+    }
+    Some(std::net::Ipv4Addr::from(value))
+}
+
+fn c_number(part: &str) -> Option<u32> {
+    if let Some(hex) = part.strip_prefix("0x").or_else(|| part.strip_prefix("0X")) {
+        u32::from_str_radix(hex, 16).ok()
+    } else if part.len() > 1 && part.starts_with('0') {
+        u32::from_str_radix(&part[1..], 8).ok()
+    } else if !part.is_empty() && part.bytes().all(|b| b.is_ascii_digit()) {
+        part.parse().ok()
+    } else {
+        None
+    }
+}
+
+/// An IPv6 zone: a number, or an interface name looked up in /sys (Linux).
+fn zone_index(zone: &str) -> Option<u32> {
+    if let Ok(n) = zone.parse() {
+        return Some(n);
+    }
+    if zone.is_empty() || zone.contains('/') || zone.contains("..") {
+        return None;
+    }
+    std::fs::read_to_string(format!("/sys/class/net/{zone}/ifindex"))
+        .ok()?
+        .trim()
+        .parse()
+        .ok()
 }
 
 /// Ports as libpq reads them: an empty element means the default port; anything else must be
@@ -1431,7 +1547,9 @@ impl Config {
     /// assert_eq!(config.get_hostaddrs().len(), 1);
     /// ```
     pub fn hostaddr(&mut self, addr: IpAddr) -> &mut Config {
-        self.hostaddrs.get_or_insert_with(Vec::new).push(addr);
+        self.hostaddrs
+            .get_or_insert_with(Vec::new)
+            .push(Some(addr.into()));
         self
     }
 
@@ -1820,10 +1938,10 @@ impl Config {
     /// use pgengine::Config;
     ///
     /// let config = Config::parse("host=db hostaddr=192.0.2.7")?;
-    /// assert_eq!(config.get_hostaddrs()[0].to_string(), "192.0.2.7");
+    /// assert_eq!(config.get_hostaddrs()[0].as_ref().unwrap().to_string(), "192.0.2.7");
     /// # Ok::<(), pgengine::Error>(())
     /// ```
-    pub fn get_hostaddrs(&self) -> &[IpAddr] {
+    pub fn get_hostaddrs(&self) -> &[Option<HostAddr>] {
         self.hostaddrs.as_deref().unwrap_or(&[])
     }
 
@@ -2301,12 +2419,23 @@ impl Config {
     /// # Ok::<(), pgengine::Error>(())
     /// ```
     pub fn effective_hosts(&self) -> Vec<(Host, u16)> {
+        self.effective_targets()
+            .into_iter()
+            .map(|(host, _, port)| (host, port))
+            .collect()
+    }
+
+    /// Like [`Config::effective_hosts`], with each slot's numeric `hostaddr` when one was
+    /// given: the connection dials that address instead of looking the host name up, and keeps
+    /// the name for TLS and `.pgpass`.
+    pub fn effective_targets(&self) -> Vec<(Host, Option<HostAddr>, u16)> {
         let hosts = self.get_hosts();
         let addrs = self.get_hostaddrs();
         let ports = self.get_ports();
         (0..self.host_slot_count())
             .map(|i| {
-                let host = match (hosts.get(i), addrs.get(i)) {
+                let addr = addrs.get(i).cloned().flatten();
+                let host = match (hosts.get(i), &addr) {
                     (Some(Host::Tcp(name)), Some(addr)) if name.is_empty() => {
                         Host::Tcp(addr.to_string())
                     }
@@ -2320,7 +2449,7 @@ impl Config {
                     [only] => *only,
                     many => many.get(i).copied().unwrap_or(DEFAULT_PORT),
                 };
-                (host, port)
+                (host, addr, port)
             })
             .collect()
     }
@@ -2556,7 +2685,7 @@ mod tests {
                 config
                     .get_hostaddrs()
                     .iter()
-                    .map(|a| a.to_string())
+                    .map(|a| a.as_ref().map(ToString::to_string).unwrap_or_default())
                     .collect(),
             ),
             "ports" => join(config.get_ports().iter().map(|p| p.to_string()).collect()),

@@ -78,8 +78,9 @@ impl fmt::Debug for Query {
     }
 }
 
-/// A list of parameter values, indexed from 0.
-pub trait Params {
+/// A list of parameter values, indexed from 0. `Sync`, so that a query future holding a
+/// reference to it can move between threads.
+pub trait Params: Sync {
     /// How many values there are.
     fn len(&self) -> usize;
     /// The value at `i` (`i < len()`).

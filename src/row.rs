@@ -22,12 +22,20 @@ pub struct Column {
 
 impl Column {
     pub(crate) fn from_field(field: &FieldDescription) -> Column {
+        Column::with_type(field, type_from_oid(field.type_oid))
+    }
+
+    pub(crate) fn with_type(field: &FieldDescription, type_: Type) -> Column {
         Column {
             name: field.name.clone(),
             table_oid: field.table_oid,
             column_id: field.column_id,
-            type_: type_from_oid(field.type_oid),
+            type_,
         }
+    }
+
+    pub(crate) fn retyped(self, type_: Type) -> Column {
+        Column { type_, ..self }
     }
 
     /// The column's name (`?column?` for an unnamed expression).

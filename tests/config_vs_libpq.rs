@@ -548,7 +548,7 @@ fn ours(config: &Config) -> BTreeMap<&'static str, String> {
             config
                 .get_hostaddrs()
                 .iter()
-                .map(ToString::to_string)
+                .map(|a| a.as_ref().map(ToString::to_string).unwrap_or_default())
                 .collect(),
         ),
     );

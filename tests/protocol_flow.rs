@@ -319,3 +319,23 @@ async fn cancel_token_cancels_a_running_query() {
     let r = conn.simple_query("SELECT 'after cancel'").await.unwrap();
     assert_eq!(r[0].rows()[0].get(0), Some("after cancel"));
 }
+
+/// Query futures must be `Send`, or they could not be spawned on a multi-threaded runtime.
+/// (This is checked when the test compiles; running it only confirms that.)
+#[test]
+fn query_futures_are_send() {
+    fn assert_send<T: Send>(_: &T) {}
+    async fn all(conn: &mut pgengine::Connection) {
+        let owned = pgengine::Query::new("SELECT $1::int4").bind(1i32);
+        let _ = conn.query(&owned).await;
+        let _ = conn.query(("SELECT $1::text", ("x",))).await;
+        let _ = conn.execute("SELECT 1").await;
+        let _ = conn.simple_query("SELECT 1").await;
+        let _ = conn.query_stream("SELECT 1").await;
+    }
+    let fut = async {
+        let mut conn = connect().await;
+        all(&mut conn).await;
+    };
+    assert_send(&fut);
+}

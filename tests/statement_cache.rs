@@ -180,23 +180,78 @@ impl postgres_types::ToSql for Mood {
 #[tokio::test]
 async fn values_of_user_defined_types_ask_the_server_for_the_type() {
     let mut conn = connect().await;
-    conn.simple_query("DROP TYPE IF EXISTS mood; CREATE TYPE mood AS ENUM ('sad', 'happy')")
-        .await
-        .unwrap_or_default();
-    let before = conn.stats();
+    conn.simple_query(
+        "CREATE TYPE pg_temp.mood AS ENUM ('sad', 'happy'); \
+         CREATE TYPE pg_temp.pair AS (label text, n int4)",
+    )
+    .await
+    .unwrap();
+    let trips = |conn: &Connection| conn.stats().round_trips;
+
+    let start = trips(&conn);
     let sql = "SELECT $1::mood::text";
     let row = conn.query_one((sql, (Mood("happy"),))).await.unwrap();
     assert_eq!(row.get::<_, &str>(0), "happy");
-    // Parse+Describe first, then Bind: two round trips the first time, one afterwards.
-    assert_eq!(conn.stats().round_trips - before.round_trips, 2);
+    // Parse+Describe, two catalog lookups (the type, its labels), then Bind.
+    assert_eq!(trips(&conn) - start, 4);
+
+    let start = trips(&conn);
     let row = conn.query_one((sql, (Mood("sad"),))).await.unwrap();
     assert_eq!(row.get::<_, &str>(0), "sad");
-    assert_eq!(conn.stats().round_trips - before.round_trips, 3);
+    assert_eq!(trips(&conn) - start, 1, "cached statement: one round trip");
+
+    // Another statement with the type: no lookups any more, just Describe then Bind.
+    let start = trips(&conn);
+    let row = conn
+        .query_one(("SELECT $1::mood = 'sad'", (Mood("sad"),)))
+        .await
+        .unwrap();
+    assert!(row.get::<_, bool>(0));
+    assert_eq!(trips(&conn) - start, 2);
+
+    // A result column of the type, read by name through postgres-types' Kind::Enum.
+    let row = conn.query_one("SELECT 'happy'::mood AS m").await.unwrap();
+    assert_eq!(row.columns()[0].type_().name(), "mood");
+    assert!(matches!(
+        row.columns()[0].type_().kind(),
+        postgres_types::Kind::Enum(labels) if labels == &["sad", "happy"]
+    ));
+    assert_eq!(row.get::<_, MoodOut>(0).0, "happy");
+
+    // A composite result, its fields typed.
+    let rows = conn
+        .query("SELECT ROW('x', 5)::pair AS p FROM generate_series(1, 3)")
+        .await
+        .unwrap();
+    assert_eq!(rows.len(), 3);
+    match rows[0].columns()[0].type_().kind() {
+        postgres_types::Kind::Composite(fields) => {
+            assert_eq!(fields[0].name(), "label");
+            assert_eq!(fields[1].type_(), &postgres_types::Type::INT4);
+        }
+        other => panic!("not a composite: {other:?}"),
+    }
+
     // A value of another type makes a statement typed for it, which the server refuses to
     // run: integer has no cast to mood.
     let err = conn.query_one((sql, (5i32,))).await.unwrap_err();
     assert_eq!(err.code(), Some("42846"), "{err}");
     assert!(conn.is_idle());
+}
+
+/// Reads a `mood` by name, as a derived `FromSql` would.
+struct MoodOut(String);
+
+impl<'a> postgres_types::FromSql<'a> for MoodOut {
+    fn from_sql(
+        _: &postgres_types::Type,
+        raw: &'a [u8],
+    ) -> Result<MoodOut, Box<dyn std::error::Error + Sync + Send>> {
+        Ok(MoodOut(std::str::from_utf8(raw)?.to_owned()))
+    }
+    fn accepts(ty: &postgres_types::Type) -> bool {
+        ty.name() == "mood"
+    }
 }
 
 #[tokio::test]

@@ -151,12 +151,55 @@ impl Connection {
     /// # }
     /// ```
     pub async fn query_stream(&mut self, query: impl ToQuery) -> Result<RowStream<'_>> {
-        let columns = self.start_extended(query.sql(), query.params()).await?;
+        let sql = query.sql();
+        let columns = self.start_extended(sql, query.params()).await?;
+        if !self.needs_lookup(columns.iter().map(Column::type_oid)) {
+            return Ok(RowStream {
+                conn: self,
+                columns,
+                state: StreamState::Rows,
+                rows_affected: None,
+            });
+        }
+        // The result has types the server defined at run time (an enum, a composite, …) that
+        // this connection has not looked up yet: rows cannot be decoded without them, and the
+        // lookup needs the connection, so this one result is read whole first. Later runs of
+        // the statement find the types known.
+        let mut rows = std::collections::VecDeque::new();
+        let mut rows_affected = None;
+        let mut error = None;
+        loop {
+            match self.read().await? {
+                BackendMessage::DataRow(data) if error.is_none() => rows.push_back(data),
+                BackendMessage::CommandComplete(tag) => {
+                    rows_affected = Some(crate::row::rows_affected(&tag));
+                }
+                BackendMessage::ErrorResponse(db) => {
+                    error.get_or_insert(Error::db(db));
+                }
+                BackendMessage::ReadyForQuery(_) => break,
+                BackendMessage::DataRow(_)
+                | BackendMessage::EmptyQueryResponse
+                | BackendMessage::PortalSuspended => {}
+                other => return Err(self.unexpected(&other, "a row stream")),
+            }
+        }
+        let columns: Arc<[Column]> = self.resolve_columns(&columns).await?.into();
+        if let Some(statement) = self.statements.get(sql).cloned() {
+            let columns = columns.clone();
+            self.statements.insert(
+                sql,
+                Statement {
+                    columns,
+                    ..statement
+                },
+            );
+        }
         Ok(RowStream {
             conn: self,
             columns,
-            state: StreamState::Rows,
-            rows_affected: None,
+            state: StreamState::Buffered { rows, error },
+            rows_affected,
         })
     }
 
@@ -426,12 +469,10 @@ impl Connection {
                     param_types = Some(oids.into_iter().map(type_from_oid).collect());
                 }
                 BackendMessage::RowDescription(fields) => {
-                    let columns = fields.iter().map(Column::from_field).collect();
-                    statement = Some(self.remember(sql, &name, param_types.take(), columns));
+                    let columns = fields.iter().map(|f| self.column(f)).collect();
+                    statement = Some((param_types.take(), columns));
                 }
-                BackendMessage::NoData => {
-                    statement = Some(self.remember(sql, &name, param_types.take(), Arc::from([])));
-                }
+                BackendMessage::NoData => statement = Some((param_types.take(), Arc::from([]))),
                 BackendMessage::ErrorResponse(db) => {
                     error.get_or_insert(Error::db(db));
                 }
@@ -440,11 +481,22 @@ impl Connection {
             }
         }
         self.closes_due.extend(closes.into_iter().skip(confirmed));
-        match (error, statement) {
-            (Some(e), _) => Err(e),
-            (None, Some(statement)) => Ok(statement),
-            (None, None) => Err(self.protocol_error("Describe answered without a description")),
+        let described: (Option<Arc<[Type]>>, Arc<[Column]>) = match (error, statement) {
+            (Some(e), _) => return Err(e),
+            (None, Some(described)) => described,
+            (None, None) => {
+                return Err(self.protocol_error("Describe answered without a description"));
+            }
+        };
+        let (param_types, columns) = described;
+        // Types the server defined at run time are looked up before they are needed: the
+        // parameters' to encode the values, the columns' to decode the rows.
+        let mut types = Vec::new();
+        for ty in param_types.iter().flat_map(|t| t.iter()) {
+            types.push(self.resolve_type(ty.oid()).await?);
         }
+        let columns = self.resolve_columns(&columns).await?;
+        Ok(self.remember(sql, &name, Some(types.into()), columns.into()))
     }
 
     /// Caches a statement the server has described (a no-op when caching is off) and returns
@@ -490,7 +542,7 @@ impl Connection {
                     param_types = Some(oids.into_iter().map(type_from_oid).collect());
                 }
                 BackendMessage::RowDescription(fields) => {
-                    columns = Some(fields.iter().map(Column::from_field).collect());
+                    columns = Some(fields.iter().map(|f| self.column(f)).collect());
                 }
                 BackendMessage::NoData => columns = Some(Arc::from([])),
                 BackendMessage::BindComplete => break Ok(()),
@@ -560,6 +612,11 @@ fn param_count_error(expected: usize, given: usize) -> Error {
 enum StreamState {
     /// Rows are arriving.
     Rows,
+    /// The whole result was read already (see [`Connection::query_stream`]).
+    Buffered {
+        rows: std::collections::VecDeque<crate::protocol::DataRow>,
+        error: Option<Error>,
+    },
     /// The server reported an error; reading on to ReadyForQuery before returning it.
     Draining(Option<Error>),
     /// ReadyForQuery has been read.
@@ -592,8 +649,19 @@ impl RowStream<'_> {
     /// Polls for the next row.
     pub fn poll_next_row(&mut self, cx: &mut Context<'_>) -> Poll<Option<Result<Row>>> {
         loop {
-            if matches!(self.state, StreamState::Done) {
-                return Poll::Ready(None);
+            match &mut self.state {
+                StreamState::Done => return Poll::Ready(None),
+                StreamState::Buffered { rows, error } => {
+                    return Poll::Ready(match rows.pop_front() {
+                        Some(data) => Some(Row::new(self.columns.clone(), data)),
+                        None => {
+                            let error = error.take();
+                            self.state = StreamState::Done;
+                            error.map(Err)
+                        }
+                    });
+                }
+                StreamState::Rows | StreamState::Draining(_) => {}
             }
             let msg = match ready!(self.conn.poll_read(cx)) {
                 Ok(msg) => msg,

@@ -17,6 +17,7 @@ mod extended;
 mod simple;
 mod startup;
 mod stream;
+mod types;
 
 use std::collections::{HashMap, VecDeque};
 use std::fmt;
@@ -55,8 +56,7 @@ pub struct Notification {
 /// fails with SQLSTATE 57014 (query_canceled).
 #[derive(Clone)]
 pub struct CancelToken {
-    host: crate::config::Host,
-    port: u16,
+    target: startup::Target,
     process_id: i32,
     secret_key: Bytes,
 }
@@ -65,8 +65,8 @@ impl fmt::Debug for CancelToken {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         // The secret key is what authorises a cancel: keep it out of logs.
         f.debug_struct("CancelToken")
-            .field("host", &self.host)
-            .field("port", &self.port)
+            .field("host", &self.target.host)
+            .field("port", &self.target.port)
             .field("process_id", &self.process_id)
             .finish_non_exhaustive()
     }
@@ -81,7 +81,7 @@ impl CancelToken {
                 "the server sent no cancel key for this connection (a pooler or proxy?)",
             ));
         }
-        let socket = startup::open_socket(&self.host, self.port).await?;
+        let socket = startup::open_socket(&self.target).await?;
         let mut stream = MessageStream::new(socket, crate::protocol::DEFAULT_MAX_MESSAGE_LEN);
         frontend::cancel_request(&mut stream.write_buf, self.process_id, &self.secret_key);
         stream.flush().await?;
@@ -114,6 +114,8 @@ pub struct Connection {
     /// The Closes in the pipeline in flight, confirmed one by one by CloseComplete.
     pending_closes: Vec<std::sync::Arc<str>>,
     stats: ConnectionStats,
+    /// Types looked up in the catalogs (enums, composites, …), by OID.
+    types: HashMap<u32, postgres_types::Type>,
 }
 
 /// Counts of what this connection sent, for tests and monitoring: they show, for example,
@@ -183,8 +185,7 @@ impl Connection {
             broken: None,
             parameters: s.parameters.into_iter().collect(),
             cancel: CancelToken {
-                host: s.host,
-                port: s.port,
+                target: s.target,
                 process_id: s.process_id,
                 secret_key: s.secret_key,
             },
@@ -193,6 +194,7 @@ impl Connection {
             statements: StatementCache::new(DEFAULT_STATEMENT_CACHE_CAPACITY),
             closes_due: Vec::new(),
             pending_closes: Vec::new(),
+            types: HashMap::new(),
             stats: ConnectionStats::default(),
         };
         for notice in &s.notices {

@@ -6,7 +6,7 @@ use std::time::Duration;
 use tokio::net::{TcpStream, UnixStream};
 
 use super::stream::{MessageStream, Socket};
-use crate::config::{Config, Host, SslMode};
+use crate::config::{Config, Host, HostAddr, SslMode};
 use crate::error::{Error, ErrorKind, Result};
 use crate::protocol::scram::{self, ChannelBinding, ScramSha256};
 use crate::protocol::{self, Authentication, BackendMessage, frontend};
@@ -19,23 +19,31 @@ pub(crate) struct Startup {
     pub(crate) secret_key: bytes::Bytes,
     pub(crate) notices: Vec<crate::error::DbError>,
     pub(crate) status: protocol::TransactionStatus,
-    /// The host and port this connection reached (for CancelRequest).
+    /// The server this connection reached (for CancelRequest).
+    pub(crate) target: Target,
+}
+
+/// One server to try: a host (name or socket directory), the numeric address to dial instead
+/// of looking the name up (`hostaddr`), and the port.
+#[derive(Debug, Clone)]
+pub(crate) struct Target {
     pub(crate) host: Host,
+    pub(crate) addr: Option<HostAddr>,
     pub(crate) port: u16,
 }
 
 /// Tries each host in turn (libpq's order) and returns the first connection that starts.
 pub(crate) async fn connect(config: &Config) -> Result<Startup> {
-    let hosts = config.effective_hosts();
     let mut last_error = None;
-    for (host, port) in &hosts {
-        let attempt = connect_host(config, host, *port);
+    for (host, addr, port) in config.effective_targets() {
+        let target = Target { host, addr, port };
+        let attempt = connect_host(config, &target);
         let result = match config.get_connect_timeout() {
             Some(limit) => match tokio::time::timeout(limit, attempt).await {
                 Ok(r) => r,
                 Err(_) => Err(Error::timeout(format!(
                     "could not connect to {} within {}",
-                    describe(host, *port),
+                    describe(&target),
                     human(limit)
                 ))),
             },
@@ -51,10 +59,12 @@ pub(crate) async fn connect(config: &Config) -> Result<Startup> {
     Err(last_error.unwrap_or_else(|| Error::config("no host to connect to")))
 }
 
-fn describe(host: &Host, port: u16) -> String {
-    match host {
-        Host::Tcp(h) => format!("{h}:{port}"),
-        Host::Unix(dir) => format!("socket {}/.s.PGSQL.{port}", dir.display()),
+fn describe(target: &Target) -> String {
+    let port = target.port;
+    match (&target.host, &target.addr) {
+        (Host::Tcp(h), Some(addr)) if *h != addr.to_string() => format!("{h} ({addr}):{port}"),
+        (Host::Tcp(h), _) => format!("{h}:{port}"),
+        (Host::Unix(dir), _) => format!("socket {}/.s.PGSQL.{port}", dir.display()),
     }
 }
 
@@ -62,12 +72,16 @@ fn human(d: Duration) -> String {
     format!("{:.1}s", d.as_secs_f64())
 }
 
-pub(crate) async fn open_socket(host: &Host, port: u16) -> Result<Socket> {
-    match host {
+pub(crate) async fn open_socket(target: &Target) -> Result<Socket> {
+    let port = target.port;
+    match &target.host {
         Host::Tcp(h) => {
-            let stream = TcpStream::connect((h.as_str(), port))
-                .await
-                .map_err(|e| Error::io(&format!("could not connect to {h}:{port}"), e))?;
+            let connected = match &target.addr {
+                Some(addr) => TcpStream::connect(addr.socket_addr(port)).await,
+                None => TcpStream::connect((h.as_str(), port)).await,
+            };
+            let stream = connected
+                .map_err(|e| Error::io(&format!("could not connect to {}", describe(target)), e))?;
             // Small queries must not wait for Nagle's algorithm to fill a packet.
             stream
                 .set_nodelay(true)
@@ -84,7 +98,7 @@ pub(crate) async fn open_socket(host: &Host, port: u16) -> Result<Socket> {
     }
 }
 
-async fn connect_host(config: &Config, host: &Host, port: u16) -> Result<Startup> {
+async fn connect_host(config: &Config, target: &Target) -> Result<Startup> {
     match config.get_ssl_mode() {
         SslMode::Disable | SslMode::Allow | SslMode::Prefer => {}
         mode => {
@@ -97,7 +111,7 @@ async fn connect_host(config: &Config, host: &Host, port: u16) -> Result<Startup
     }
     let user = config.effective_user()?;
     let dbname = config.effective_dbname()?;
-    let socket = open_socket(host, port).await?;
+    let socket = open_socket(target).await?;
     let mut stream = MessageStream::new(socket, protocol::DEFAULT_MAX_MESSAGE_LEN);
 
     let mut params: Vec<(&str, &str)> = vec![
@@ -115,11 +129,8 @@ async fn connect_host(config: &Config, host: &Host, port: u16) -> Result<Startup
     frontend::startup(&mut stream.write_buf, frontend::PROTOCOL_3_0, &params)?;
     stream.flush().await?;
 
-    authenticate(&mut stream, config, host, port, &user).await?;
-    let mut startup = finish_startup(stream).await?;
-    startup.host = host.clone();
-    startup.port = port;
-    Ok(startup)
+    authenticate(&mut stream, config, &target.host, target.port, &user).await?;
+    finish_startup(stream, target.clone()).await
 }
 
 fn ssl_mode_name(mode: SslMode) -> &'static str {
@@ -251,7 +262,7 @@ async fn authenticate(
     }
 }
 
-async fn finish_startup(mut stream: MessageStream) -> Result<Startup> {
+async fn finish_startup(mut stream: MessageStream, target: Target) -> Result<Startup> {
     let mut parameters = Vec::new();
     let mut notices = Vec::new();
     let mut key = None;
@@ -275,8 +286,7 @@ async fn finish_startup(mut stream: MessageStream) -> Result<Startup> {
                     secret_key,
                     notices,
                     status,
-                    host: Host::Tcp(String::new()),
-                    port: 0,
+                    target,
                 });
             }
             other => {
