@@ -2595,7 +2595,7 @@ fn read_pgpass_file(path: &Path) -> Option<String> {
 ///
 /// An empty `host` means `localhost`. A socket directory (a host starting with `/` or `@`)
 /// matches its own path and also `localhost`, the name the docs give local socket connections.
-pub(crate) fn pgpass_lookup(
+pub fn pgpass_lookup(
     contents: &str,
     host: &str,
     port: u16,

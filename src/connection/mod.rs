@@ -33,6 +33,7 @@ use cache::StatementCache;
 use stream::MessageStream;
 
 pub use extended::RowStream;
+pub use stream::Transport;
 
 pub use crate::protocol::TransactionStatus;
 
@@ -56,7 +57,8 @@ pub struct Notification {
 /// fails with SQLSTATE 57014 (query_canceled).
 #[derive(Clone)]
 pub struct CancelToken {
-    target: startup::Target,
+    /// `None` for a connection over a caller-provided stream: no address to send a cancel to.
+    target: Option<startup::Target>,
     process_id: i32,
     secret_key: Bytes,
 }
@@ -65,8 +67,7 @@ impl fmt::Debug for CancelToken {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         // The secret key is what authorises a cancel: keep it out of logs.
         f.debug_struct("CancelToken")
-            .field("host", &self.target.host)
-            .field("port", &self.target.port)
+            .field("target", &self.target)
             .field("process_id", &self.process_id)
             .finish_non_exhaustive()
     }
@@ -81,7 +82,12 @@ impl CancelToken {
                 "the server sent no cancel key for this connection (a pooler or proxy?)",
             ));
         }
-        let socket = startup::open_socket(&self.target).await?;
+        let Some(target) = &self.target else {
+            return Err(Error::closed(
+                "the connection runs over a caller-provided stream: no address to cancel through",
+            ));
+        };
+        let socket = startup::open_socket(target).await?;
         let mut stream = MessageStream::new(socket, crate::protocol::DEFAULT_MAX_MESSAGE_LEN);
         frontend::cancel_request(&mut stream.write_buf, self.process_id, &self.secret_key);
         stream.flush().await?;
@@ -177,6 +183,28 @@ impl Connection {
     /// ```
     pub async fn connect(config: &Config) -> Result<Connection> {
         let s = startup::connect(config).await?;
+        Ok(Connection::from_startup(s))
+    }
+
+    /// Runs startup and authentication over a stream the caller opened (a tunnel, an
+    /// in-memory pipe), with the settings in `config` (user, database, password, …; hosts and
+    /// TLS settings are not used). Cancel requests cannot reach a server over such a stream.
+    ///
+    /// ```no_run
+    /// # async fn demo() -> pgengine::Result<()> {
+    /// let socket = tokio::net::TcpStream::connect("127.0.0.1:5432").await.unwrap();
+    /// let config = pgengine::Config::parse("user=postgres")?;
+    /// let conn = pgengine::Connection::connect_stream(socket, &config).await?;
+    /// # Ok(())
+    /// # }
+    /// ```
+    pub async fn connect_stream(stream: impl Transport, config: &Config) -> Result<Connection> {
+        let socket = stream::Socket::Other(Box::new(stream));
+        let s = startup::start_on(socket, config, None).await?;
+        Ok(Connection::from_startup(s))
+    }
+
+    fn from_startup(s: startup::Startup) -> Connection {
         let mut conn = Connection {
             stream: s.stream,
             status: s.status,
@@ -200,7 +228,7 @@ impl Connection {
         for notice in &s.notices {
             (conn.notice_handler)(notice);
         }
-        Ok(conn)
+        conn
     }
 
     /// Replaces the handler for server notices. The default logs them with `tracing` at info

@@ -19,8 +19,8 @@ pub(crate) struct Startup {
     pub(crate) secret_key: bytes::Bytes,
     pub(crate) notices: Vec<crate::error::DbError>,
     pub(crate) status: protocol::TransactionStatus,
-    /// The server this connection reached (for CancelRequest).
-    pub(crate) target: Target,
+    /// The server this connection reached (for CancelRequest); `None` over a caller's stream.
+    pub(crate) target: Option<Target>,
 }
 
 /// One server to try: a host (name or socket directory), the numeric address to dial instead
@@ -109,9 +109,18 @@ async fn connect_host(config: &Config, target: &Target) -> Result<Startup> {
             )));
         }
     }
+    let socket = open_socket(target).await?;
+    start_on(socket, config, Some(target.clone())).await
+}
+
+/// Runs startup and authentication over an already open socket.
+pub(crate) async fn start_on(
+    socket: Socket,
+    config: &Config,
+    target: Option<Target>,
+) -> Result<Startup> {
     let user = config.effective_user()?;
     let dbname = config.effective_dbname()?;
-    let socket = open_socket(target).await?;
     let mut stream = MessageStream::new(socket, protocol::DEFAULT_MAX_MESSAGE_LEN);
 
     let mut params: Vec<(&str, &str)> = vec![
@@ -129,8 +138,12 @@ async fn connect_host(config: &Config, target: &Target) -> Result<Startup> {
     frontend::startup(&mut stream.write_buf, frontend::PROTOCOL_3_0, &params)?;
     stream.flush().await?;
 
-    authenticate(&mut stream, config, &target.host, target.port, &user).await?;
-    finish_startup(stream, target.clone()).await
+    let (host, port) = match &target {
+        Some(t) => (t.host.clone(), t.port),
+        None => (Host::Tcp(String::new()), 0),
+    };
+    authenticate(&mut stream, config, &host, port, &user).await?;
+    finish_startup(stream, target).await
 }
 
 fn ssl_mode_name(mode: SslMode) -> &'static str {
@@ -262,7 +275,7 @@ async fn authenticate(
     }
 }
 
-async fn finish_startup(mut stream: MessageStream, target: Target) -> Result<Startup> {
+async fn finish_startup(mut stream: MessageStream, target: Option<Target>) -> Result<Startup> {
     let mut parameters = Vec::new();
     let mut notices = Vec::new();
     let mut key = None;

@@ -24,11 +24,27 @@ const READ_CHUNK: usize = 64 * 1024;
 /// length prefix alone (up to the configured limit) never makes us allocate.
 const MAX_RESERVE: usize = 1 << 20;
 
-/// A TCP or Unix-domain socket.
-#[derive(Debug)]
+/// Any byte stream a connection can run over, besides TCP and Unix sockets (an in-memory
+/// pipe in tests and fuzzing, a tunnel).
+pub trait Transport: AsyncRead + AsyncWrite + Unpin + Send + 'static {}
+
+impl<T: AsyncRead + AsyncWrite + Unpin + Send + 'static> Transport for T {}
+
+/// A TCP or Unix-domain socket, or another transport.
 pub(crate) enum Socket {
     Tcp(TcpStream),
     Unix(UnixStream),
+    Other(Box<dyn Transport>),
+}
+
+impl std::fmt::Debug for Socket {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Socket::Tcp(s) => s.fmt(f),
+            Socket::Unix(s) => s.fmt(f),
+            Socket::Other(_) => f.write_str("Transport"),
+        }
+    }
 }
 
 impl AsyncRead for Socket {
@@ -40,6 +56,7 @@ impl AsyncRead for Socket {
         match self.get_mut() {
             Socket::Tcp(s) => Pin::new(s).poll_read(cx, buf),
             Socket::Unix(s) => Pin::new(s).poll_read(cx, buf),
+            Socket::Other(s) => Pin::new(s).poll_read(cx, buf),
         }
     }
 }
@@ -53,6 +70,7 @@ impl AsyncWrite for Socket {
         match self.get_mut() {
             Socket::Tcp(s) => Pin::new(s).poll_write(cx, buf),
             Socket::Unix(s) => Pin::new(s).poll_write(cx, buf),
+            Socket::Other(s) => Pin::new(s).poll_write(cx, buf),
         }
     }
 
@@ -60,6 +78,7 @@ impl AsyncWrite for Socket {
         match self.get_mut() {
             Socket::Tcp(s) => Pin::new(s).poll_flush(cx),
             Socket::Unix(s) => Pin::new(s).poll_flush(cx),
+            Socket::Other(s) => Pin::new(s).poll_flush(cx),
         }
     }
 
@@ -67,6 +86,7 @@ impl AsyncWrite for Socket {
         match self.get_mut() {
             Socket::Tcp(s) => Pin::new(s).poll_shutdown(cx),
             Socket::Unix(s) => Pin::new(s).poll_shutdown(cx),
+            Socket::Other(s) => Pin::new(s).poll_shutdown(cx),
         }
     }
 }
