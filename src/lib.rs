@@ -34,7 +34,9 @@
 
 pub mod config;
 pub mod connection;
+pub mod engine;
 pub mod error;
+pub mod pool;
 pub mod protocol;
 pub mod query;
 pub mod row;
@@ -46,6 +48,7 @@ pub use config::Config;
 pub use connection::{
     CancelToken, Connection, ConnectionStats, Notification, RowStream, TransactionStatus,
 };
+pub use engine::PostgresEngine;
 pub use error::{DbError, Error, ErrorKind, Result};
 pub use postgres_types::{FromSql, ToSql, Type};
 pub use query::{BorrowedParams, Query, ToQuery};

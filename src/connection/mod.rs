@@ -273,6 +273,31 @@ impl Connection {
             && self.status == TransactionStatus::Idle
     }
 
+    /// True when responses to an earlier request are still owed (its future was dropped half
+    /// way) or a request was cut off while being written: the connection's state is not known
+    /// until it has read them away, so a pool must not hand it to anyone else.
+    pub fn is_busy(&self) -> bool {
+        self.pending > 0 || self.writing
+    }
+
+    /// Checks, without waiting, that an idle connection has not been closed by the server
+    /// (restart, `pg_terminate_backend`, idle timeout): reads whatever already arrived — a
+    /// notification is kept, a FATAL error or end of stream marks the connection broken.
+    /// Returns whether the connection is still usable. One non-blocking read; no round trip.
+    pub fn check_alive(&mut self) -> bool {
+        if self.broken.is_some() || self.is_busy() {
+            return self.broken.is_none();
+        }
+        let waker = futures::task::noop_waker();
+        let mut cx = Context::from_waker(&waker);
+        // Anything but Pending here is either handled inside poll_read (notices,
+        // notifications, parameter changes: it loops) or breaks the connection.
+        if let Poll::Ready(Ok(msg)) = self.poll_read(&mut cx) {
+            let _ = self.unexpected(&msg, "idle");
+        }
+        self.broken.is_none()
+    }
+
     /// Notifications received so far (they can arrive during any query), oldest first.
     pub fn take_notifications(&mut self) -> Vec<Notification> {
         self.notifications.drain(..).collect()

@@ -1,0 +1,475 @@
+//! [`PostgresEngine`]: the object an application creates once and shares. It holds the
+//! connection settings, the list of extensions the database needs, query logging switches,
+//! named engines for read replicas (`extra_nodes`), and — once started — its own connection
+//! pool. It mirrors Piccolo ORM's `PostgresEngine`: without a running pool a query opens a
+//! fresh connection, as Piccolo does; with one, it borrows a pooled connection.
+//!
+//! ```no_run
+//! # async fn demo() -> pgengine::Result<()> {
+//! use pgengine::{PostgresEngine, pool::PoolOptions};
+//!
+//! let engine = PostgresEngine::builder("postgres://app@localhost/appdb".parse()?)
+//!     .extensions(["uuid-ossp"])
+//!     .log_queries(true)
+//!     .build();
+//! engine.prep_database().await?;
+//! engine.start_connection_pool(PoolOptions::default().max_size(8)).await?;
+//! let n: i64 = engine.query_one("SELECT count(*) FROM pg_class").await?.get(0);
+//! engine.close_connection_pool().await?;
+//! # Ok(())
+//! # }
+//! ```
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::ops::{Deref, DerefMut};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, RwLock};
+use std::time::{Duration, Instant};
+
+use crate::config::Config;
+use crate::connection::Connection;
+use crate::error::{Error, Result};
+use crate::pool::{ConnectionManager, Pool, PoolOptions, PoolStats, Pooled};
+use crate::query::ToQuery;
+use crate::row::{Row, SimpleQueryResult};
+
+/// How long `close_connection_pool` waits for checked-out connections to come back.
+const CLOSE_WAIT: Duration = Duration::from_secs(30);
+
+/// The server's version, from its `server_version` parameter.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ServerVersion {
+    /// The major version (15 for "15.4", 9 for "9.6.24").
+    pub major: u32,
+    /// The minor version (4 for "15.4", 6 for "9.6.24"; 0 for "16beta1").
+    pub minor: u32,
+    /// The text the server reported, e.g. "15.4 (Debian 15.4-1.pgdg120+1)".
+    pub text: String,
+}
+
+impl ServerVersion {
+    /// Reads a `server_version` string the way Piccolo's `get_version` does: the first word,
+    /// its first two dot-separated numbers.
+    ///
+    /// ```
+    /// use pgengine::engine::ServerVersion;
+    /// let v = ServerVersion::parse("12.4 (Ubuntu 12.4-1.pgdg20.04+1)").unwrap();
+    /// assert_eq!((v.major, v.minor, v.as_f64()), (12, 4, 12.4));
+    /// assert_eq!(ServerVersion::parse("9.4.1").unwrap().as_f64(), 9.4);
+    /// assert_eq!(ServerVersion::parse("16beta1").unwrap().as_f64(), 16.0);
+    /// assert!(ServerVersion::parse("unknown").is_none());
+    /// ```
+    pub fn parse(text: &str) -> Option<ServerVersion> {
+        let word = text.split_whitespace().next()?;
+        let mut parts = word.split('.');
+        let leading_number = |s: &str| -> Option<u32> {
+            let digits: String = s.chars().take_while(char::is_ascii_digit).collect();
+            digits.parse().ok()
+        };
+        let major = leading_number(parts.next()?)?;
+        let minor = parts.next().and_then(leading_number).unwrap_or(0);
+        Some(ServerVersion {
+            major,
+            minor,
+            text: text.to_owned(),
+        })
+    }
+
+    /// `major.minor` as a number, as Piccolo's `get_version` returns it (12.4, 9.4).
+    pub fn as_f64(&self) -> f64 {
+        format!("{}.{}", self.major, self.minor)
+            .parse()
+            .unwrap_or(self.major as f64)
+    }
+}
+
+struct Inner {
+    config: Config,
+    extensions: Vec<String>,
+    log_queries: bool,
+    log_responses: bool,
+    statement_cache_capacity: Option<usize>,
+    nodes: BTreeMap<String, PostgresEngine>,
+    /// The running pool, if any. Read on every query; written only by start/close.
+    pool: RwLock<Option<Pool<ConnectionManager>>>,
+    next_query_id: AtomicU64,
+}
+
+/// The engine: settings, extensions, logging, read-replica nodes and its own connection pool.
+/// Cheap to clone; clones share everything, including the pool.
+#[derive(Clone)]
+pub struct PostgresEngine {
+    inner: Arc<Inner>,
+}
+
+impl fmt::Debug for PostgresEngine {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("PostgresEngine")
+            .field("config", &self.inner.config)
+            .field("extensions", &self.inner.extensions)
+            .field("nodes", &self.inner.nodes.keys().collect::<Vec<_>>())
+            .field("pool", &self.pool_stats())
+            .finish()
+    }
+}
+
+/// Builds a [`PostgresEngine`].
+#[derive(Debug)]
+pub struct EngineBuilder {
+    config: Config,
+    extensions: Vec<String>,
+    log_queries: bool,
+    log_responses: bool,
+    statement_cache_capacity: Option<usize>,
+    nodes: BTreeMap<String, PostgresEngine>,
+}
+
+impl EngineBuilder {
+    /// Extensions that [`PostgresEngine::prep_database`] creates if missing.
+    pub fn extensions<I, S>(mut self, names: I) -> Self
+    where
+        I: IntoIterator<Item = S>,
+        S: Into<String>,
+    {
+        self.extensions = names.into_iter().map(Into::into).collect();
+        self
+    }
+
+    /// Logs every query (target `pgengine::query`, info level): an id, the SQL, the duration
+    /// and the row count. Parameter values are never logged.
+    pub fn log_queries(mut self, on: bool) -> Self {
+        self.log_queries = on;
+        self
+    }
+
+    /// Also logs each query's rows at debug level (target `pgengine::query`).
+    pub fn log_responses(mut self, on: bool) -> Self {
+        self.log_responses = on;
+        self
+    }
+
+    /// Sets the prepared-statement cache capacity of every connection (0 for PgBouncer in
+    /// transaction pooling mode).
+    pub fn statement_cache_capacity(mut self, capacity: usize) -> Self {
+        self.statement_cache_capacity = Some(capacity);
+        self
+    }
+
+    /// Adds a named engine, typically for a read replica: `engine.node(name)` returns it.
+    pub fn extra_node(mut self, name: impl Into<String>, engine: PostgresEngine) -> Self {
+        self.nodes.insert(name.into(), engine);
+        self
+    }
+
+    /// The engine.
+    pub fn build(self) -> PostgresEngine {
+        PostgresEngine {
+            inner: Arc::new(Inner {
+                config: self.config,
+                extensions: self.extensions,
+                log_queries: self.log_queries,
+                log_responses: self.log_responses,
+                statement_cache_capacity: self.statement_cache_capacity,
+                nodes: self.nodes,
+                pool: RwLock::new(None),
+                next_query_id: AtomicU64::new(1),
+            }),
+        }
+    }
+}
+
+/// A connection borrowed by the engine for one use: from the pool when it runs, otherwise a
+/// fresh one that is closed when dropped.
+pub enum EngineConnection {
+    /// From the engine's pool; goes back to it when dropped.
+    Pooled(Pooled<ConnectionManager>),
+    /// Opened for this use alone.
+    Fresh(Connection),
+}
+
+impl Deref for EngineConnection {
+    type Target = Connection;
+    fn deref(&self) -> &Connection {
+        match self {
+            EngineConnection::Pooled(p) => p,
+            EngineConnection::Fresh(c) => c,
+        }
+    }
+}
+
+impl DerefMut for EngineConnection {
+    fn deref_mut(&mut self) -> &mut Connection {
+        match self {
+            EngineConnection::Pooled(p) => p,
+            EngineConnection::Fresh(c) => c,
+        }
+    }
+}
+
+impl fmt::Debug for EngineConnection {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        (**self).fmt(f)
+    }
+}
+
+impl PostgresEngine {
+    /// An engine with default options.
+    pub fn new(config: Config) -> PostgresEngine {
+        PostgresEngine::builder(config).build()
+    }
+
+    /// An engine from a libpq URL or `key=value` string; `PG*` environment variables fill in
+    /// what it leaves out.
+    pub fn from_url(url: &str) -> Result<PostgresEngine> {
+        Ok(PostgresEngine::new(
+            Config::parse(url)?.with_env_defaults()?,
+        ))
+    }
+
+    /// Starts building an engine.
+    pub fn builder(config: Config) -> EngineBuilder {
+        EngineBuilder {
+            config,
+            extensions: Vec::new(),
+            log_queries: false,
+            log_responses: false,
+            statement_cache_capacity: None,
+            nodes: BTreeMap::new(),
+        }
+    }
+
+    /// The connection settings.
+    pub fn config(&self) -> &Config {
+        &self.inner.config
+    }
+
+    /// The extensions [`PostgresEngine::prep_database`] creates.
+    pub fn extensions(&self) -> &[String] {
+        &self.inner.extensions
+    }
+
+    /// The engine of an extra node (a read replica) by name.
+    pub fn node(&self, name: &str) -> Result<PostgresEngine> {
+        self.inner.nodes.get(name).cloned().ok_or_else(|| {
+            let known: Vec<&str> = self.inner.nodes.keys().map(String::as_str).collect();
+            Error::config(format!(
+                "no extra node named {name:?} (known nodes: {})",
+                if known.is_empty() {
+                    "none".to_owned()
+                } else {
+                    known.join(", ")
+                }
+            ))
+        })
+    }
+
+    /// The names of the extra nodes.
+    pub fn node_names(&self) -> impl Iterator<Item = &str> {
+        self.inner.nodes.keys().map(String::as_str)
+    }
+
+    /// Borrows a connection: from the pool if one runs, else a fresh one.
+    pub async fn acquire(&self) -> Result<EngineConnection> {
+        let pool = self.current_pool();
+        match pool {
+            Some(pool) => Ok(EngineConnection::Pooled(pool.acquire().await?)),
+            None => {
+                let mut conn = Connection::connect(&self.inner.config).await?;
+                if let Some(capacity) = self.inner.statement_cache_capacity {
+                    conn.set_statement_cache_capacity(capacity);
+                }
+                Ok(EngineConnection::Fresh(conn))
+            }
+        }
+    }
+
+    fn current_pool(&self) -> Option<Pool<ConnectionManager>> {
+        self.inner
+            .pool
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+
+    /// The server's version as `major.minor` (12.4, 9.4), as Piccolo's `get_version`.
+    pub async fn get_version(&self) -> Result<f64> {
+        Ok(self.server_version().await?.as_f64())
+    }
+
+    /// The server's full version.
+    pub async fn server_version(&self) -> Result<ServerVersion> {
+        let conn = self.acquire().await?;
+        let text = conn
+            .parameter("server_version")
+            .ok_or_else(|| Error::protocol("the server did not report server_version"))?;
+        ServerVersion::parse(text)
+            .ok_or_else(|| Error::protocol(format!("unreadable server_version {text:?}")))
+    }
+
+    /// Creates the engine's extensions if they are missing (`CREATE EXTENSION IF NOT EXISTS`,
+    /// each name quoted as an identifier). A missing privilege is logged as a warning, as
+    /// Piccolo does; any other error is returned.
+    pub async fn prep_database(&self) -> Result<()> {
+        let mut conn = self.acquire().await?;
+        for name in &self.inner.extensions {
+            let sql = format!(
+                "CREATE EXTENSION IF NOT EXISTS {}",
+                postgres_protocol::escape::escape_identifier(name)
+            );
+            match conn.simple_query(&sql).await {
+                Ok(_) => {}
+                Err(e) if e.code() == Some("42501") => {
+                    tracing::warn!(
+                        target: "pgengine::engine",
+                        extension = name.as_str(),
+                        "could not create extension (insufficient privilege): {e}"
+                    );
+                }
+                Err(e) => return Err(e),
+            }
+        }
+        Ok(())
+    }
+
+    /// Starts the engine's connection pool. Starting it while one runs only logs a warning.
+    pub async fn start_connection_pool(&self, options: PoolOptions) -> Result<()> {
+        let mut slot = self.inner.pool.write().unwrap_or_else(|p| p.into_inner());
+        if slot.is_some() {
+            tracing::warn!(target: "pgengine::engine", "a connection pool is already running");
+            return Ok(());
+        }
+        let mut manager = ConnectionManager::new(self.inner.config.clone());
+        if let Some(capacity) = self.inner.statement_cache_capacity {
+            manager = manager.statement_cache_capacity(capacity);
+        }
+        *slot = Some(Pool::new(manager, options));
+        Ok(())
+    }
+
+    /// Closes the pool: new queries use fresh connections again, waiters fail, idle
+    /// connections close, and checked-out ones are closed as they come back (waiting up to
+    /// 30 seconds). Closing when no pool runs only logs a warning.
+    pub async fn close_connection_pool(&self) -> Result<()> {
+        let pool = self
+            .inner
+            .pool
+            .write()
+            .unwrap_or_else(|p| p.into_inner())
+            .take();
+        match pool {
+            None => {
+                tracing::warn!(target: "pgengine::engine", "no connection pool is running");
+                Ok(())
+            }
+            Some(pool) => {
+                let left = pool.close(CLOSE_WAIT).await;
+                if left > 0 {
+                    tracing::warn!(
+                        target: "pgengine::engine",
+                        "{left} connections were still in use when the pool closed; \
+                         they will be closed when returned"
+                    );
+                }
+                Ok(())
+            }
+        }
+    }
+
+    /// The pool's statistics, if a pool runs.
+    pub fn pool_stats(&self) -> Option<PoolStats> {
+        self.current_pool().map(|p| p.stats())
+    }
+
+    /// Runs a query and returns its rows.
+    pub async fn query(&self, query: impl ToQuery) -> Result<Vec<Row>> {
+        let started = self.log_start(query.sql());
+        let mut conn = self.acquire().await?;
+        let result = conn.query(&query).await;
+        self.log_end(
+            started,
+            &result.as_ref().map(|rows| (rows.len() as u64, Some(rows))),
+        );
+        result
+    }
+
+    /// Runs a query (Piccolo's name for it).
+    pub async fn run_querystring(&self, query: impl ToQuery) -> Result<Vec<Row>> {
+        self.query(query).await
+    }
+
+    /// Runs a query that must return exactly one row.
+    pub async fn query_one(&self, query: impl ToQuery) -> Result<Row> {
+        let mut rows = self.query(query).await?;
+        match rows.len() {
+            1 => Ok(rows.pop().expect("one row")),
+            n => Err(Error::row_count(format!(
+                "the query returned {n} rows, not exactly one"
+            ))),
+        }
+    }
+
+    /// Runs a query that must return at most one row.
+    pub async fn query_opt(&self, query: impl ToQuery) -> Result<Option<Row>> {
+        let mut rows = self.query(query).await?;
+        match rows.len() {
+            0 | 1 => Ok(rows.pop()),
+            n => Err(Error::row_count(format!(
+                "the query returned {n} rows, not at most one"
+            ))),
+        }
+    }
+
+    /// Runs a statement and returns the number of rows it affected.
+    pub async fn execute(&self, query: impl ToQuery) -> Result<u64> {
+        let started = self.log_start(query.sql());
+        let mut conn = self.acquire().await?;
+        let result = conn.execute(&query).await;
+        self.log_end(started, &result.as_ref().map(|n| (*n, None)));
+        result
+    }
+
+    /// Runs DDL (or any SQL without parameters), several statements allowed, with the simple
+    /// query protocol.
+    pub async fn run_ddl(&self, sql: &str) -> Result<Vec<SimpleQueryResult>> {
+        let started = self.log_start(sql);
+        let mut conn = self.acquire().await?;
+        let result = conn.simple_query(sql).await;
+        let count = result
+            .as_ref()
+            .map(|r| (r.iter().map(|r| r.rows_affected()).sum(), None));
+        self.log_end(started, &count);
+        result
+    }
+
+    fn log_start(&self, sql: &str) -> Option<(u64, Instant)> {
+        if !self.inner.log_queries {
+            return None;
+        }
+        let id = self.inner.next_query_id.fetch_add(1, Ordering::Relaxed);
+        tracing::info!(target: "pgengine::query", query_id = id, sql, "query");
+        Some((id, Instant::now()))
+    }
+
+    fn log_end(
+        &self,
+        started: Option<(u64, Instant)>,
+        outcome: &Result<(u64, Option<&Vec<Row>>), &Error>,
+    ) {
+        let Some((id, at)) = started else { return };
+        let ms = at.elapsed().as_secs_f64() * 1000.0;
+        match outcome {
+            Ok((rows, response)) => {
+                tracing::info!(target: "pgengine::query", query_id = id, duration_ms = ms, rows, "done");
+                if let (true, Some(response)) = (self.inner.log_responses, response) {
+                    for row in response.iter() {
+                        tracing::debug!(target: "pgengine::query", query_id = id, "{row:?}");
+                    }
+                }
+            }
+            Err(e) => {
+                tracing::info!(target: "pgengine::query", query_id = id, duration_ms = ms, error = %e, "failed");
+            }
+        }
+    }
+}

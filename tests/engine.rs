@@ -1,0 +1,378 @@
+//! PostgresEngine and its own pool against the real cluster: concurrency, timeouts, clean
+//! returns, dropped futures, nodes, versions, extensions and query logging.
+
+mod common;
+
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use pgengine::pool::PoolOptions;
+use pgengine::testing::TempCluster;
+use pgengine::{ErrorKind, PostgresEngine, TransactionStatus};
+
+fn engine() -> PostgresEngine {
+    PostgresEngine::new(common::tcp_config(TempCluster::SUPERUSER))
+}
+
+async fn pooled(max: usize) -> PostgresEngine {
+    let engine = engine();
+    let options = PoolOptions::default()
+        .max_size(max)
+        .acquire_timeout(Duration::from_secs(10));
+    engine.start_connection_pool(options).await.unwrap();
+    engine
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn five_hundred_concurrent_queries_through_a_pool_of_ten() {
+    let engine = pooled(10).await;
+    let tasks: Vec<_> = (0..500i32)
+        .map(|i| {
+            let engine = engine.clone();
+            tokio::spawn(async move {
+                let row = engine.query_one(("SELECT $1::int4 * 2", (i,))).await?;
+                Ok::<_, pgengine::Error>(row.get::<_, i32>(0) == i * 2)
+            })
+        })
+        .collect();
+    for t in tasks {
+        assert!(
+            t.await.unwrap().unwrap(),
+            "a query returned another query's answer"
+        );
+    }
+    let stats = engine.pool_stats().unwrap();
+    assert!(stats.size <= 10, "{stats:?}");
+    assert_eq!(stats.acquired, 500);
+    assert_eq!((stats.in_use, stats.waiters), (0, 0));
+    assert_eq!(stats.opened - stats.closed, stats.size as u64);
+    engine.close_connection_pool().await.unwrap();
+}
+
+#[tokio::test]
+async fn acquire_timeout_fires_and_a_dropped_waiter_leaves_no_trace() {
+    let engine = engine();
+    let options = PoolOptions::default()
+        .max_size(2)
+        .acquire_timeout(Duration::from_millis(200));
+    engine.start_connection_pool(options).await.unwrap();
+    let a = engine.acquire().await.unwrap();
+    let b = engine.acquire().await.unwrap();
+    let err = engine.acquire().await.unwrap_err();
+    assert_eq!(err.kind(), ErrorKind::Timeout, "{err}");
+    {
+        let waiting = engine.acquire();
+        assert!(
+            tokio::time::timeout(Duration::from_millis(20), waiting)
+                .await
+                .is_err()
+        );
+    }
+    let stats = engine.pool_stats().unwrap();
+    assert_eq!((stats.waiters, stats.timeouts, stats.in_use), (0, 1, 2));
+    drop((a, b));
+    assert_eq!(
+        engine.query_one("SELECT 1").await.unwrap().get::<_, i32>(0),
+        1
+    );
+}
+
+#[tokio::test]
+async fn a_connection_returned_mid_transaction_is_clean_for_the_next_user() {
+    let engine = pooled(1).await;
+    engine
+        .run_ddl("CREATE TABLE IF NOT EXISTS pool_clean (v int)")
+        .await
+        .unwrap();
+    let pid = {
+        let mut conn = engine.acquire().await.unwrap();
+        conn.simple_query("BEGIN; INSERT INTO pool_clean VALUES (1)")
+            .await
+            .unwrap();
+        assert_eq!(conn.transaction_status(), TransactionStatus::InTransaction);
+        conn.process_id()
+        // Dropped inside the transaction.
+    };
+    let mut conn = engine.acquire().await.unwrap();
+    assert_eq!(
+        conn.process_id(),
+        pid,
+        "the same connection, rolled back and reused"
+    );
+    assert_eq!(conn.transaction_status(), TransactionStatus::Idle);
+    let row = conn
+        .query_one("SELECT pg_current_xact_id_if_assigned()::text")
+        .await
+        .unwrap();
+    assert_eq!(
+        row.get::<_, Option<&str>>(0),
+        None,
+        "no transaction is open"
+    );
+    let row = conn
+        .query_one("SELECT count(*) FROM pool_clean")
+        .await
+        .unwrap();
+    assert_eq!(
+        row.get::<_, i64>(0),
+        0,
+        "the abandoned insert was rolled back"
+    );
+}
+
+/// Polls a future at most `polls` times, then gives up on it (drops it): a cancellation at
+/// an exact point of its progress (tokio-postgres's `Cancellable` idea).
+struct Cancellable<F> {
+    fut: std::pin::Pin<Box<F>>,
+    polls: usize,
+}
+
+impl<F: std::future::Future> std::future::Future for Cancellable<F> {
+    type Output = Option<F::Output>;
+    fn poll(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Self::Output> {
+        if self.polls == 0 {
+            return std::task::Poll::Ready(None);
+        }
+        self.polls -= 1;
+        self.fut.as_mut().poll(cx).map(Some)
+    }
+}
+
+#[tokio::test]
+async fn futures_dropped_at_every_point_never_leave_a_dirty_connection() {
+    let engine = pooled(3).await;
+    let mut completed = 0;
+    let mut dropped = 0;
+    for i in 0..1000i64 {
+        // Rows of 100 kB arrive over several reads, so drop points fall before sending, after
+        // sending, and part way through the answer.
+        let polls = (i % 12) as usize;
+        let q = engine.query((
+            "SELECT $1::int8, repeat('x', 100000) FROM generate_series(1, 2)",
+            (i,),
+        ));
+        match (Cancellable {
+            fut: Box::pin(q),
+            polls,
+        })
+        .await
+        {
+            Some(rows) => {
+                let rows = rows.unwrap();
+                assert_eq!(rows[1].get::<_, i64>(0), i);
+                completed += 1;
+            }
+            None => dropped += 1,
+        }
+        // Whatever happened, the next query gets its own answer.
+        let check = -i - 1;
+        let row = engine
+            .query_one(("SELECT $1::int8", (check,)))
+            .await
+            .unwrap();
+        assert_eq!(row.get::<_, i64>(0), check, "iteration {i}");
+    }
+    let stats = engine.pool_stats().unwrap();
+    eprintln!("completed {completed}, dropped {dropped}, pool {stats:?}");
+    // Both outcomes happened, so the test exercised what it claims to.
+    assert!(
+        completed > 0 && dropped > 0,
+        "completed {completed}, dropped {dropped}"
+    );
+    assert!(
+        stats.closed > 0,
+        "connections dropped mid-query were discarded: {stats:?}"
+    );
+    assert_eq!(stats.in_use, 0);
+    assert_eq!(stats.opened - stats.closed, stats.size as u64, "{stats:?}");
+}
+
+#[tokio::test]
+async fn without_a_pool_each_query_uses_a_fresh_connection() {
+    let engine = engine();
+    assert!(engine.pool_stats().is_none());
+    let a: i32 = engine
+        .query_one("SELECT pg_backend_pid()")
+        .await
+        .unwrap()
+        .get(0);
+    let b: i32 = engine
+        .query_one("SELECT pg_backend_pid()")
+        .await
+        .unwrap()
+        .get(0);
+    assert_ne!(a, b);
+    // Starting twice and closing when none runs are warnings, not errors.
+    engine.close_connection_pool().await.unwrap();
+    engine
+        .start_connection_pool(PoolOptions::default())
+        .await
+        .unwrap();
+    engine
+        .start_connection_pool(PoolOptions::default())
+        .await
+        .unwrap();
+    let a: i32 = engine
+        .query_one("SELECT pg_backend_pid()")
+        .await
+        .unwrap()
+        .get(0);
+    let b: i32 = engine
+        .query_one("SELECT pg_backend_pid()")
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(a, b, "the pool reuses its connection");
+    engine.close_connection_pool().await.unwrap();
+    assert!(engine.pool_stats().is_none());
+}
+
+#[tokio::test]
+async fn extra_nodes_and_versions() {
+    let replica = engine();
+    let engine = PostgresEngine::builder(common::tcp_config(TempCluster::SUPERUSER))
+        .extra_node("read_1", replica)
+        .build();
+    let node = engine.node("read_1").unwrap();
+    assert_eq!(
+        node.query_one("SELECT 1").await.unwrap().get::<_, i32>(0),
+        1
+    );
+    let err = engine.node("read_2").unwrap_err();
+    assert_eq!(err.kind(), ErrorKind::Config);
+    assert!(
+        err.to_string().contains("read_2") && err.to_string().contains("read_1"),
+        "{err}"
+    );
+
+    let num: String = engine
+        .query_one("SHOW server_version_num")
+        .await
+        .unwrap()
+        .get(0);
+    let num: u32 = num.parse().unwrap();
+    let v = engine.server_version().await.unwrap();
+    assert_eq!(v.major, num / 10000);
+    assert_eq!(v.minor, num % 10000);
+    assert_eq!(
+        engine.get_version().await.unwrap(),
+        format!("{}.{}", v.major, v.minor).parse::<f64>().unwrap()
+    );
+}
+
+/// Collects formatted log lines.
+#[derive(Clone, Default)]
+struct Captured(Arc<Mutex<Vec<u8>>>);
+
+impl std::io::Write for Captured {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.0.lock().unwrap().extend_from_slice(buf);
+        Ok(buf.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+impl Captured {
+    fn text(&self) -> String {
+        String::from_utf8_lossy(&self.0.lock().unwrap()).into_owned()
+    }
+    fn subscriber(&self) -> impl tracing::Subscriber + Send + Sync + 'static {
+        let out = self.clone();
+        tracing_subscriber::fmt()
+            .with_max_level(tracing::Level::DEBUG)
+            .with_ansi(false)
+            .with_writer(move || out.clone())
+            .finish()
+    }
+}
+
+#[tokio::test]
+async fn prep_database_creates_quoted_extensions_and_warns_without_privilege() {
+    let logs = Captured::default();
+    let _guard = tracing::subscriber::set_default(logs.subscriber());
+
+    let engine = PostgresEngine::builder(common::tcp_config(TempCluster::SUPERUSER))
+        .extensions(["pg_trgm"])
+        .build();
+    engine.prep_database().await.unwrap();
+    let row = engine
+        .query_one("SELECT count(*) FROM pg_extension WHERE extname = 'pg_trgm'")
+        .await
+        .unwrap();
+    assert_eq!(row.get::<_, i64>(0), 1);
+    engine.prep_database().await.unwrap(); // IF NOT EXISTS: idempotent
+
+    // A name is an identifier, never SQL: this one is looked up as a (missing) extension.
+    engine
+        .run_ddl("CREATE TABLE IF NOT EXISTS survivor (v int)")
+        .await
+        .unwrap();
+    let evil = PostgresEngine::builder(common::tcp_config(TempCluster::SUPERUSER))
+        .extensions(["x\"; DROP TABLE survivor; --"])
+        .build();
+    let err = evil.prep_database().await.unwrap_err();
+    assert_eq!(err.kind(), ErrorKind::Db, "{err}");
+    assert!(
+        engine.query("SELECT * FROM survivor").await.is_ok(),
+        "the table survived"
+    );
+
+    // A user without the privilege for an untrusted extension: a warning, not an error.
+    let mut config = common::tcp_config(TempCluster::PASSWORD_USER);
+    config.password(TempCluster::PASSWORD);
+    let unprivileged = PostgresEngine::builder(config)
+        .extensions(["file_fdw"])
+        .build();
+    unprivileged.prep_database().await.unwrap();
+    let text = logs.text();
+    assert!(text.contains("WARN") && text.contains("file_fdw"), "{text}");
+}
+
+#[tokio::test]
+async fn queries_are_logged_without_their_parameter_values() {
+    let logs = Captured::default();
+    let _guard = tracing::subscriber::set_default(logs.subscriber());
+    let engine = PostgresEngine::builder(common::tcp_config(TempCluster::SUPERUSER))
+        .log_queries(true)
+        .log_responses(true)
+        .build();
+    let secret = "hunter2-secret-value";
+    engine
+        .query(("SELECT length($1::text) AS n", (secret,)))
+        .await
+        .unwrap();
+    engine.query("SELECT 1/0").await.unwrap_err();
+    let text = logs.text();
+    assert!(text.contains("SELECT length($1::text) AS n"), "{text}");
+    assert!(
+        text.contains("query_id=1") && text.contains("duration_ms") && text.contains("rows=1"),
+        "{text}"
+    );
+    assert!(
+        text.contains("query_id=2") && text.contains("failed"),
+        "{text}"
+    );
+    assert!(
+        !text.contains(secret),
+        "a parameter value was logged: {text}"
+    );
+
+    // Logging is off unless asked for.
+    let quiet = Captured::default();
+    let _guard = tracing::subscriber::set_default(quiet.subscriber());
+    engine_without_logs().query("SELECT 1").await.unwrap();
+    assert!(
+        !quiet.text().contains("pgengine::query"),
+        "{}",
+        quiet.text()
+    );
+}
+
+fn engine_without_logs() -> PostgresEngine {
+    engine()
+}
