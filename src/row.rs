@@ -184,10 +184,46 @@ impl Row {
 }
 
 impl fmt::Debug for Row {
+    /// Shows each column as `name: value`, decoded for common built-in types and given as a
+    /// byte count otherwise (used by the engine's `log_responses`).
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("Row")
-            .field("columns", &self.columns)
-            .finish_non_exhaustive()
+        let mut d = f.debug_map();
+        for (i, c) in self.columns.iter().enumerate() {
+            d.entry(&c.name, &DebugValue(self, i));
+        }
+        d.finish()
+    }
+}
+
+/// One value of a row, for Debug output.
+struct DebugValue<'a>(&'a Row, usize);
+
+impl fmt::Debug for DebugValue<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let (row, i) = (self.0, self.1);
+        let Some(raw) = row.raw(i) else {
+            return f.write_str("NULL");
+        };
+        let ty = &row.columns[i].type_;
+        macro_rules! show {
+            ($t:ty) => {
+                if let Ok(v) = row.try_get::<_, $t>(i) {
+                    return v.fmt(f);
+                }
+            };
+        }
+        match *ty {
+            Type::BOOL => show!(bool),
+            Type::INT2 => show!(i16),
+            Type::INT4 => show!(i32),
+            Type::INT8 => show!(i64),
+            Type::FLOAT4 => show!(f32),
+            Type::FLOAT8 => show!(f64),
+            Type::OID => show!(u32),
+            Type::TEXT | Type::VARCHAR | Type::BPCHAR | Type::NAME | Type::UNKNOWN => show!(&str),
+            _ => {}
+        }
+        write!(f, "<{} bytes of {}>", raw.len(), ty)
     }
 }
 
@@ -295,6 +331,42 @@ pub(crate) fn rows_affected(tag: &str) -> u64 {
 #[cfg(test)]
 mod tests {
     use super::rows_affected;
+
+    #[test]
+    fn debug_shows_decoded_values() {
+        use crate::protocol::FieldDescription;
+        let field = |name: &str, oid| FieldDescription {
+            name: name.into(),
+            table_oid: 0,
+            column_id: 0,
+            type_oid: oid,
+            type_size: -1,
+            type_modifier: -1,
+            format: 1,
+        };
+        let columns: std::sync::Arc<[super::Column]> = [
+            field("n", 23),
+            field("t", 25),
+            field("u", 2950),
+            field("z", 25),
+        ]
+        .iter()
+        .map(super::Column::from_field)
+        .collect();
+        let data = [
+            Some(bytes::Bytes::from_static(&[0, 0, 0, 7])),
+            Some(bytes::Bytes::from_static(b"hi")),
+            Some(bytes::Bytes::from_static(&[0; 16])),
+            None,
+        ]
+        .into_iter()
+        .collect();
+        let row = super::Row::new(columns, data).unwrap();
+        assert_eq!(
+            format!("{row:?}"),
+            r#"{"n": 7, "t": "hi", "u": <16 bytes of uuid>, "z": NULL}"#
+        );
+    }
 
     #[test]
     fn rows_affected_from_tags() {
