@@ -65,8 +65,15 @@ fn format_code(f: Format) -> i16 {
     }
 }
 
-/// What the pipeline just written will answer, so the responses can be checked in order.
-enum Plan {
+/// What one query written into a pipeline will answer, so the responses can be checked in
+/// order.
+pub(super) struct Plan {
+    kind: PlanKind,
+    /// The Closes written in front of the query, confirmed one by one by CloseComplete.
+    closes: Vec<Arc<str>>,
+}
+
+enum PlanKind {
     /// Bind of a cached statement.
     Cached { statement: Statement },
     /// Parse + Describe + Bind of a new statement, with the types chosen for it.
@@ -76,7 +83,7 @@ enum Plan {
     },
 }
 
-/// The outcome of writing a pipeline.
+/// The outcome of writing one query.
 enum Written {
     Plan(Plan),
     /// The types cannot be chosen from the values: ask the server first.
@@ -159,6 +166,7 @@ impl Connection {
                 columns,
                 state: StreamState::Rows,
                 rows_affected: None,
+                answered: false,
             });
         }
         // The result has types the server defined at run time (an enum, a composite, …) that
@@ -177,7 +185,9 @@ impl Connection {
                 BackendMessage::ErrorResponse(db) => {
                     error.get_or_insert(Error::db(db));
                 }
-                BackendMessage::ReadyForQuery(_) => break,
+                BackendMessage::ReadyForQuery(_) if rows_affected.is_some() || error.is_some() => {
+                    break;
+                }
                 BackendMessage::DataRow(_)
                 | BackendMessage::EmptyQueryResponse
                 | BackendMessage::PortalSuspended => {}
@@ -200,6 +210,7 @@ impl Connection {
             columns,
             state: StreamState::Buffered { rows, error },
             rows_affected,
+            answered: true,
         })
     }
 
@@ -209,47 +220,76 @@ impl Connection {
         self.prepare_request().await?;
         let mut retried = false;
         loop {
-            let plan = match self.write_pipeline(sql, params) {
-                Ok(Written::Plan(plan)) => plan,
-                Ok(Written::NeedsDescribe) => {
-                    let statement = self.describe_statement(sql).await?;
-                    if statement.param_types.len() != params.len() {
-                        return Err(param_count_error(statement.param_types.len(), params.len()));
-                    }
-                    if let Err(i) = self.write_cached_bind(&statement, params)? {
-                        return Err(Error::conversion(format!(
-                            "parameter ${}: the value cannot be sent as the server's type {}",
-                            i + 1,
-                            statement.param_types[i]
-                        ))
-                        .retry_safe());
-                    }
-                    self.write_closes_before_bind()?;
-                    Plan::Cached { statement }
-                }
-                Err(e) => {
-                    self.abandon_pipeline();
-                    return Err(e);
-                }
-            };
+            let plan = self.write_query_or_describe(sql, params).await?;
+            frontend::sync(&mut self.stream.write_buf);
             self.send(1).await?;
-            match self.read_pipeline_start(sql, plan).await {
+            match self.read_query_start(sql, plan).await {
                 Ok(columns) => return Ok(columns),
-                Err((e, stale)) => {
+                Err(QueryStartError { error, stale }) => {
+                    let error = match self.finish_request(Some(error)).await {
+                        Err(e) => e,
+                        Ok(()) => unreachable!("finish_request with an error returns it"),
+                    };
                     if stale && !retried && self.status == TransactionStatus::Idle {
                         retried = true;
                         continue;
                     }
-                    return Err(e);
+                    return Err(error);
                 }
             }
         }
     }
 
-    /// Forgets a pipeline that was being written when an error stopped it: nothing of it goes
-    /// out, and the Closes it carried are due again.
-    fn abandon_pipeline(&mut self) {
-        self.stream.write_buf.clear();
+    /// Writes one query's messages (without Sync), first asking the server for the
+    /// statement's types if they cannot be chosen from the values. On error nothing of the
+    /// query stays in the write buffer.
+    pub(super) async fn write_query_or_describe(
+        &mut self,
+        sql: &str,
+        params: &dyn Params,
+    ) -> Result<Plan> {
+        let mark = self.stream.write_buf.len();
+        match self.write_query(sql, params) {
+            Ok(Written::Plan(plan)) => Ok(plan),
+            Ok(Written::NeedsDescribe) => {
+                if mark > 0 {
+                    // The describe round trip would send the queries written before this
+                    // one without their Sync: refuse rather than reorder them.
+                    return Err(Error::conversion(
+                        "a query whose parameter types only the server knows cannot be \
+                         pipelined behind other queries with the statement cache off",
+                    ));
+                }
+                let statement = self.describe_statement(sql).await?;
+                if statement.param_types.len() != params.len() {
+                    return Err(param_count_error(statement.param_types.len(), params.len()));
+                }
+                let closes = self.write_closes()?;
+                if let Err(i) = self.write_cached_bind(&statement, params)? {
+                    self.stream.write_buf.truncate(mark);
+                    self.restore_closes(closes);
+                    return Err(Error::conversion(format!(
+                        "parameter ${}: the value cannot be sent as the server's type {}",
+                        i + 1,
+                        statement.param_types[i]
+                    ))
+                    .retry_safe());
+                }
+                Ok(Plan {
+                    kind: PlanKind::Cached { statement },
+                    closes,
+                })
+            }
+            Err(e) => {
+                self.stream.write_buf.truncate(mark);
+                Err(e)
+            }
+        }
+    }
+
+    /// Gives back Closes that did not go out (or were not confirmed): they are due again.
+    pub(super) fn restore_closes(&mut self, closes: Vec<Arc<str>>) {
+        self.closes_due.extend(closes);
     }
 
     /// Writes Close for every statement whose Close the server has not confirmed.
@@ -265,24 +305,40 @@ impl Connection {
         Ok(closes)
     }
 
-    /// Writes the whole pipeline for one query into the write buffer.
-    fn write_pipeline(&mut self, sql: &str, params: &dyn Params) -> Result<Written> {
+    /// Writes one query's messages, without Sync: a cached statement's Bind and Execute, or a
+    /// new statement's Parse, Describe, Bind and Execute, each preceded by the Closes that are
+    /// due. Writes nothing and says so when the statement needs describing first.
+    fn write_query(&mut self, sql: &str, params: &dyn Params) -> Result<Written> {
+        let mark = self.stream.write_buf.len();
         if let Some(statement) = self.statements.get(sql).cloned() {
             if statement.param_types.len() != params.len() {
                 return Err(param_count_error(statement.param_types.len(), params.len()));
             }
+            let closes = self.write_closes()?;
             // The types were chosen for earlier values (or by the server); a value of another
             // Rust type may not fit them, and then the statement is prepared again for it.
-            if self.write_cached_bind(&statement, params)?.is_ok() {
-                self.stats.cache_hits += 1;
-                self.write_closes_before_bind()?;
-                return Ok(Written::Plan(Plan::Cached { statement }));
+            match self.write_cached_bind(&statement, params) {
+                Ok(Ok(())) => {
+                    self.stats.cache_hits += 1;
+                    return Ok(Written::Plan(Plan {
+                        kind: PlanKind::Cached { statement },
+                        closes,
+                    }));
+                }
+                Ok(Err(_)) => {
+                    self.stream.write_buf.truncate(mark);
+                    self.restore_closes(closes);
+                    self.statements.remove(sql);
+                    self.closes_due.push(statement.name.clone());
+                }
+                Err(e) => {
+                    self.stream.write_buf.truncate(mark);
+                    self.restore_closes(closes);
+                    return Err(e);
+                }
             }
-            self.statements.remove(sql);
-            self.closes_due.push(statement.name.clone());
         }
-        let placeholders = count_placeholders(sql);
-        if placeholders != params.len() {
+        if count_placeholders(sql) != params.len() {
             // Our count could be wrong for unusual SQL; the server's never is.
             return Ok(Written::NeedsDescribe);
         }
@@ -292,37 +348,24 @@ impl Connection {
         let closes = self.write_closes()?;
         let name = self.statements.next_name();
         match self.write_new_statement(&name, sql, params) {
-            Ok(Some(param_types)) => {
-                self.pending_closes = closes;
-                Ok(Written::Plan(Plan::New { name, param_types }))
-            }
+            Ok(Some(param_types)) => Ok(Written::Plan(Plan {
+                kind: PlanKind::New { name, param_types },
+                closes,
+            })),
             Ok(None) => {
-                self.closes_due.extend(closes);
-                self.stream.write_buf.clear();
+                self.stream.write_buf.truncate(mark);
+                self.restore_closes(closes);
                 Ok(Written::NeedsDescribe)
             }
             Err(e) => {
-                self.closes_due.extend(closes);
+                self.stream.write_buf.truncate(mark);
+                self.restore_closes(closes);
                 Err(e)
             }
         }
     }
 
-    /// The Closes of evicted statements go before the Bind of a cached statement too; the Bind
-    /// is already in the buffer, so they are moved in front of it.
-    fn write_closes_before_bind(&mut self) -> Result<()> {
-        if self.closes_due.is_empty() {
-            self.pending_closes = Vec::new();
-            return Ok(());
-        }
-        let pipeline = self.stream.write_buf.split();
-        let closes = self.write_closes()?;
-        self.stream.write_buf.unsplit(pipeline);
-        self.pending_closes = closes;
-        Ok(())
-    }
-
-    /// Writes Bind, Execute and Sync for a prepared statement. Returns `Ok(Err(i))` (having
+    /// Writes Bind and Execute for a prepared statement. Returns `Ok(Err(i))` (having
     /// written nothing) if value `i` does not accept its parameter's type.
     fn write_cached_bind(
         &mut self,
@@ -367,12 +410,11 @@ impl Connection {
             (Err(e), None) => return Err(e),
         }
         frontend::execute(buf, "", 0)?;
-        frontend::sync(buf);
         self.stats.binds += 1;
         Ok(Ok(()))
     }
 
-    /// Writes Parse, Describe, Bind, Execute and Sync for a statement not prepared yet,
+    /// Writes Parse, Describe, Bind and Execute for a statement not prepared yet,
     /// choosing each parameter's type from its value. Returns the chosen types, or `None`
     /// (having written nothing useful) if some value accepts no built-in type.
     fn write_new_statement(
@@ -436,7 +478,6 @@ impl Connection {
             }
         }
         frontend::execute(buf, "", 0)?;
-        frontend::sync(buf);
         self.stats.parses += 1;
         self.stats.binds += 1;
         Ok(Some(types))
@@ -517,23 +558,28 @@ impl Connection {
         statement
     }
 
-    /// Reads the responses to a pipeline up to BindComplete and returns the result columns.
-    /// On error, reads on to ReadyForQuery and says whether the statement was stale (so the
-    /// query may be retried).
-    async fn read_pipeline_start(
+    /// Reads the responses to one query of a pipeline up to BindComplete and returns the result
+    /// columns. On a server error, says whether the statement was stale (so the query may be
+    /// retried); it does not read on to ReadyForQuery.
+    pub(super) async fn read_query_start(
         &mut self,
         sql: &str,
         plan: Plan,
-    ) -> std::result::Result<Arc<[Column]>, (Error, bool)> {
-        let closes = std::mem::take(&mut self.pending_closes);
+    ) -> std::result::Result<Arc<[Column]>, QueryStartError> {
+        let Plan { kind, closes } = plan;
         let mut confirmed = 0;
         let mut parsed = false;
         let mut param_types: Option<Arc<[Type]>> = None;
         let mut columns: Option<Arc<[Column]>> = None;
-        let outcome: std::result::Result<(), Error> = loop {
+        let outcome = loop {
             let msg = match self.read().await {
                 Ok(m) => m,
-                Err(e) => return Err((e, false)),
+                Err(error) => {
+                    return Err(QueryStartError {
+                        error,
+                        stale: false,
+                    });
+                }
             };
             match msg {
                 BackendMessage::CloseComplete => confirmed += 1,
@@ -547,17 +593,23 @@ impl Connection {
                 BackendMessage::NoData => columns = Some(Arc::from([])),
                 BackendMessage::BindComplete => break Ok(()),
                 BackendMessage::ErrorResponse(db) => break Err(Error::db(db)),
-                other => return Err((self.unexpected(&other, "Bind"), false)),
+                other => {
+                    let error = self.unexpected(&other, "Bind");
+                    return Err(QueryStartError {
+                        error,
+                        stale: false,
+                    });
+                }
             }
         };
-        self.closes_due.extend(closes.into_iter().skip(confirmed));
+        self.restore_closes(closes.into_iter().skip(confirmed).collect());
 
         // A new statement that the server parsed and described is worth keeping, even if its
         // Bind failed (a bad value does not make the statement bad).
-        if let Plan::New {
+        if let PlanKind::New {
             name,
             param_types: chosen,
-        } = &plan
+        } = &kind
             && parsed
             && let Some(cols) = &columns
         {
@@ -565,18 +617,16 @@ impl Connection {
             self.remember(sql, name, Some(types), cols.clone());
         }
         match outcome {
-            Ok(()) => match plan {
-                Plan::Cached { statement, .. } => Ok(statement.columns),
-                Plan::New { .. } => columns.ok_or_else(|| {
-                    (
-                        self.protocol_error("BindComplete before the statement's description"),
-                        false,
-                    )
+            Ok(()) => match kind {
+                PlanKind::Cached { statement } => Ok(statement.columns),
+                PlanKind::New { .. } => columns.ok_or_else(|| QueryStartError {
+                    error: self.protocol_error("BindComplete before the statement's description"),
+                    stale: false,
                 }),
             },
-            Err(e) => {
-                let stale = match &plan {
-                    Plan::Cached { statement } => match e.code() {
+            Err(error) => {
+                let stale = match &kind {
+                    PlanKind::Cached { statement } => match error.code() {
                         // The plan no longer fits the tables: drop this statement.
                         Some("0A000") => {
                             self.statements.remove(sql);
@@ -591,15 +641,18 @@ impl Connection {
                         }
                         _ => false,
                     },
-                    Plan::New { .. } => false,
+                    PlanKind::New { .. } => false,
                 };
-                match self.finish_request(Some(e)).await {
-                    Err(e) => Err((e, stale)),
-                    Ok(()) => unreachable!("finish_request with an error returns it"),
-                }
+                Err(QueryStartError { error, stale })
             }
         }
     }
+}
+
+/// A query that failed before its rows: the error, and whether the statement was stale.
+pub(super) struct QueryStartError {
+    pub(super) error: Error,
+    pub(super) stale: bool,
 }
 
 fn param_count_error(expected: usize, given: usize) -> Error {
@@ -633,6 +686,9 @@ pub struct RowStream<'a> {
     columns: Arc<[Column]>,
     state: StreamState,
     rows_affected: Option<u64>,
+    /// Set by CommandComplete, EmptyQueryResponse or PortalSuspended: only then may
+    /// ReadyForQuery end the stream (§55.2.3); before that it is not ours.
+    answered: bool,
 }
 
 impl RowStream<'_> {
@@ -682,16 +738,20 @@ impl RowStream<'_> {
                 }
                 BackendMessage::CommandComplete(tag) => {
                     self.rows_affected = Some(rows_affected(&tag));
+                    self.answered = true;
                 }
-                BackendMessage::EmptyQueryResponse
-                | BackendMessage::PortalSuspended
-                | BackendMessage::DataRow(_) => {}
+                BackendMessage::EmptyQueryResponse | BackendMessage::PortalSuspended => {
+                    self.answered = true;
+                }
+                BackendMessage::DataRow(_) => {}
                 BackendMessage::ErrorResponse(db) => {
                     if let StreamState::Rows = self.state {
                         self.state = StreamState::Draining(Some(Error::db(db)));
                     }
                 }
-                BackendMessage::ReadyForQuery(_) => {
+                BackendMessage::ReadyForQuery(_)
+                    if self.answered || matches!(self.state, StreamState::Draining(_)) =>
+                {
                     let state = std::mem::replace(&mut self.state, StreamState::Done);
                     if let StreamState::Draining(Some(e)) = state {
                         return Poll::Ready(Some(Err(e)));

@@ -117,8 +117,6 @@ pub struct Connection {
     /// Statements evicted from the cache whose Close has not been confirmed by the server yet;
     /// they go out in front of the next request.
     closes_due: Vec<std::sync::Arc<str>>,
-    /// The Closes in the pipeline in flight, confirmed one by one by CloseComplete.
-    pending_closes: Vec<std::sync::Arc<str>>,
     stats: ConnectionStats,
     /// Types looked up in the catalogs (enums, composites, …), by OID.
     types: HashMap<u32, postgres_types::Type>,
@@ -221,7 +219,6 @@ impl Connection {
             notifications: VecDeque::new(),
             statements: StatementCache::new(DEFAULT_STATEMENT_CACHE_CAPACITY),
             closes_due: Vec::new(),
-            pending_closes: Vec::new(),
             types: HashMap::new(),
             stats: ConnectionStats::default(),
         };

@@ -32,6 +32,9 @@ impl Connection {
         let mut columns: Option<Arc<[Column]>> = None;
         let mut rows = Vec::new();
         let mut error = None;
+        // Every statement ends with CommandComplete, EmptyQueryResponse or ErrorResponse before
+        // the ReadyForQuery (§55.2.2): a ReadyForQuery before any of them is not ours.
+        let mut answered = false;
         loop {
             match self.read().await? {
                 BackendMessage::RowDescription(fields) => {
@@ -44,14 +47,16 @@ impl Connection {
                     rows.push(SimpleRow::new(cols, data).map_err(|e| self.fail(e))?);
                 }
                 BackendMessage::CommandComplete(tag) => {
+                    answered = true;
                     results.push(SimpleQueryResult {
                         columns: columns.take().unwrap_or_else(|| Arc::from([])),
                         rows: std::mem::take(&mut rows),
                         tag,
                     });
                 }
-                BackendMessage::EmptyQueryResponse => {}
+                BackendMessage::EmptyQueryResponse => answered = true,
                 BackendMessage::ErrorResponse(db) => {
+                    answered = true;
                     error.get_or_insert(Error::db(db));
                 }
                 BackendMessage::CopyInResponse(_) => {
@@ -69,7 +74,7 @@ impl Connection {
                     ));
                 }
                 BackendMessage::CopyData(_) | BackendMessage::CopyDone => {}
-                BackendMessage::ReadyForQuery(_) => break,
+                BackendMessage::ReadyForQuery(_) if answered => break,
                 other => return Err(self.unexpected(&other, "a simple query")),
             }
         }
