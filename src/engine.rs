@@ -31,8 +31,9 @@ use crate::config::Config;
 use crate::connection::Connection;
 use crate::error::{Error, Result};
 use crate::pool::{ConnectionManager, Pool, PoolOptions, PoolStats, Pooled};
-use crate::query::ToQuery;
+use crate::query::{Query, ToQuery};
 use crate::row::{Row, SimpleQueryResult};
+use crate::transaction::{PostgresTransaction, TransactionBuilder};
 
 /// How long `close_connection_pool` waits for checked-out connections to come back.
 const CLOSE_WAIT: Duration = Duration::from_secs(30);
@@ -381,9 +382,49 @@ impl PostgresEngine {
         self.current_pool().map(|p| p.stats())
     }
 
-    /// Runs a query and returns its rows.
+    /// An [`Atomic`](crate::atomic::Atomic): queries added one by one, run all or nothing.
+    pub fn atomic(&self) -> crate::atomic::Atomic {
+        crate::atomic::Atomic::new(self.clone())
+    }
+
+    /// Fetches a large result in batches of `batch_size` rows through a portal (see
+    /// [`AsyncBatch`](crate::batch::AsyncBatch)); await the builder to start it.
+    pub fn batch(&self, query: impl Into<Query>, batch_size: usize) -> crate::batch::BatchBuilder {
+        crate::batch::BatchBuilder::new(self.clone(), query.into(), batch_size)
+    }
+
+    /// Starts building a transaction (see [`TransactionBuilder`]).
+    pub fn transaction(&self) -> TransactionBuilder {
+        TransactionBuilder::new(self.clone())
+    }
+
+    /// Begins a transaction with default options (explicit use: commit or roll it back).
+    pub async fn begin(&self) -> Result<PostgresTransaction> {
+        self.transaction().begin().await
+    }
+
+    /// True while the current task runs inside [`TransactionBuilder::run`] for this engine.
+    pub fn transaction_exists(&self) -> bool {
+        crate::transaction::current(self).is_some()
+    }
+
+    /// True if `other` is this engine (or a clone of it).
+    pub(crate) fn same_as(&self, other: &PostgresEngine) -> bool {
+        Arc::ptr_eq(&self.inner, &other.inner)
+    }
+
+    /// Runs a query and returns its rows. Inside a transaction scope on this task, it runs in
+    /// that transaction.
     pub async fn query(&self, query: impl ToQuery) -> Result<Vec<Row>> {
         let started = self.log_start(query.sql());
+        if let Some(tx) = crate::transaction::current(self) {
+            let result = tx.query(&query).await;
+            self.log_end(
+                started,
+                &result.as_ref().map(|rows| (rows.len() as u64, Some(rows))),
+            );
+            return result;
+        }
         let mut conn = self.acquire().await?;
         let result = conn.query(&query).await;
         self.log_end(
@@ -423,6 +464,11 @@ impl PostgresEngine {
     /// Runs a statement and returns the number of rows it affected.
     pub async fn execute(&self, query: impl ToQuery) -> Result<u64> {
         let started = self.log_start(query.sql());
+        if let Some(tx) = crate::transaction::current(self) {
+            let result = tx.execute(&query).await;
+            self.log_end(started, &result.as_ref().map(|n| (*n, None)));
+            return result;
+        }
         let mut conn = self.acquire().await?;
         let result = conn.execute(&query).await;
         self.log_end(started, &result.as_ref().map(|n| (*n, None)));
@@ -433,8 +479,10 @@ impl PostgresEngine {
     /// query protocol.
     pub async fn run_ddl(&self, sql: &str) -> Result<Vec<SimpleQueryResult>> {
         let started = self.log_start(sql);
-        let mut conn = self.acquire().await?;
-        let result = conn.simple_query(sql).await;
+        let result = match crate::transaction::current(self) {
+            Some(tx) => tx.simple_query(sql).await,
+            None => self.acquire().await?.simple_query(sql).await,
+        };
         let count = result
             .as_ref()
             .map(|r| (r.iter().map(|r| r.rows_affected()).sum(), None));

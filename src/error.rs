@@ -60,6 +60,26 @@ impl fmt::Display for ErrorKind {
     }
 }
 
+/// Why a transaction refused an operation (with [`ErrorKind::Transaction`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[non_exhaustive]
+pub enum TransactionError {
+    /// A transaction is already active on this task and nesting was not allowed.
+    Nested,
+    /// An earlier query failed: only a rollback (or `rollback_to` a savepoint) is possible.
+    Failed,
+    /// The transaction was already committed or rolled back.
+    Finished,
+    /// A savepoint name that is not a valid SQL identifier.
+    InvalidSavepointName,
+    /// A savepoint that was released or rolled back past.
+    SavepointGone,
+    /// The transaction could not commit; nothing was saved.
+    NotCommitted,
+    /// `run_sync` was called where it would block an async runtime.
+    BlockingInRuntime,
+}
+
 /// The error type of every pgengine operation.
 pub struct Error(Box<Inner>);
 
@@ -71,6 +91,7 @@ struct Inner {
     /// True when nothing of the failed operation reached the server, so running it again
     /// cannot apply it twice (jackc/pgx's `SafeToRetry`).
     safe_to_retry: bool,
+    transaction: Option<TransactionError>,
 }
 
 impl Error {
@@ -81,6 +102,7 @@ impl Error {
             db: None,
             source: None,
             safe_to_retry: false,
+            transaction: None,
         }))
     }
 
@@ -110,9 +132,25 @@ impl Error {
     }
 
     /// A transaction state rule was broken.
-    #[allow(dead_code)]
-    pub(crate) fn transaction(message: impl Into<String>) -> Error {
-        Error::new(ErrorKind::Transaction, message)
+    pub(crate) fn transaction(why: TransactionError, message: impl Into<String>) -> Error {
+        let mut e = Error::new(ErrorKind::Transaction, message);
+        e.0.transaction = Some(why);
+        e
+    }
+
+    /// Prefixes the message with what was being done (the kind, SQLSTATE and fields stay).
+    pub(crate) fn context(mut self, context: impl std::fmt::Display) -> Error {
+        self.0.message = if self.0.message.is_empty() {
+            context.to_string()
+        } else {
+            format!("{context}: {}", self.0.message)
+        };
+        self
+    }
+
+    /// Why a transaction refused an operation, for [`ErrorKind::Transaction`] errors.
+    pub fn transaction_error(&self) -> Option<TransactionError> {
+        self.0.transaction
     }
 
     /// The pool could not serve a request.

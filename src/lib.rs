@@ -32,6 +32,8 @@
 
 #![warn(missing_docs)]
 
+pub mod atomic;
+pub mod batch;
 pub mod config;
 pub mod connection;
 pub mod engine;
@@ -40,8 +42,10 @@ pub mod pool;
 pub mod protocol;
 pub mod query;
 pub mod row;
+pub mod savepoint;
 #[cfg(feature = "testing")]
 pub mod testing;
+pub mod transaction;
 pub mod types;
 
 pub use config::Config;
@@ -49,10 +53,12 @@ pub use connection::{
     CancelToken, Connection, ConnectionStats, Notification, RowStream, TransactionStatus,
 };
 pub use engine::PostgresEngine;
-pub use error::{DbError, Error, ErrorKind, Result};
+pub use error::{DbError, Error, ErrorKind, Result, TransactionError};
 pub use postgres_types::{FromSql, ToSql, Type};
 pub use query::{BorrowedParams, Query, ToQuery};
 pub use row::{Column, Row, SimpleQueryResult, SimpleRow};
+pub use savepoint::Savepoint;
+pub use transaction::{IsolationLevel, PostgresTransaction, TransactionBuilder, TxState};
 
 /// The README's examples, compiled as doctests so that the front page stays true.
 #[cfg(doctest)]

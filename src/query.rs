@@ -179,7 +179,7 @@ tuple_params!(12: A 0, B 1, C 2, D 3, E 4, F 5, G 6, H 7, I 8, J 9, K 10, L 11);
 /// # Ok(())
 /// # }
 /// ```
-pub trait ToQuery {
+pub trait ToQuery: Sync {
     /// The SQL text.
     fn sql(&self) -> &str;
     /// The parameter values.
@@ -222,7 +222,7 @@ impl ToQuery for String {
     }
 }
 
-impl<S: AsRef<str>, P: Params> ToQuery for (S, P) {
+impl<S: AsRef<str> + Sync, P: Params> ToQuery for (S, P) {
     fn sql(&self) -> &str {
         self.0.as_ref()
     }

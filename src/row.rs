@@ -125,6 +125,14 @@ impl Row {
         &self.columns
     }
 
+    /// The same row with its columns' types replaced (after a catalog lookup).
+    pub(crate) fn retyped(self, columns: Arc<[Column]>) -> Row {
+        Row {
+            columns,
+            data: self.data,
+        }
+    }
+
     /// The number of columns.
     pub fn len(&self) -> usize {
         self.columns.len()

@@ -89,20 +89,23 @@ impl StatementCache {
         evicted
     }
 
-    /// Remembers `statement` for `sql` (after [`StatementCache::make_room`]). Does nothing when
-    /// caching is off.
-    pub(crate) fn insert(&mut self, sql: &str, statement: Statement) {
+    /// Remembers `statement` for `sql` (after [`StatementCache::make_room`]) and returns the
+    /// name of a different statement it replaced. Does nothing when caching is off.
+    pub(crate) fn insert(&mut self, sql: &str, statement: Statement) -> Option<Arc<str>> {
         if self.capacity == 0 || statement.name.is_empty() {
-            return;
+            return None;
         }
         self.clock += 1;
-        self.entries.insert(
+        let name = statement.name.clone();
+        let old = self.entries.insert(
             sql.into(),
             Entry {
                 statement,
                 last_used: self.clock,
             },
         );
+        // Another statement for the same SQL is replaced: its name must be Closed.
+        old.map(|e| e.statement.name).filter(|old| *old != name)
     }
 
     /// Forgets the statement for `sql` and returns it (so its name can be Closed).

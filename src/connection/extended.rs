@@ -220,7 +220,7 @@ impl Connection {
         self.prepare_request().await?;
         let mut retried = false;
         loop {
-            let plan = self.write_query_or_describe(sql, params).await?;
+            let plan = self.write_query_or_describe(sql, params, 0).await?;
             frontend::sync(&mut self.stream.write_buf);
             self.send(1).await?;
             match self.read_query_start(sql, plan).await {
@@ -247,9 +247,10 @@ impl Connection {
         &mut self,
         sql: &str,
         params: &dyn Params,
+        max_rows: i32,
     ) -> Result<Plan> {
         let mark = self.stream.write_buf.len();
-        match self.write_query(sql, params) {
+        match self.write_query(sql, params, max_rows) {
             Ok(Written::Plan(plan)) => Ok(plan),
             Ok(Written::NeedsDescribe) => {
                 if mark > 0 {
@@ -265,7 +266,7 @@ impl Connection {
                     return Err(param_count_error(statement.param_types.len(), params.len()));
                 }
                 let closes = self.write_closes()?;
-                if let Err(i) = self.write_cached_bind(&statement, params)? {
+                if let Err(i) = self.write_cached_bind(&statement, params, max_rows)? {
                     self.stream.write_buf.truncate(mark);
                     self.restore_closes(closes);
                     return Err(Error::conversion(format!(
@@ -308,7 +309,7 @@ impl Connection {
     /// Writes one query's messages, without Sync: a cached statement's Bind and Execute, or a
     /// new statement's Parse, Describe, Bind and Execute, each preceded by the Closes that are
     /// due. Writes nothing and says so when the statement needs describing first.
-    fn write_query(&mut self, sql: &str, params: &dyn Params) -> Result<Written> {
+    fn write_query(&mut self, sql: &str, params: &dyn Params, max_rows: i32) -> Result<Written> {
         let mark = self.stream.write_buf.len();
         if let Some(statement) = self.statements.get(sql).cloned() {
             if statement.param_types.len() != params.len() {
@@ -317,7 +318,7 @@ impl Connection {
             let closes = self.write_closes()?;
             // The types were chosen for earlier values (or by the server); a value of another
             // Rust type may not fit them, and then the statement is prepared again for it.
-            match self.write_cached_bind(&statement, params) {
+            match self.write_cached_bind(&statement, params, max_rows) {
                 Ok(Ok(())) => {
                     self.stats.cache_hits += 1;
                     return Ok(Written::Plan(Plan {
@@ -347,7 +348,7 @@ impl Connection {
         self.closes_due.extend(evicted);
         let closes = self.write_closes()?;
         let name = self.statements.next_name();
-        match self.write_new_statement(&name, sql, params) {
+        match self.write_new_statement(&name, sql, params, max_rows) {
             Ok(Some(param_types)) => Ok(Written::Plan(Plan {
                 kind: PlanKind::New { name, param_types },
                 closes,
@@ -371,6 +372,7 @@ impl Connection {
         &mut self,
         statement: &Statement,
         params: &dyn Params,
+        max_rows: i32,
     ) -> Result<std::result::Result<(), usize>> {
         let types = &statement.param_types;
         let formats: Vec<i16> = if (0..params.len())
@@ -409,7 +411,7 @@ impl Connection {
             }
             (Err(e), None) => return Err(e),
         }
-        frontend::execute(buf, "", 0)?;
+        frontend::execute(buf, "", max_rows)?;
         self.stats.binds += 1;
         Ok(Ok(()))
     }
@@ -422,6 +424,7 @@ impl Connection {
         name: &str,
         sql: &str,
         params: &dyn Params,
+        max_rows: i32,
     ) -> Result<Option<Vec<Type>>> {
         let n = params.len();
         let buf = &mut self.stream.write_buf;
@@ -477,7 +480,7 @@ impl Connection {
                 buf[at..at + 2].copy_from_slice(&code.to_be_bytes());
             }
         }
-        frontend::execute(buf, "", 0)?;
+        frontend::execute(buf, "", max_rows)?;
         self.stats.parses += 1;
         self.stats.binds += 1;
         Ok(Some(types))
@@ -554,7 +557,10 @@ impl Connection {
             param_types: param_types.unwrap_or_else(|| Arc::from([])),
             columns,
         };
-        self.statements.insert(sql, statement.clone());
+        if let Some(replaced) = self.statements.insert(sql, statement.clone()) {
+            // The same SQL was prepared twice in one pipeline: keep one.
+            self.closes_due.push(replaced);
+        }
         statement
     }
 
@@ -644,6 +650,135 @@ impl Connection {
                     PlanKind::New { .. } => false,
                 };
                 Err(QueryStartError { error, stale })
+            }
+        }
+    }
+}
+
+impl Connection {
+    /// Runs several queries in one pipeline: every query's messages in one write, one Sync,
+    /// one round trip. The server runs them in order and, after an error, skips the rest; the
+    /// result is each query's rows and row count, or the index of the query that failed and
+    /// its error. (Outside a transaction block they run in one implicit transaction.)
+    pub(crate) async fn pipeline(
+        &mut self,
+        queries: &[&dyn ToQuery],
+    ) -> std::result::Result<Vec<(Vec<Row>, u64)>, (Option<usize>, Error)> {
+        self.prepare_request().await.map_err(|e| (None, e))?;
+        let plans = self
+            .write_pipeline(queries)
+            .await
+            .map_err(|(i, e)| (Some(i), e))?;
+        frontend::sync(&mut self.stream.write_buf);
+        self.send(1).await.map_err(|e| (None, e))?;
+
+        let mut results = Vec::with_capacity(queries.len());
+        let mut failure = None;
+        for (i, plan) in plans.into_iter().enumerate() {
+            if failure.is_some() {
+                // Skipped by the server: its Closes were never run.
+                self.restore_closes(plan.closes);
+                continue;
+            }
+            let sql = queries[i].sql();
+            match self.read_query_start(sql, plan).await {
+                Ok(columns) => match self.read_rows(columns).await {
+                    Ok(r) => results.push(r),
+                    Err(e) => failure = Some((i, e)),
+                },
+                Err(QueryStartError { error, .. }) => failure = Some((i, error)),
+            }
+        }
+        if let Some((i, e)) = failure {
+            if self.is_broken() {
+                return Err((Some(i), e));
+            }
+            let e = match self.finish_request(Some(e)).await {
+                Err(e) => e,
+                Ok(()) => unreachable!("finish_request with an error returns it"),
+            };
+            return Err((Some(i), e));
+        }
+        self.finish_request(None).await.map_err(|e| (None, e))?;
+        // Result types the server defined at run time are looked up now that the connection
+        // is free (see query_stream).
+        for (rows, _) in &mut results {
+            let Some(first) = rows.first() else { continue };
+            if self.needs_lookup(first.columns().iter().map(Column::type_oid)) {
+                let columns: Arc<[Column]> = self
+                    .resolve_columns(first.columns())
+                    .await
+                    .map_err(|e| (None, e))?
+                    .into();
+                *rows = std::mem::take(rows)
+                    .into_iter()
+                    .map(|r| r.retyped(columns.clone()))
+                    .collect();
+            }
+        }
+        Ok(results)
+    }
+
+    /// Writes every query of a pipeline. If one needs its statement described by the server
+    /// first, everything written is taken back, that statement is described (and cached),
+    /// and writing starts over.
+    async fn write_pipeline(
+        &mut self,
+        queries: &[&dyn ToQuery],
+    ) -> std::result::Result<Vec<Plan>, (usize, Error)> {
+        let mut restarts = 0;
+        'again: loop {
+            let mut plans: Vec<Plan> = Vec::with_capacity(queries.len());
+            for (i, q) in queries.iter().enumerate() {
+                match self.write_query(q.sql(), q.params(), 0) {
+                    Ok(Written::Plan(plan)) => plans.push(plan),
+                    Ok(Written::NeedsDescribe) => {
+                        self.abandon(plans);
+                        // Describing caches the statement, so the next pass binds it like any
+                        // other; without a cache that cannot work.
+                        if self.statements.capacity() == 0 || restarts > queries.len() {
+                            let e = Error::conversion(
+                                "a query whose parameter types only the server knows cannot \
+                                 be pipelined with the statement cache off",
+                            );
+                            return Err((i, e));
+                        }
+                        self.describe_statement(q.sql()).await.map_err(|e| (i, e))?;
+                        restarts += 1;
+                        continue 'again;
+                    }
+                    Err(e) => {
+                        self.abandon(plans);
+                        return Err((i, e));
+                    }
+                }
+            }
+            return Ok(plans);
+        }
+    }
+
+    /// Takes back a pipeline that was being written: nothing of it goes out, and the Closes
+    /// it carried are due again.
+    fn abandon(&mut self, plans: Vec<Plan>) {
+        self.stream.write_buf.clear();
+        for plan in plans {
+            self.restore_closes(plan.closes);
+        }
+    }
+
+    /// Reads one query's rows up to its CommandComplete (or EmptyQueryResponse); a server
+    /// error is returned without reading on.
+    pub(super) async fn read_rows(&mut self, columns: Arc<[Column]>) -> Result<(Vec<Row>, u64)> {
+        let mut rows = Vec::new();
+        loop {
+            match self.read().await? {
+                BackendMessage::DataRow(data) => {
+                    rows.push(Row::new(columns.clone(), data).map_err(|e| self.fail(e))?);
+                }
+                BackendMessage::CommandComplete(tag) => return Ok((rows, rows_affected(&tag))),
+                BackendMessage::EmptyQueryResponse => return Ok((rows, 0)),
+                BackendMessage::ErrorResponse(db) => return Err(Error::db(db)),
+                other => return Err(self.unexpected(&other, "a pipelined query")),
             }
         }
     }
@@ -780,5 +915,74 @@ impl std::fmt::Debug for RowStream<'_> {
         f.debug_struct("RowStream")
             .field("columns", &self.columns)
             .finish_non_exhaustive()
+    }
+}
+
+/// Portal batches (for `AsyncBatch`): Bind once, then `Execute(portal, n)` again and again,
+/// each answered by at most `n` rows and PortalSuspended, until CommandComplete.
+impl Connection {
+    /// Binds `sql` to the unnamed portal and sends its first `Execute(max_rows)` (with Sync);
+    /// returns the result columns once BindComplete arrives — the first batch is then on its
+    /// way. Needs an open transaction block for the portal to outlive the Sync.
+    pub(crate) async fn start_portal(
+        &mut self,
+        sql: &str,
+        params: &dyn Params,
+        max_rows: i32,
+    ) -> Result<Arc<[Column]>> {
+        self.prepare_request().await?;
+        let plan = self.write_query_or_describe(sql, params, max_rows).await?;
+        frontend::sync(&mut self.stream.write_buf);
+        self.send(1).await?;
+        match self.read_query_start(sql, plan).await {
+            Ok(columns) => Ok(columns),
+            Err(QueryStartError { error, .. }) => match self.finish_request(Some(error)).await {
+                Err(e) => Err(e),
+                Ok(()) => unreachable!("finish_request with an error returns it"),
+            },
+        }
+    }
+
+    /// Sends one more `Execute(max_rows)` of the unnamed portal, with Sync.
+    pub(crate) async fn send_execute(&mut self, max_rows: i32) -> Result<()> {
+        frontend::execute(&mut self.stream.write_buf, "", max_rows)?;
+        frontend::sync(&mut self.stream.write_buf);
+        self.send(1).await
+    }
+
+    /// Reads the answer to one `Execute` of a portal: its rows, and whether the portal has
+    /// more (PortalSuspended) or is done (CommandComplete); then its ReadyForQuery. A server
+    /// error is returned after reading on to ReadyForQuery.
+    pub(crate) async fn read_portal_batch(
+        &mut self,
+        columns: &Arc<[Column]>,
+        capacity: usize,
+    ) -> Result<(Vec<Row>, bool)> {
+        let mut rows = Vec::with_capacity(capacity);
+        let more = loop {
+            match self.read().await? {
+                BackendMessage::DataRow(data) => {
+                    rows.push(Row::new(columns.clone(), data).map_err(|e| self.fail(e))?);
+                }
+                BackendMessage::PortalSuspended => break true,
+                BackendMessage::CommandComplete(_) | BackendMessage::EmptyQueryResponse => {
+                    break false;
+                }
+                BackendMessage::ErrorResponse(db) => {
+                    self.finish_request(Some(Error::db(db))).await?;
+                    unreachable!("finish_request with an error returns it");
+                }
+                other => return Err(self.unexpected(&other, "a portal batch")),
+            }
+        };
+        match self.read().await? {
+            BackendMessage::ReadyForQuery(_) => Ok((rows, more)),
+            other => Err(self.unexpected(&other, "a portal batch")),
+        }
+    }
+
+    /// Reads away every response still owed (after a batch was dropped early, say).
+    pub(crate) async fn finish_pending(&mut self) -> Result<()> {
+        self.prepare_request().await
     }
 }

@@ -1,0 +1,159 @@
+//! [`Atomic`]: queries added one by one, then run as one all-or-nothing transaction.
+//!
+//! The whole run is one pipeline and one round trip: `BEGIN`, then Parse/Bind/Execute of every
+//! query (only Bind/Execute for cached statements), `COMMIT`, and a single Sync. If any query
+//! fails, the server skips the rest, `COMMIT` included; the transaction is rolled back and
+//! the error names the failing query and carries its SQLSTATE. Inside a transaction already
+//! open on the task, the queries join it instead (no BEGIN, no COMMIT).
+
+use std::future::{Future, IntoFuture};
+use std::pin::Pin;
+
+use crate::connection::TransactionStatus;
+use crate::engine::PostgresEngine;
+use crate::error::{Error, Result, TransactionError};
+use crate::query::{Query, ToQuery};
+use crate::row::Row;
+
+/// Queries to run together, all or nothing. Awaiting it runs it.
+///
+/// ```no_run
+/// # async fn demo(engine: pgengine::PostgresEngine) -> pgengine::Result<()> {
+/// use pgengine::Query;
+///
+/// let mut atomic = engine.atomic();
+/// atomic.add(Query::new("CREATE TABLE band (id serial, name text)"));
+/// atomic.add(Query::new("INSERT INTO band (name) VALUES ($1)").bind("Pythonistas"));
+/// let results = atomic.await?; // or .run().await, or .run_sync() outside a runtime
+/// # Ok(())
+/// # }
+/// ```
+#[derive(Debug)]
+pub struct Atomic {
+    engine: PostgresEngine,
+    queries: Vec<Query>,
+}
+
+/// The rows and row count of each query of an [`Atomic`], in the order they were added.
+pub type AtomicResults = Vec<(Vec<Row>, u64)>;
+
+impl Atomic {
+    pub(crate) fn new(engine: PostgresEngine) -> Atomic {
+        Atomic {
+            engine,
+            queries: Vec::new(),
+        }
+    }
+
+    /// Adds a query.
+    pub fn add(&mut self, query: impl Into<Query>) -> &mut Atomic {
+        self.queries.push(query.into());
+        self
+    }
+
+    /// The queries added so far.
+    pub fn queries(&self) -> &[Query] {
+        &self.queries
+    }
+
+    /// Runs every query in one transaction, in one round trip; returns each query's rows and
+    /// row count. Nothing is committed if any query fails.
+    pub async fn run(&self) -> Result<AtomicResults> {
+        let queries: Vec<&dyn ToQuery> = self.queries.iter().map(|q| q as &dyn ToQuery).collect();
+        if queries.is_empty() {
+            return Ok(Vec::new());
+        }
+        if let Some(tx) = crate::transaction::current(&self.engine) {
+            return tx
+                .pipeline(&queries)
+                .await
+                .map_err(|(i, e)| name_failure(i, e, queries.len()));
+        }
+
+        let begin = Query::new("BEGIN");
+        let commit = Query::new("COMMIT");
+        let mut all: Vec<&dyn ToQuery> = Vec::with_capacity(queries.len() + 2);
+        all.push(&begin);
+        all.extend(queries.iter().copied());
+        all.push(&commit);
+
+        let mut conn = self.engine.acquire().await?;
+        let mut retried = false;
+        loop {
+            match conn.pipeline(&all).await {
+                Ok(mut results) => {
+                    results.pop(); // COMMIT
+                    results.remove(0); // BEGIN
+                    return Ok(results);
+                }
+                Err((i, e)) => {
+                    // The failure left the transaction block open and aborted: end it, so the
+                    // connection is clean and nothing is committed.
+                    if !conn.is_broken() && conn.transaction_status() != TransactionStatus::Idle {
+                        conn.simple_query("ROLLBACK").await?;
+                    }
+                    // A cached statement invalidated by DDL: nothing was committed, so the
+                    // whole run can go again once (the statement is prepared afresh).
+                    let stale = matches!(e.code(), Some("0A000") | Some("26000"));
+                    if stale && !retried {
+                        retried = true;
+                        continue;
+                    }
+                    let i = i
+                        .map(|i| i.saturating_sub(1))
+                        .filter(|i| *i < queries.len());
+                    return Err(name_failure(i, e, queries.len()));
+                }
+            }
+        }
+    }
+
+    /// Runs it from blocking code (a thread without an async runtime), as Piccolo's
+    /// `run_sync`. Inside a runtime this would block the runtime's thread, so it refuses
+    /// with [`TransactionError::BlockingInRuntime`]: use `.await` there.
+    pub fn run_sync(&self) -> Result<AtomicResults> {
+        if tokio::runtime::Handle::try_current().is_ok() {
+            return Err(Error::transaction(
+                TransactionError::BlockingInRuntime,
+                "Atomic::run_sync was called inside an async runtime; await the Atomic instead",
+            ));
+        }
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .map_err(|e| Error::io("could not start a runtime for run_sync", e))?;
+        rt.block_on(self.run())
+    }
+}
+
+/// Says which query failed: "query 2 of 3 failed".
+fn name_failure(index: Option<usize>, e: Error, total: usize) -> Error {
+    match index {
+        Some(i) => e.context(format!(
+            "query {} of {total} failed; nothing was committed",
+            i + 1
+        )),
+        None => e.context("the atomic run failed; nothing was committed"),
+    }
+}
+
+impl IntoFuture for Atomic {
+    type Output = Result<AtomicResults>;
+    type IntoFuture = Pin<Box<dyn Future<Output = Self::Output> + Send>>;
+
+    fn into_future(self) -> Self::IntoFuture {
+        Box::pin(async move { self.run().await })
+    }
+}
+
+impl From<&str> for Query {
+    fn from(sql: &str) -> Query {
+        Query::new(sql)
+    }
+}
+
+impl From<String> for Query {
+    fn from(sql: String) -> Query {
+        Query::new(sql)
+    }
+}

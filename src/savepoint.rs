@@ -1,0 +1,106 @@
+//! [`Savepoint`]: a named point inside a transaction to roll back to without losing the whole
+//! transaction (`SAVEPOINT`, `ROLLBACK TO SAVEPOINT`, `RELEASE SAVEPOINT`).
+//!
+//! A savepoint name is always a valid SQL identifier, checked before anything is sent and
+//! always sent quoted: a name is never pasted into SQL as it came.
+
+use crate::error::{Error, Result, TransactionError};
+use crate::transaction::PostgresTransaction;
+
+/// The longest identifier PostgreSQL keeps (NAMEDATALEN - 1); longer ones are truncated by
+/// the server, which would make two different names collide.
+const MAX_IDENTIFIER_LEN: usize = 63;
+
+/// A savepoint of a [`PostgresTransaction`].
+///
+/// ```no_run
+/// # async fn demo(engine: pgengine::PostgresEngine) -> pgengine::Result<()> {
+/// let tx = engine.begin().await?;
+/// tx.execute("INSERT INTO band (name) VALUES ('kept')").await?;
+/// let sp = tx.savepoint(None).await?; // savepoint_1
+/// tx.execute("INSERT INTO band (name) VALUES ('undone')").await?;
+/// sp.rollback_to().await?;
+/// tx.commit().await?; // only 'kept' is saved
+/// # Ok(())
+/// # }
+/// ```
+#[derive(Debug, Clone)]
+pub struct Savepoint {
+    tx: PostgresTransaction,
+    name: String,
+}
+
+impl Savepoint {
+    pub(crate) fn new(tx: PostgresTransaction, name: String) -> Savepoint {
+        Savepoint { tx, name }
+    }
+
+    /// The savepoint's name.
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// Rolls back to this savepoint (it stays usable; later savepoints are gone). Works in a
+    /// failed transaction and makes it active again.
+    pub async fn rollback_to(&self) -> Result<()> {
+        self.tx.rollback_to(&self.name).await
+    }
+
+    /// Releases this savepoint (and later ones), keeping their work.
+    pub async fn release(&self) -> Result<()> {
+        self.tx.release(&self.name).await
+    }
+}
+
+/// Checks that `name` is a plain SQL identifier: a letter or underscore, then letters,
+/// digits, underscores or dollar signs, at most 63 bytes.
+pub(crate) fn check_savepoint_name(name: &str) -> Result<()> {
+    let mut chars = name.chars();
+    let first_ok = chars.next().is_some_and(|c| c.is_alphabetic() || c == '_');
+    let rest_ok = chars.all(|c| c.is_alphanumeric() || c == '_' || c == '$');
+    if first_ok && rest_ok && name.len() <= MAX_IDENTIFIER_LEN {
+        Ok(())
+    } else {
+        Err(Error::transaction(
+            TransactionError::InvalidSavepointName,
+            format!(
+                "invalid savepoint name {name:?}: use a letter or underscore followed by letters, \
+                 digits, underscores or $, at most {MAX_IDENTIFIER_LEN} bytes"
+            ),
+        )
+        .retry_safe())
+    }
+}
+
+/// The identifier quoted for SQL.
+pub(crate) fn quote(name: &str) -> String {
+    postgres_protocol::escape::escape_identifier(name)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn savepoint_names() {
+        for ok in ["a", "_x", "savepoint_1", "Ünïcode", "a$b", &"x".repeat(63)] {
+            assert!(check_savepoint_name(ok).is_ok(), "{ok}");
+        }
+        for bad in [
+            "",
+            "1a",
+            "a b",
+            "a;SELECT 1",
+            "a\"b",
+            "x; DROP TABLE t; --",
+            &"x".repeat(64),
+        ] {
+            let e = check_savepoint_name(bad).unwrap_err();
+            assert_eq!(
+                e.transaction_error(),
+                Some(TransactionError::InvalidSavepointName)
+            );
+        }
+        assert_eq!(quote("Sp"), "\"Sp\"");
+    }
+}

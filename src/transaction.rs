@@ -1,0 +1,590 @@
+//! [`PostgresTransaction`]: a transaction on one connection, as a state machine driven by the
+//! server's ReadyForQuery status after every reply.
+//!
+//! ```text
+//!            query ok (status T)                 commit / rollback
+//!   Active ───────────────────▶ Active ───────────────────────────▶ Finished
+//!     │  query fails (status E)    ▲                                    ▲
+//!     ▼                            │ rollback_to(savepoint)             │ rollback
+//!   Failed ────────────────────────┘────────────────────────────────────┘
+//! ```
+//!
+//! In `Failed`, every query but a rollback is refused without a round trip, and `commit`
+//! returns an error saying nothing was saved — never a silent commit of a failed block.
+//! Dropping a transaction that was neither committed nor rolled back rolls it back: the
+//! connection goes back to the pool, which rolls back before anyone else gets it (or closes
+//! it).
+//!
+//! Two ways to use it:
+//!
+//! ```no_run
+//! # async fn demo(engine: pgengine::PostgresEngine) -> pgengine::Result<()> {
+//! // Scoped: commits when the closure returns Ok, rolls back on Err (or panic). Queries made
+//! // through `engine` on this task inside the closure run in the transaction too.
+//! let same = engine.clone();
+//! engine.transaction().run(|tx| async move {
+//!     tx.execute(("INSERT INTO band (name) VALUES ($1)", ("Pythonistas",))).await?;
+//!     assert!(same.transaction_exists());
+//!     same.execute("INSERT INTO band (name) VALUES ('also in the transaction')").await?;
+//!     Ok(())
+//! }).await?;
+//!
+//! // Explicit.
+//! let tx = engine.begin().await?;
+//! tx.execute("DELETE FROM band").await?;
+//! tx.rollback().await?;
+//! # Ok(())
+//! # }
+//! ```
+
+use std::fmt;
+use std::future::Future;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU32, Ordering};
+
+use tokio::sync::{Mutex, MutexGuard, OwnedMutexGuard};
+
+use crate::connection::TransactionStatus;
+use crate::engine::{EngineConnection, PostgresEngine};
+use crate::error::{Error, Result, TransactionError};
+use crate::query::ToQuery;
+use crate::row::{Row, SimpleQueryResult};
+use crate::savepoint::{Savepoint, check_savepoint_name, quote};
+
+tokio::task_local! {
+    /// The transaction of the current task, set by [`TransactionBuilder::run`]
+    /// (Piccolo keeps it in a contextvar).
+    static CURRENT: PostgresTransaction;
+}
+
+/// The transaction running in the current task's scope for `engine`, if any.
+pub(crate) fn current(engine: &PostgresEngine) -> Option<PostgresTransaction> {
+    CURRENT
+        .try_with(|tx| tx.engine().same_as(engine).then(|| tx.clone()))
+        .ok()
+        .flatten()
+        .filter(|tx| !tx.is_finished())
+}
+
+/// The state of a transaction.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TxState {
+    /// Open, and every query so far succeeded.
+    Active,
+    /// A query failed; only a rollback (or rollback to a savepoint) can follow.
+    Failed,
+    /// Committed.
+    Committed,
+    /// Rolled back.
+    RolledBack,
+    /// Ended by SQL the transaction did not issue itself (`COMMIT` in a query string).
+    Ended,
+}
+
+impl TxState {
+    /// The state after a reply whose ReadyForQuery said `status`.
+    fn after_reply(self, status: TransactionStatus) -> TxState {
+        match status {
+            TransactionStatus::InTransaction => TxState::Active,
+            TransactionStatus::Failed => TxState::Failed,
+            TransactionStatus::Idle => match self {
+                TxState::Committed | TxState::RolledBack => self,
+                _ => TxState::Ended,
+            },
+        }
+    }
+
+    fn is_finished(self) -> bool {
+        matches!(
+            self,
+            TxState::Committed | TxState::RolledBack | TxState::Ended
+        )
+    }
+}
+
+/// The isolation level of a transaction.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum IsolationLevel {
+    /// `READ UNCOMMITTED` (PostgreSQL treats it as READ COMMITTED).
+    ReadUncommitted,
+    /// `READ COMMITTED`, the default.
+    ReadCommitted,
+    /// `REPEATABLE READ`.
+    RepeatableRead,
+    /// `SERIALIZABLE`.
+    Serializable,
+}
+
+impl IsolationLevel {
+    fn sql(self) -> &'static str {
+        match self {
+            IsolationLevel::ReadUncommitted => "READ UNCOMMITTED",
+            IsolationLevel::ReadCommitted => "READ COMMITTED",
+            IsolationLevel::RepeatableRead => "REPEATABLE READ",
+            IsolationLevel::Serializable => "SERIALIZABLE",
+        }
+    }
+}
+
+/// Options of a transaction, from [`PostgresEngine::transaction`].
+#[derive(Debug, Clone)]
+pub struct TransactionBuilder {
+    engine: PostgresEngine,
+    allow_nested: bool,
+    isolation: Option<IsolationLevel>,
+    read_only: bool,
+    deferrable: bool,
+}
+
+impl TransactionBuilder {
+    pub(crate) fn new(engine: PostgresEngine) -> TransactionBuilder {
+        TransactionBuilder {
+            engine,
+            allow_nested: true,
+            isolation: None,
+            read_only: false,
+            deferrable: false,
+        }
+    }
+
+    /// Whether a transaction started while the task already has one joins it (the default)
+    /// or is refused with [`TransactionError::Nested`].
+    pub fn allow_nested(mut self, allow: bool) -> Self {
+        self.allow_nested = allow;
+        self
+    }
+
+    /// The isolation level.
+    pub fn isolation_level(mut self, level: IsolationLevel) -> Self {
+        self.isolation = Some(level);
+        self
+    }
+
+    /// A read-only transaction.
+    pub fn read_only(mut self, read_only: bool) -> Self {
+        self.read_only = read_only;
+        self
+    }
+
+    /// A deferrable transaction (meaningful with SERIALIZABLE READ ONLY).
+    pub fn deferrable(mut self, deferrable: bool) -> Self {
+        self.deferrable = deferrable;
+        self
+    }
+
+    /// The `BEGIN` statement for these options.
+    fn begin_sql(&self) -> String {
+        let mut sql = String::from("BEGIN");
+        if let Some(level) = self.isolation {
+            sql.push_str(" ISOLATION LEVEL ");
+            sql.push_str(level.sql());
+        }
+        if self.read_only {
+            sql.push_str(" READ ONLY");
+        }
+        if self.deferrable {
+            sql.push_str(" DEFERRABLE");
+        }
+        sql
+    }
+
+    /// Begins the transaction and returns it (explicit use: `commit` or `rollback` it; dropping
+    /// it rolls back). On a task already in a transaction of this engine, returns a handle
+    /// joined to that one, or [`TransactionError::Nested`] with `allow_nested(false)`.
+    pub async fn begin(self) -> Result<PostgresTransaction> {
+        if let Some(outer) = current(&self.engine) {
+            if !self.allow_nested {
+                return Err(Error::transaction(
+                    TransactionError::Nested,
+                    "a transaction is already active on this task",
+                ));
+            }
+            return Ok(PostgresTransaction {
+                shared: outer.shared,
+                nested: true,
+            });
+        }
+        let mut conn = self.engine.acquire().await?;
+        conn.simple_query(&self.begin_sql()).await?;
+        let state = TxState::Active.after_reply(conn.transaction_status());
+        Ok(PostgresTransaction {
+            shared: Arc::new(Shared {
+                engine: self.engine,
+                conn: Arc::new(Mutex::new(TxConn {
+                    conn,
+                    state,
+                    savepoints: Vec::new(),
+                })),
+                next_savepoint: AtomicU32::new(1),
+            }),
+            nested: false,
+        })
+    }
+
+    /// Runs `f` in the transaction: commits when it returns `Ok`, rolls back when it returns
+    /// `Err` (and when it panics: the connection is rolled back as it returns to the pool).
+    /// While `f` runs, queries made through the engine on this task use the transaction.
+    /// A nested transaction neither begins nor commits: the outermost one decides.
+    pub async fn run<F, Fut, T>(self, f: F) -> Result<T>
+    where
+        F: FnOnce(PostgresTransaction) -> Fut,
+        Fut: Future<Output = Result<T>>,
+    {
+        let tx = self.begin().await?;
+        let result = CURRENT.scope(tx.clone(), f(tx.clone())).await;
+        if tx.nested {
+            return result;
+        }
+        match result {
+            Ok(value) => match tx.state().await {
+                TxState::Active => tx.commit().await.map(|()| value),
+                TxState::Failed => Err(tx.rollback_failed().await),
+                // Committed or rolled back by hand inside the closure.
+                _ => Ok(value),
+            },
+            Err(e) => {
+                if !tx.state().await.is_finished() {
+                    if let Err(rollback_error) = tx.rollback().await {
+                        tracing::warn!(
+                            target: "pgengine::transaction",
+                            "rollback after an error failed: {rollback_error}"
+                        );
+                    }
+                }
+                Err(e)
+            }
+        }
+    }
+}
+
+pub(crate) struct TxConn {
+    pub(crate) conn: EngineConnection,
+    state: TxState,
+    /// Live savepoints, oldest first.
+    savepoints: Vec<String>,
+}
+
+struct Shared {
+    engine: PostgresEngine,
+    /// The connection and the state; one query at a time.
+    conn: Arc<Mutex<TxConn>>,
+    next_savepoint: AtomicU32,
+}
+
+/// A transaction on one connection. Cheap to clone; clones are the same transaction.
+#[derive(Clone)]
+pub struct PostgresTransaction {
+    shared: Arc<Shared>,
+    /// A handle joined to an outer transaction: its commit is the outer one's business.
+    nested: bool,
+}
+
+impl fmt::Debug for PostgresTransaction {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("PostgresTransaction")
+            .field("nested", &self.nested)
+            .finish_non_exhaustive()
+    }
+}
+
+impl PostgresTransaction {
+    /// The engine the transaction belongs to.
+    pub fn engine(&self) -> &PostgresEngine {
+        &self.shared.engine
+    }
+
+    /// True for a handle joined to an outer transaction.
+    pub fn is_nested(&self) -> bool {
+        self.nested
+    }
+
+    /// The transaction's state.
+    pub async fn state(&self) -> TxState {
+        self.shared.conn.lock().await.state
+    }
+
+    /// The counters of the transaction's connection (round trips, parses, …).
+    pub async fn stats(&self) -> crate::connection::ConnectionStats {
+        self.shared.conn.lock().await.conn.stats()
+    }
+
+    fn is_finished(&self) -> bool {
+        // try_lock: a transaction busy with a query is certainly not finished.
+        self.shared
+            .conn
+            .try_lock()
+            .map(|c| c.state.is_finished())
+            .unwrap_or(false)
+    }
+
+    /// Locks the connection for a query: refuses without a round trip when the transaction
+    /// is finished, or failed (unless `allow_failed`).
+    pub(crate) async fn lock(&self, allow_failed: bool) -> Result<MutexGuard<'_, TxConn>> {
+        let guard = self.shared.conn.lock().await;
+        match guard.state {
+            TxState::Active => Ok(guard),
+            TxState::Failed if allow_failed => Ok(guard),
+            TxState::Failed => Err(Error::transaction(
+                TransactionError::Failed,
+                "the transaction failed earlier: roll it back (or roll back to a savepoint)",
+            )),
+            state => Err(Error::transaction(
+                TransactionError::Finished,
+                format!("the transaction is already finished ({state:?})"),
+            )),
+        }
+    }
+
+    /// Runs a query in the transaction and returns its rows.
+    pub async fn query(&self, query: impl ToQuery) -> Result<Vec<Row>> {
+        let mut c = self.lock(false).await?;
+        let result = c.conn.query(&query).await;
+        c.after_reply();
+        result
+    }
+
+    /// Runs a query that must return exactly one row.
+    pub async fn query_one(&self, query: impl ToQuery) -> Result<Row> {
+        let mut c = self.lock(false).await?;
+        let result = c.conn.query_one(&query).await;
+        c.after_reply();
+        result
+    }
+
+    /// Runs a query that must return at most one row.
+    pub async fn query_opt(&self, query: impl ToQuery) -> Result<Option<Row>> {
+        let mut c = self.lock(false).await?;
+        let result = c.conn.query_opt(&query).await;
+        c.after_reply();
+        result
+    }
+
+    /// Runs a statement and returns the number of rows it affected.
+    pub async fn execute(&self, query: impl ToQuery) -> Result<u64> {
+        let mut c = self.lock(false).await?;
+        let result = c.conn.execute(&query).await;
+        c.after_reply();
+        result
+    }
+
+    /// Runs SQL without parameters (several statements allowed) with the simple protocol.
+    pub async fn simple_query(&self, sql: &str) -> Result<Vec<SimpleQueryResult>> {
+        let mut c = self.lock(false).await?;
+        let result = c.conn.simple_query(sql).await;
+        c.after_reply();
+        result
+    }
+
+    /// Commits. A failed transaction is rolled back instead and an error says nothing was
+    /// saved; an error from COMMIT itself (a serialization failure, a deferred constraint)
+    /// carries its SQLSTATE. A nested handle does nothing: the outer transaction commits.
+    pub async fn commit(&self) -> Result<()> {
+        if self.nested {
+            return Ok(());
+        }
+        let mut c = self.lock(true).await?;
+        if c.state == TxState::Failed {
+            drop(c);
+            return Err(self.rollback_failed().await);
+        }
+        let result = c.conn.simple_query("COMMIT").await;
+        c.after_reply();
+        match result {
+            Ok(r) if r.first().is_some_and(|r| r.tag() == "ROLLBACK") => {
+                // The server answers COMMIT with ROLLBACK when the block had failed.
+                c.state = TxState::RolledBack;
+                Err(Error::transaction(
+                    TransactionError::NotCommitted,
+                    "the server rolled the transaction back instead of committing: nothing was saved",
+                ))
+            }
+            Ok(_) => {
+                c.state = TxState::Committed;
+                Ok(())
+            }
+            Err(e) => {
+                if !c.conn.is_broken() && c.conn.transaction_status() == TransactionStatus::Idle {
+                    c.state = TxState::RolledBack;
+                }
+                Err(e.context("COMMIT failed; nothing was saved"))
+            }
+        }
+    }
+
+    /// Rolls back. On a nested handle this rolls back the whole (outer) transaction.
+    pub async fn rollback(&self) -> Result<()> {
+        let mut c = self.lock(true).await?;
+        let result = c.conn.simple_query("ROLLBACK").await;
+        c.after_reply();
+        result?;
+        c.state = TxState::RolledBack;
+        c.savepoints.clear();
+        Ok(())
+    }
+
+    /// Rolls back a failed transaction and returns the error that says nothing was saved.
+    async fn rollback_failed(&self) -> Error {
+        match self.rollback().await {
+            Ok(()) => Error::transaction(
+                TransactionError::NotCommitted,
+                "the transaction failed earlier and was rolled back: nothing was saved",
+            ),
+            Err(e) => e.context("the transaction failed earlier and could not be rolled back"),
+        }
+    }
+
+    /// The next automatic savepoint name: `savepoint_1`, `savepoint_2`, … per transaction.
+    pub fn get_savepoint_id(&self) -> u32 {
+        self.shared.next_savepoint.fetch_add(1, Ordering::Relaxed)
+    }
+
+    /// Creates a savepoint. Without a name it is called `savepoint_N`; a given name must be a
+    /// valid SQL identifier (checked before anything is sent; it is always sent quoted).
+    pub async fn savepoint(&self, name: Option<&str>) -> Result<Savepoint> {
+        let name = match name {
+            Some(n) => {
+                check_savepoint_name(n)?;
+                n.to_owned()
+            }
+            None => format!("savepoint_{}", self.get_savepoint_id()),
+        };
+        let mut c = self.lock(false).await?;
+        let result = c
+            .conn
+            .simple_query(&format!("SAVEPOINT {}", quote(&name)))
+            .await;
+        c.after_reply();
+        result?;
+        c.savepoints.push(name.clone());
+        Ok(Savepoint::new(self.clone(), name))
+    }
+
+    /// Rolls back to the savepoint called `name`: undoes what followed it, and takes a failed
+    /// transaction back to active. The savepoint stays; later ones are gone.
+    pub async fn rollback_to(&self, name: &str) -> Result<()> {
+        check_savepoint_name(name)?;
+        let mut c = self.lock(true).await?;
+        let at = c.live_savepoint(name)?;
+        let result = c
+            .conn
+            .simple_query(&format!("ROLLBACK TO SAVEPOINT {}", quote(name)))
+            .await;
+        c.after_reply();
+        result?;
+        c.savepoints.truncate(at + 1);
+        Ok(())
+    }
+
+    /// Releases the savepoint called `name` (and every later one), keeping their work.
+    pub async fn release(&self, name: &str) -> Result<()> {
+        check_savepoint_name(name)?;
+        let mut c = self.lock(false).await?;
+        let at = c.live_savepoint(name)?;
+        let result = c
+            .conn
+            .simple_query(&format!("RELEASE SAVEPOINT {}", quote(name)))
+            .await;
+        c.after_reply();
+        result?;
+        c.savepoints.truncate(at);
+        Ok(())
+    }
+
+    /// Runs `f` inside a new savepoint: releases it when `f` returns `Ok`, rolls back to it
+    /// when `f` returns `Err` (the error is returned; the transaction goes on).
+    pub async fn savepoint_scope<F, Fut, T>(&self, f: F) -> Result<T>
+    where
+        F: FnOnce(PostgresTransaction) -> Fut,
+        Fut: Future<Output = Result<T>>,
+    {
+        let sp = self.savepoint(None).await?;
+        match f(self.clone()).await {
+            Ok(v) => {
+                sp.release().await?;
+                Ok(v)
+            }
+            Err(e) => {
+                sp.rollback_to().await?;
+                Err(e)
+            }
+        }
+    }
+
+    /// Runs several queries as one pipeline on the transaction's connection (for Atomic).
+    pub(crate) async fn pipeline(
+        &self,
+        queries: &[&dyn ToQuery],
+    ) -> std::result::Result<Vec<(Vec<Row>, u64)>, (Option<usize>, Error)> {
+        let mut c = self.lock(false).await.map_err(|e| (None, e))?;
+        let result = c.conn.pipeline(queries).await;
+        c.after_reply();
+        result
+    }
+
+    /// Locks the transaction's connection for a batch, until the batch is dropped.
+    pub(crate) async fn lock_owned(&self) -> Result<OwnedMutexGuard<TxConn>> {
+        let guard = self.shared.conn.clone().lock_owned().await;
+        match guard.state {
+            TxState::Active => Ok(guard),
+            TxState::Failed => Err(Error::transaction(
+                TransactionError::Failed,
+                "the transaction failed earlier: roll it back (or roll back to a savepoint)",
+            )),
+            state => Err(Error::transaction(
+                TransactionError::Finished,
+                format!("the transaction is already finished ({state:?})"),
+            )),
+        }
+    }
+}
+
+impl TxConn {
+    /// Updates the state from the ReadyForQuery of the reply just read.
+    pub(crate) fn after_reply(&mut self) {
+        if self.conn.is_broken() {
+            // The connection is gone, and with it the transaction (the server rolls back).
+            self.state = TxState::RolledBack;
+            return;
+        }
+        self.state = self.state.after_reply(self.conn.transaction_status());
+    }
+
+    /// The position of the live savepoint `name` (the latest of that name).
+    fn live_savepoint(&self, name: &str) -> Result<usize> {
+        self.savepoints.iter().rposition(|s| s == name).ok_or_else(|| {
+            Error::transaction(
+                TransactionError::SavepointGone,
+                format!("no savepoint {name:?} is live in this transaction (released or rolled back past?)"),
+            )
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn state_follows_ready_for_query() {
+        use TransactionStatus::*;
+        assert_eq!(TxState::Active.after_reply(InTransaction), TxState::Active);
+        assert_eq!(TxState::Active.after_reply(Failed), TxState::Failed);
+        assert_eq!(TxState::Failed.after_reply(InTransaction), TxState::Active);
+        assert_eq!(TxState::Active.after_reply(Idle), TxState::Ended);
+        assert_eq!(TxState::Committed.after_reply(Idle), TxState::Committed);
+        assert!(TxState::Ended.is_finished() && !TxState::Failed.is_finished());
+    }
+
+    #[test]
+    fn begin_statement() {
+        let engine = PostgresEngine::new(crate::Config::new());
+        let b = TransactionBuilder::new(engine)
+            .isolation_level(IsolationLevel::Serializable)
+            .read_only(true)
+            .deferrable(true);
+        assert_eq!(
+            b.begin_sql(),
+            "BEGIN ISOLATION LEVEL SERIALIZABLE READ ONLY DEFERRABLE"
+        );
+    }
+}
