@@ -30,13 +30,17 @@
 //! server on the same core answer in ≈ 14 µs, on different cores in ≈ 70 µs (the idle core's
 //! wake-up latency). `PGENGINE_BENCH_PIN` chooses it, the same for every contender:
 //!
-//! - `none` (default): nobody is pinned; the kernel places client and server as it likes.
-//! - `same`: client and server both on CPU 0 (`taskset`).
-//! - `split`: the server on CPU 0, the client on CPU 1.
+//! - `same` (the default with the throwaway cluster): client and server both on CPU 0
+//!   (`taskset`). The steadiest figures, and the ones where a driver's own cost shows most.
+//! - `split`: the server on CPU 0, the client on CPU 1: the wake-up latency of a second core
+//!   is added to every round trip, and it varies.
+//! - `none` (the only choice with `DATABASE_URL`): nobody is pinned. On this VM the kernel then
+//!   puts some measurements on one core and some on two, so the rates are bimodal (≈ 20k and
+//!   ≈ 55k round trips/s for the same driver) and a median can land on either side.
 //!
 //! The server is pinned through its postmaster before any benchmark connection is opened, so
 //! every backend forked for a contender inherits the same CPU. That needs the throwaway
-//! cluster; with `DATABASE_URL` only `none` is accepted.
+//! cluster; the server of `DATABASE_URL` is not ours to pin.
 //!
 //! # Knobs, for quick runs and profiling
 //!
@@ -91,15 +95,15 @@ struct Workload {
 /// `contenders()` function, plus an entry here.
 const WORKLOADS: &[Workload] = &[Workload {
     name: "ping",
-    description: "serial `SELECT $1::int4` round trips, prepared once, binary int4 in and out, \
-                  each answer checked",
+    description: "serial `SELECT $1::int4` round trips with a prepared statement, binary int4 \
+                  in and out, each answer checked",
     unit: "queries/s",
     default_size: 20_000,
     baseline: "libpq-prepared",
     contenders: ping::contenders,
 }];
 
-/// The name every workload compares with as its lower bound.
+/// The name every workload compares with as its lower bound (for async clients; see `raw`).
 const RAW: &str = "raw";
 
 /// One driver's way of doing a workload.
@@ -143,11 +147,13 @@ enum Placement {
 }
 
 impl Placement {
-    fn from_env() -> BenchResult<Placement> {
+    /// `PGENGINE_BENCH_PIN`, or `None` when it is not set.
+    fn from_env() -> BenchResult<Option<Placement>> {
         match env::var("PGENGINE_BENCH_PIN").as_deref() {
-            Err(_) | Ok("") | Ok("none") => Ok(Placement::Unpinned),
-            Ok("same") => Ok(Placement::SameCore),
-            Ok("split") => Ok(Placement::Split),
+            Err(_) | Ok("") => Ok(None),
+            Ok("none") => Ok(Some(Placement::Unpinned)),
+            Ok("same") => Ok(Some(Placement::SameCore)),
+            Ok("split") => Ok(Some(Placement::Split)),
             Ok(other) => {
                 Err(format!("PGENGINE_BENCH_PIN={other:?}: use none, same or split").into())
             }
@@ -166,8 +172,8 @@ impl Placement {
     fn describe(self) -> &'static str {
         match self {
             Placement::Unpinned => {
-                "unpinned (the kernel places client and server; set \
-                                    PGENGINE_BENCH_PIN=same or split to pin)"
+                "unpinned: the kernel places client and server, per measurement (expect \
+                 bimodal rates)"
             }
             Placement::SameCore => "pinned with taskset: client and server both on CPU 0",
             Placement::Split => "pinned with taskset: server on CPU 0, client on CPU 1",
@@ -181,7 +187,8 @@ struct Settings {
     rounds: usize,
     warmup: Option<u64>,
     drivers: Option<Vec<String>>,
-    placement: Placement,
+    /// As asked for; resolved against the server in `run`.
+    placement: Option<Placement>,
 }
 
 impl Settings {
@@ -227,27 +234,30 @@ fn main() -> ExitCode {
 fn run() -> BenchResult<()> {
     let workloads = selected_workloads()?;
     let settings = Settings::from_env()?;
+    // Before pinning, which would make this process see a single CPU.
+    let machine = machine();
 
     // Held to the end: dropping it stops the server.
-    let (cluster, conninfo) = match env::var("DATABASE_URL") {
+    let (cluster, conninfo, placement) = match env::var("DATABASE_URL") {
         Ok(url) if !url.is_empty() => {
-            if settings.placement != Placement::Unpinned {
+            if settings.placement.is_some_and(|p| p != Placement::Unpinned) {
                 return Err(
                     "PGENGINE_BENCH_PIN needs the throwaway cluster: the server of DATABASE_URL \
                      cannot be pinned from here"
                         .into(),
                 );
             }
-            (None, url)
+            (None, url, Placement::Unpinned)
         }
         _ => {
             let cluster = TempCluster::start()
                 .map_err(|e| format!("could not start a throwaway PostgreSQL cluster: {e}"))?;
             let conninfo = cluster.socket_conninfo(TempCluster::SUPERUSER);
-            (Some(cluster), conninfo)
+            let placement = settings.placement.unwrap_or(Placement::SameCore);
+            (Some(cluster), conninfo, placement)
         }
     };
-    if let Some((client_cpu, server_cpu)) = settings.placement.cpus() {
+    if let Some((client_cpu, server_cpu)) = placement.cpus() {
         let cluster = cluster
             .as_ref()
             .expect("checked above: pinning needs the cluster");
@@ -261,7 +271,7 @@ fn run() -> BenchResult<()> {
             .enable_all()
             .build()?,
     };
-    print_setup(&bench, &settings)?;
+    print_setup(&bench, &machine, placement)?;
 
     for workload in workloads {
         run_workload(&bench, workload, &settings)?;
@@ -321,13 +331,37 @@ fn pin(pid: &str, cpu: u32) -> BenchResult<()> {
 
 /// The facts a reader needs to compare this run with another: machine, server, transport,
 /// placement, runtime.
-fn print_setup(bench: &Bench, settings: &Settings) -> BenchResult<()> {
+fn print_setup(bench: &Bench, machine: &str, placement: Placement) -> BenchResult<()> {
     let server_version = bench.runtime.block_on(async {
         let conn = pgengine::Connection::connect(&bench.config).await?;
         let version = conn.parameter("server_version").unwrap_or("?").to_owned();
         conn.close().await?;
         Ok::<_, pgengine::Error>(version)
     })?;
+    let transport = match raw::Endpoint::from_config(&bench.config)? {
+        raw::Endpoint::Unix(path) => format!("Unix socket {}", path.display()),
+        raw::Endpoint::Tcp(host, port) => format!("TCP {host}:{port}"),
+    };
+    let server = if env::var("DATABASE_URL").is_ok_and(|u| !u.is_empty()) {
+        "DATABASE_URL"
+    } else {
+        "throwaway TempCluster (fsync=off)"
+    };
+    println!("# machine: {machine}");
+    println!("# server: PostgreSQL {server_version}, {server}");
+    println!("# transport: {transport}, for every contender");
+    println!("# libpq: {}", libpq::version());
+    println!("# placement: {}", placement.describe());
+    println!(
+        "# async contenders: one tokio current_thread runtime (the tokio-postgres connection \
+         task runs on it); libpq is synchronous, on the same thread"
+    );
+    Ok(())
+}
+
+/// CPUs, model, kernel, and the load average: other work on the machine (a build, a test run)
+/// shares the cores with the benchmark.
+fn machine() -> String {
     let cpus = std::thread::available_parallelism().map_or(0, |n| n.get());
     let cpu_model = fs::read_to_string("/proc/cpuinfo")
         .ok()
@@ -339,28 +373,13 @@ fn print_setup(bench: &Bench, settings: &Settings) -> BenchResult<()> {
         })
         .unwrap_or_else(|| "?".to_owned());
     let kernel = fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default();
-    let transport = match raw::Endpoint::from_config(&bench.config)? {
-        raw::Endpoint::Unix(path) => format!("Unix socket {}", path.display()),
-        raw::Endpoint::Tcp(host, port) => format!("TCP {host}:{port}"),
-    };
-    let server = if env::var("DATABASE_URL").is_ok_and(|u| !u.is_empty()) {
-        "DATABASE_URL"
-    } else {
-        "throwaway TempCluster (fsync=off)"
-    };
-    println!(
-        "# machine: {cpus} CPUs ({cpu_model}), Linux {}",
-        kernel.trim()
-    );
-    println!("# server: PostgreSQL {server_version}, {server}");
-    println!("# transport: {transport}, for every contender");
-    println!("# libpq: {}", libpq::version());
-    println!("# placement: {}", settings.placement.describe());
-    println!(
-        "# async contenders: one tokio current_thread runtime (the tokio-postgres connection \
-         task runs on it); libpq is synchronous, on the same thread"
-    );
-    Ok(())
+    let load = fs::read_to_string("/proc/loadavg").unwrap_or_default();
+    let load: Vec<&str> = load.split_whitespace().take(3).collect();
+    format!(
+        "{cpus} CPUs ({cpu_model}), Linux {}, load average {} at start",
+        kernel.trim(),
+        load.join(" ")
+    )
 }
 
 fn run_workload(bench: &Bench, workload: &Workload, settings: &Settings) -> BenchResult<()> {
@@ -385,7 +404,8 @@ fn run_workload(bench: &Bench, workload: &Workload, settings: &Settings) -> Benc
 
     println!();
     println!(
-        "# {}: {size} {} per measurement; {} rounds, rotating order; warm-up {warmup} each",
+        "# {}: {}\n# size {size} per measurement; {} round(s), rotating order; warm-up {warmup} \
+         per contender",
         workload.name, workload.description, settings.rounds
     );
     if warmup > 0 {
@@ -453,7 +473,7 @@ fn summary(workload: &Workload, contenders: &[Contender], rates: &[Vec<f64>]) ->
     let mut out = String::new();
     let _ = writeln!(
         out,
-        "\n# {}: median of {} rounds ({})",
+        "\n# {}: median of {} round(s) ({})",
         workload.name,
         rates.first().map_or(0, Vec::len),
         workload.unit

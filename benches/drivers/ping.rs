@@ -68,6 +68,12 @@ fn pgengine(bench: &Bench, n: u64) -> BenchResult<Measurement> {
             check_answer(sent, row.get::<_, i32>(0))?;
         }
         let elapsed = start.elapsed();
+        // The comparison is only fair if every timed query was one Bind/Execute/Sync of the
+        // cached statement.
+        let stats = conn.stats();
+        if stats.parses != 1 || stats.binds != n + 1 || stats.cache_hits != n {
+            return Err(format!("pgengine did not use its statement cache: {stats:?}").into());
+        }
         conn.close().await?;
         Ok(Measurement { rows: n, elapsed })
     })
