@@ -86,7 +86,7 @@ pub struct Error(Box<Inner>);
 struct Inner {
     kind: ErrorKind,
     message: String,
-    db: Option<DbError>,
+    db: Option<Box<DbError>>,
     source: Option<Box<dyn StdError + Send + Sync>>,
     /// True when nothing of the failed operation reached the server, so running it again
     /// cannot apply it twice (jackc/pgx's `SafeToRetry`).
@@ -178,14 +178,14 @@ impl Error {
     }
 
     /// An `ErrorResponse` from the server.
-    pub(crate) fn db(db: DbError) -> Error {
+    pub(crate) fn db(db: impl Into<Box<DbError>>) -> Error {
         Error::with_db(ErrorKind::Db, db)
     }
 
     /// An `ErrorResponse` that belongs to another kind (e.g. a failed login is `Auth`).
-    pub(crate) fn with_db(kind: ErrorKind, db: DbError) -> Error {
+    pub(crate) fn with_db(kind: ErrorKind, db: impl Into<Box<DbError>>) -> Error {
         let mut e = Error::new(kind, String::new());
-        e.0.db = Some(db);
+        e.0.db = Some(db.into());
         e
     }
 
@@ -214,7 +214,7 @@ impl Error {
 
     /// Every field of the server's `ErrorResponse`, if the server sent one.
     pub fn as_db_error(&self) -> Option<&DbError> {
-        self.0.db.as_ref()
+        self.0.db.as_deref()
     }
 
     /// True when the connection is closed or broken.
@@ -263,7 +263,11 @@ impl StdError for Error {
     fn source(&self) -> Option<&(dyn StdError + 'static)> {
         match &self.0.source {
             Some(s) => Some(&**s as &(dyn StdError + 'static)),
-            None => self.0.db.as_ref().map(|db| db as &(dyn StdError + 'static)),
+            None => self
+                .0
+                .db
+                .as_deref()
+                .map(|db| db as &(dyn StdError + 'static)),
         }
     }
 }

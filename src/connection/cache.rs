@@ -5,6 +5,7 @@
 //! Plain data, no I/O: the connection decides when to Parse and Close.
 
 use std::collections::HashMap;
+use std::hash::{BuildHasherDefault, Hasher};
 use std::sync::Arc;
 
 use postgres_types::Type;
@@ -30,7 +31,7 @@ struct Entry {
 /// An LRU map from SQL text to prepared statements.
 pub(crate) struct StatementCache {
     capacity: usize,
-    entries: HashMap<Box<str>, Entry>,
+    entries: HashMap<Box<str>, Entry, BuildHasherDefault<FxHasher>>,
     /// Increases on every use; an entry's `last_used` orders eviction.
     clock: u64,
     /// Names are never reused on one connection, so a late CloseComplete or a stale name can
@@ -42,7 +43,7 @@ impl StatementCache {
     pub(crate) fn new(capacity: usize) -> StatementCache {
         StatementCache {
             capacity,
-            entries: HashMap::new(),
+            entries: HashMap::default(),
             clock: 0,
             next_id: 0,
         }
@@ -144,6 +145,30 @@ impl StatementCache {
     /// on the server).
     pub(crate) fn clear(&mut self) {
         self.entries.clear();
+    }
+}
+
+/// The Fx hash (from rustc): a multiply and a rotate per word. The keys are SQL texts this
+/// process wrote, so the DoS resistance of the default SipHash buys nothing here, and hashing
+/// the SQL happens on every query.
+#[derive(Default)]
+struct FxHasher(u64);
+
+impl Hasher for FxHasher {
+    fn write(&mut self, bytes: &[u8]) {
+        const K: u64 = 0x51_7c_c1_b7_27_22_0a_95;
+        let mut chunks = bytes.chunks_exact(8);
+        for c in &mut chunks {
+            let word = u64::from_le_bytes(c.try_into().expect("8 bytes"));
+            self.0 = (self.0.rotate_left(5) ^ word).wrapping_mul(K);
+        }
+        for &b in chunks.remainder() {
+            self.0 = (self.0.rotate_left(5) ^ u64::from(b)).wrapping_mul(K);
+        }
+    }
+
+    fn finish(&self) -> u64 {
+        self.0
     }
 }
 

@@ -111,10 +111,9 @@ impl Connection {
 
     /// Runs a query that must return exactly one row.
     pub async fn query_one(&mut self, query: impl ToQuery) -> Result<Row> {
-        let mut rows = self.query(query).await?;
-        match rows.len() {
-            1 => Ok(rows.pop().expect("one row")),
-            n => Err(Error::row_count(format!(
+        match self.query_opt_counted(query).await? {
+            (Some(row), 1) => Ok(row),
+            (_, n) => Err(Error::row_count(format!(
                 "the query returned {n} rows, not exactly one"
             ))),
         }
@@ -122,13 +121,27 @@ impl Connection {
 
     /// Runs a query that must return at most one row.
     pub async fn query_opt(&mut self, query: impl ToQuery) -> Result<Option<Row>> {
-        let mut rows = self.query(query).await?;
-        match rows.len() {
-            0 | 1 => Ok(rows.pop()),
-            n => Err(Error::row_count(format!(
+        match self.query_opt_counted(query).await? {
+            (row, 0 | 1) => Ok(row),
+            (_, n) => Err(Error::row_count(format!(
                 "the query returned {n} rows, not at most one"
             ))),
         }
+    }
+
+    /// The first row (if any) and how many rows there were, without collecting them.
+    async fn query_opt_counted(&mut self, query: impl ToQuery) -> Result<(Option<Row>, u64)> {
+        let mut stream = self.query_stream(query).await?;
+        let mut first = None;
+        let mut count = 0;
+        while let Some(row) = std::future::poll_fn(|cx| stream.poll_next_row(cx)).await {
+            let row = row?;
+            if first.is_none() {
+                first = Some(row);
+            }
+            count += 1;
+        }
+        Ok((first, count))
     }
 
     /// Runs a statement and returns the number of rows it affected (or returned).
@@ -375,14 +388,16 @@ impl Connection {
         max_rows: i32,
     ) -> Result<std::result::Result<(), usize>> {
         let types = &statement.param_types;
-        let formats: Vec<i16> = if (0..params.len())
+        // One format code for all parameters in the usual case: no allocation per query.
+        let formats: std::borrow::Cow<'static, [i16]> = if (0..params.len())
             .all(|i| matches!(params.get(i).encode_format(&types[i]), Format::Binary))
         {
-            vec![1]
+            std::borrow::Cow::Borrowed(&[1])
         } else {
             (0..params.len())
                 .map(|i| format_code(params.get(i).encode_format(&types[i])))
-                .collect()
+                .collect::<Vec<_>>()
+                .into()
         };
         let buf = &mut self.stream.write_buf;
         let start = buf.len();

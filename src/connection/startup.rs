@@ -159,7 +159,7 @@ fn ssl_mode_name(mode: SslMode) -> &'static str {
 
 /// Turns an ErrorResponse received before ReadyForQuery into an error: SQLSTATE class 28
 /// ("invalid authorization specification", e.g. 28P01 wrong password) is an auth failure.
-fn startup_error(db: crate::error::DbError) -> Error {
+fn startup_error(db: Box<crate::error::DbError>) -> Error {
     let kind = if db.code().starts_with("28") {
         ErrorKind::Auth
     } else {
@@ -286,7 +286,7 @@ async fn finish_startup(mut stream: MessageStream, target: Option<Target>) -> Re
                 secret_key,
             } => key = Some((process_id, secret_key)),
             BackendMessage::ParameterStatus { name, value } => parameters.push((name, value)),
-            BackendMessage::NoticeResponse(n) => notices.push(n),
+            BackendMessage::NoticeResponse(n) => notices.push(*n),
             BackendMessage::ErrorResponse(db) => return Err(startup_error(db)),
             BackendMessage::ReadyForQuery(status) => {
                 // Some poolers and proxies send no BackendKeyData: cancellation is then

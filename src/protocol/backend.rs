@@ -235,7 +235,7 @@ pub enum BackendMessage {
     /// `'I'`: the query string was empty.
     EmptyQueryResponse,
     /// `'E'`: an error, with every field.
-    ErrorResponse(DbError),
+    ErrorResponse(Box<DbError>),
     /// `'V'`: the result of a function call (`None` for NULL).
     FunctionCallResponse(Option<Bytes>),
     /// `'v'`: the server does not support the requested minor version or some options.
@@ -248,7 +248,7 @@ pub enum BackendMessage {
     /// `'n'`: the statement returns no rows.
     NoData,
     /// `'N'`: a notice (warning, info); same fields as an error.
-    NoticeResponse(DbError),
+    NoticeResponse(Box<DbError>),
     /// `'A'`: a NOTIFY on a channel this session LISTENs to.
     NotificationResponse {
         /// The notifying backend's process id.
@@ -307,8 +307,17 @@ impl BackendMessage {
             b'W' => BackendMessage::CopyBothResponse(decode_copy_format(&mut r)?),
             b'D' => return Ok(BackendMessage::DataRow(DataRow::decode(body)?)),
             b'I' => BackendMessage::EmptyQueryResponse,
-            b'E' => return Ok(BackendMessage::ErrorResponse(DbError::parse(&body)?)),
-            b'N' => return Ok(BackendMessage::NoticeResponse(DbError::parse(&body)?)),
+            // Boxed: errors are rare, and inline they would make every message ten times larger.
+            b'E' => {
+                return Ok(BackendMessage::ErrorResponse(Box::new(DbError::parse(
+                    &body,
+                )?)));
+            }
+            b'N' => {
+                return Ok(BackendMessage::NoticeResponse(Box::new(DbError::parse(
+                    &body,
+                )?)));
+            }
             b'V' => {
                 let len = r.i32()?;
                 BackendMessage::FunctionCallResponse(match len {

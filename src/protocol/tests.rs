@@ -195,8 +195,8 @@ fn backend_message() -> impl Strategy<Value = BackendMessage> {
         proptest::collection::vec(proptest::option::of(bytes()), 0..8)
             .prop_map(|cols| BackendMessage::DataRow(cols.into_iter().collect())),
         Just(BackendMessage::EmptyQueryResponse),
-        db_error().prop_map(BackendMessage::ErrorResponse),
-        db_error().prop_map(BackendMessage::NoticeResponse),
+        db_error().prop_map(|e| BackendMessage::ErrorResponse(Box::new(e))),
+        db_error().prop_map(|e| BackendMessage::NoticeResponse(Box::new(e))),
         proptest::option::of(bytes()).prop_map(BackendMessage::FunctionCallResponse),
         (any::<i32>(), proptest::collection::vec(text(), 0..3)).prop_map(
             |(newest_minor, unrecognized)| {
