@@ -155,7 +155,8 @@ impl SslMode {
         })
     }
 
-    fn as_str(self) -> &'static str {
+    /// The mode as libpq spells it (`"verify-full"`).
+    pub fn as_str(self) -> &'static str {
         match self {
             SslMode::Disable => "disable",
             SslMode::Allow => "allow",

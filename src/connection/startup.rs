@@ -105,7 +105,7 @@ async fn connect_host(config: &Config, target: &Target) -> Result<Startup> {
             return Err(Error::config(format!(
                 "sslmode={} needs TLS, which this version of pgengine does not support yet; \
                  use sslmode=disable or prefer",
-                ssl_mode_name(mode)
+                mode.as_str()
             )));
         }
     }
@@ -144,17 +144,6 @@ pub(crate) async fn start_on(
     };
     authenticate(&mut stream, config, &host, port, &user).await?;
     finish_startup(stream, target).await
-}
-
-fn ssl_mode_name(mode: SslMode) -> &'static str {
-    match mode {
-        SslMode::Disable => "disable",
-        SslMode::Allow => "allow",
-        SslMode::Prefer => "prefer",
-        SslMode::Require => "require",
-        SslMode::VerifyCa => "verify-ca",
-        SslMode::VerifyFull => "verify-full",
-    }
 }
 
 /// Turns an ErrorResponse received before ReadyForQuery into an error: SQLSTATE class 28
