@@ -91,6 +91,7 @@ struct Inner {
     log_queries: bool,
     log_responses: bool,
     statement_cache_capacity: Option<usize>,
+    query_timeout: Option<Duration>,
     nodes: BTreeMap<String, PostgresEngine>,
     /// The running pool, if any. Read on every query; written only by start/close.
     pool: RwLock<Option<Pool<ConnectionManager>>>,
@@ -123,6 +124,7 @@ pub struct EngineBuilder {
     log_queries: bool,
     log_responses: bool,
     statement_cache_capacity: Option<usize>,
+    query_timeout: Option<Duration>,
     nodes: BTreeMap<String, PostgresEngine>,
 }
 
@@ -157,6 +159,13 @@ impl EngineBuilder {
         self
     }
 
+    /// Limits how long each query may take; past it the statement is cancelled on the server
+    /// and the query fails with a timeout error (see [`Connection::set_query_timeout`]).
+    pub fn query_timeout(mut self, timeout: Duration) -> Self {
+        self.query_timeout = Some(timeout);
+        self
+    }
+
     /// Adds a named engine, typically for a read replica: `engine.node(name)` returns it.
     pub fn extra_node(mut self, name: impl Into<String>, engine: PostgresEngine) -> Self {
         self.nodes.insert(name.into(), engine);
@@ -172,6 +181,7 @@ impl EngineBuilder {
                 log_queries: self.log_queries,
                 log_responses: self.log_responses,
                 statement_cache_capacity: self.statement_cache_capacity,
+                query_timeout: self.query_timeout,
                 nodes: self.nodes,
                 pool: RwLock::new(None),
                 next_query_id: AtomicU64::new(1),
@@ -236,6 +246,7 @@ impl PostgresEngine {
             log_queries: false,
             log_responses: false,
             statement_cache_capacity: None,
+            query_timeout: None,
             nodes: BTreeMap::new(),
         }
     }
@@ -280,6 +291,7 @@ impl PostgresEngine {
                 if let Some(capacity) = self.inner.statement_cache_capacity {
                     conn.set_statement_cache_capacity(capacity);
                 }
+                conn.set_query_timeout(self.inner.query_timeout);
                 Ok(EngineConnection::Fresh(conn))
             }
         }
@@ -344,6 +356,7 @@ impl PostgresEngine {
         if let Some(capacity) = self.inner.statement_cache_capacity {
             manager = manager.statement_cache_capacity(capacity);
         }
+        manager = manager.query_timeout(self.inner.query_timeout);
         *slot = Some(Pool::new(manager, options));
         Ok(())
     }

@@ -1004,3 +1004,42 @@ async fn ready_for_query_in_the_middle_of_rows_is_refused_extended() {
     drop(conn);
     server.finish().await;
 }
+
+/// A server that stops answering in the middle of a result: with a query timeout the query
+/// fails with a typed Timeout error, and the connection is marked broken (a pool discards it).
+#[tokio::test]
+async fn hung_server_mid_result_times_out_and_breaks_the_connection() {
+    let server = MockServer::start(script([
+        trust_login(),
+        simple_query_start(text_columns(&["s"])),
+        vec![Step::Send(text_row(&[Some("first")])), Step::Hang],
+    ]))
+    .await;
+    let mut conn = connect(&server.config()).await;
+    conn.set_query_timeout(Some(Duration::from_millis(300)));
+    let err = guard(
+        "a hung server with a query timeout",
+        conn.simple_query("SELECT s"),
+    )
+    .await
+    .unwrap_err();
+    assert_error(&err, ErrorKind::Timeout, "did not answer");
+    assert_broken(&mut conn).await;
+}
+
+/// The same in the middle of a row stream (the extended protocol, rows pulled one by one).
+#[tokio::test]
+async fn hung_server_mid_stream_times_out() {
+    use futures::TryStreamExt;
+    let server = MockServer::start(script([trust_login(), vec![Step::Hang]])).await;
+    let mut conn = connect(&server.config()).await;
+    conn.set_query_timeout(Some(Duration::from_millis(300)));
+    let result = guard("a hung server mid-stream", async {
+        let mut rows = conn.query_stream("SELECT 1").await?;
+        rows.try_next().await
+    })
+    .await;
+    let err = result.unwrap_err();
+    assert_error(&err, ErrorKind::Timeout, "did not answer");
+    assert!(conn.is_broken());
+}

@@ -339,3 +339,61 @@ fn query_futures_are_send() {
     };
     assert_send(&fut);
 }
+
+#[tokio::test]
+async fn query_timeout_cancels_the_statement_and_gives_the_connection_up() {
+    let mut conn = connect().await;
+    let pid = conn.process_id();
+    conn.set_query_timeout(Some(std::time::Duration::from_millis(500)));
+    // Fast queries are unaffected.
+    assert_eq!(
+        conn.query_one("SELECT 1").await.unwrap().get::<_, i32>(0),
+        1
+    );
+    let err = conn.simple_query("SELECT pg_sleep(30)").await.unwrap_err();
+    assert_eq!(err.kind(), ErrorKind::Timeout, "{err}");
+    assert!(conn.is_broken(), "its state is unknown: never reused");
+    // The statement was cancelled on the server, not left running for 30 seconds.
+    let mut admin = connect().await;
+    let mut still_running = true;
+    for _ in 0..50 {
+        let row = admin
+            .query_one((
+                "SELECT count(*) FROM pg_stat_activity WHERE pid = $1 AND query LIKE '%pg_sleep(30)%' AND state = 'active'",
+                (pid,),
+            ))
+            .await
+            .unwrap();
+        if row.get::<_, i64>(0) == 0 {
+            still_running = false;
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    assert!(
+        !still_running,
+        "the statement is still running on the server"
+    );
+}
+
+#[tokio::test]
+async fn engine_query_timeout_through_the_pool() {
+    let engine = pgengine::PostgresEngine::builder(common::tcp_config(
+        pgengine::testing::TempCluster::SUPERUSER,
+    ))
+    .query_timeout(std::time::Duration::from_millis(300))
+    .build();
+    engine
+        .start_connection_pool(pgengine::pool::PoolOptions::default().max_size(1))
+        .await
+        .unwrap();
+    let err = engine.execute("SELECT pg_sleep(10)").await.unwrap_err();
+    assert_eq!(err.kind(), ErrorKind::Timeout);
+    // The timed-out connection was discarded; the pool serves a fresh one.
+    assert_eq!(
+        engine.query_one("SELECT 2").await.unwrap().get::<_, i32>(0),
+        2
+    );
+    let stats = engine.pool_stats().unwrap();
+    assert_eq!(stats.closed, 1, "{stats:?}");
+}

@@ -22,7 +22,7 @@ mod types;
 use std::collections::{HashMap, VecDeque};
 use std::fmt;
 use std::future::poll_fn;
-use std::task::{Context, Poll, ready};
+use std::task::{Context, Poll};
 
 use bytes::Bytes;
 
@@ -120,6 +120,10 @@ pub struct Connection {
     stats: ConnectionStats,
     /// Types looked up in the catalogs (enums, composites, …), by OID.
     types: HashMap<u32, postgres_types::Type>,
+    /// How long a request may take from being sent to its ReadyForQuery.
+    query_timeout: Option<std::time::Duration>,
+    /// The current request's deadline, reset by each send (allocated once).
+    deadline: Option<std::pin::Pin<Box<tokio::time::Sleep>>>,
 }
 
 /// Counts of what this connection sent, for tests and monitoring: they show, for example,
@@ -220,6 +224,8 @@ impl Connection {
             statements: StatementCache::new(DEFAULT_STATEMENT_CACHE_CAPACITY),
             closes_due: Vec::new(),
             types: HashMap::new(),
+            query_timeout: None,
+            deadline: None,
             stats: ConnectionStats::default(),
         };
         for notice in &s.notices {
@@ -309,6 +315,16 @@ impl Connection {
         self.closes_due.extend(evicted);
     }
 
+    /// Sets how long a request may take, from being sent until the server says it is ready
+    /// again (a row stream's rows included). When the time is up, the running statement is
+    /// cancelled on the server, the request fails with [`ErrorKind::Timeout`], and the
+    /// connection — whose state is then unknown — is closed (a pool replaces it).
+    ///
+    /// [`ErrorKind::Timeout`]: crate::ErrorKind::Timeout
+    pub fn set_query_timeout(&mut self, timeout: Option<std::time::Duration>) {
+        self.query_timeout = timeout;
+    }
+
     /// The most prepared statements this connection keeps.
     pub fn statement_cache_capacity(&self) -> usize {
         self.statements.capacity()
@@ -354,9 +370,36 @@ impl Connection {
 
     /// Sends what is in the write buffer; `syncs` is how many ReadyForQuery it will earn.
     async fn send(&mut self, syncs: usize) -> Result<()> {
+        if let Some(limit) = self.query_timeout {
+            let at = tokio::time::Instant::now() + limit;
+            match &mut self.deadline {
+                Some(sleep) => sleep.as_mut().reset(at),
+                None => self.deadline = Some(Box::pin(tokio::time::sleep_until(at))),
+            }
+        }
         self.pending += syncs;
         self.stats.round_trips += syncs as u64;
         self.flush().await
+    }
+
+    /// The request in flight took too long: cancel it on the server (in the background: the
+    /// caller should not wait on a server that may not answer) and give the connection up.
+    fn time_out(&mut self) -> Error {
+        let limit = self.query_timeout.unwrap_or_default();
+        if let Ok(handle) = tokio::runtime::Handle::try_current() {
+            let token = self.cancel.clone();
+            handle.spawn(async move {
+                let _ = tokio::time::timeout(
+                    limit.max(std::time::Duration::from_secs(1)),
+                    token.cancel_query(),
+                )
+                .await;
+            });
+        }
+        self.fail(Error::timeout(format!(
+            "the server did not answer within {limit:?}: the statement was cancelled and the \
+             connection closed"
+        )))
     }
 
     async fn flush(&mut self) -> Result<()> {
@@ -376,9 +419,19 @@ impl Connection {
     /// are dealt with here; ReadyForQuery updates the transaction status.
     fn poll_read(&mut self, cx: &mut Context<'_>) -> Poll<Result<BackendMessage>> {
         loop {
-            let msg = match ready!(self.stream.poll_message(cx)) {
-                Ok(m) => m,
-                Err(e) => return Poll::Ready(Err(self.fail(e))),
+            let msg = match self.stream.poll_message(cx) {
+                Poll::Ready(Ok(m)) => m,
+                Poll::Ready(Err(e)) => return Poll::Ready(Err(self.fail(e))),
+                Poll::Pending => {
+                    if self.pending > 0
+                        && self.query_timeout.is_some()
+                        && let Some(deadline) = self.deadline.as_mut()
+                        && deadline.as_mut().poll(cx).is_ready()
+                    {
+                        return Poll::Ready(Err(self.time_out()));
+                    }
+                    return Poll::Pending;
+                }
             };
             match msg {
                 BackendMessage::NoticeResponse(notice) => (self.notice_handler)(&notice),

@@ -12,6 +12,7 @@ use crate::error::Result;
 pub struct ConnectionManager {
     config: Config,
     statement_cache_capacity: Option<usize>,
+    query_timeout: Option<std::time::Duration>,
 }
 
 impl ConnectionManager {
@@ -20,7 +21,15 @@ impl ConnectionManager {
         ConnectionManager {
             config,
             statement_cache_capacity: None,
+            query_timeout: None,
         }
+    }
+
+    /// Sets the query timeout of every connection it opens (see
+    /// [`Connection::set_query_timeout`]).
+    pub fn query_timeout(mut self, timeout: Option<std::time::Duration>) -> ConnectionManager {
+        self.query_timeout = timeout;
+        self
     }
 
     /// Sets the statement cache capacity of every connection it opens (0 for PgBouncer in
@@ -39,6 +48,7 @@ impl Manager for ConnectionManager {
         if let Some(capacity) = self.statement_cache_capacity {
             conn.set_statement_cache_capacity(capacity);
         }
+        conn.set_query_timeout(self.query_timeout);
         Ok(conn)
     }
 
