@@ -9,7 +9,7 @@ use std::pin::Pin;
 use postgres_types::{Field, Kind, Type};
 
 use super::Connection;
-use crate::error::Result;
+use crate::error::{Error, Result};
 use crate::protocol::FieldDescription;
 use crate::row::{Column, type_from_oid};
 
@@ -21,6 +21,8 @@ const TYPE_QUERY: &str = "SELECT t.typname, t.typtype, t.typelem, t.typbasetype,
      WHERE t.oid = $1";
 const ENUM_QUERY: &str = "SELECT enumlabel FROM pg_catalog.pg_enum \
      WHERE enumtypid = $1 ORDER BY enumsortorder";
+/// How deep type lookups may nest (see `resolve_type_at`).
+const MAX_TYPE_DEPTH: usize = 16;
 const FIELDS_QUERY: &str = "SELECT attname, atttypid FROM pg_catalog.pg_attribute \
      WHERE attrelid = $1 AND NOT attisdropped AND attnum > 0 ORDER BY attnum";
 
@@ -54,13 +56,28 @@ impl Connection {
     }
 
     /// The type for `oid`, looked up in the catalogs if it is not built in.
-    pub(crate) fn resolve_type(
+    pub(crate) async fn resolve_type(&mut self, oid: u32) -> Result<Type> {
+        self.resolve_type_at(oid, 0).await
+    }
+
+    /// Looks up `oid`, `depth` levels below the type first asked for. Real types nest a few
+    /// levels (an array of a domain over a composite…); a server whose answers nest deeper —
+    /// or loop — is refused instead of being followed until the stack runs out.
+    fn resolve_type_at(
         &mut self,
         oid: u32,
+        depth: usize,
     ) -> Pin<Box<dyn Future<Output = Result<Type>> + Send + '_>> {
         Box::pin(async move {
             if let Some(ty) = self.known_type(oid) {
                 return Ok(ty);
+            }
+            if depth >= MAX_TYPE_DEPTH {
+                // The server's answers cannot be trusted: neither can the connection.
+                return Err(self.fail(Error::protocol(format!(
+                    "type {oid} nests more than {MAX_TYPE_DEPTH} levels deep in the catalog's \
+                     answers (a cycle?)"
+                ))));
             }
             let Some(row) = self.query_opt((TYPE_QUERY, (oid,))).await? else {
                 // Dropped since the server described it: keep the placeholder.
@@ -80,9 +97,9 @@ impl Connection {
                     Kind::Enum(labels)
                 }
                 b'p' => Kind::Pseudo,
-                b'd' => Kind::Domain(self.resolve_type(base).await?),
+                b'd' => Kind::Domain(self.resolve_type_at(base, depth + 1).await?),
                 b'r' => match range_subtype {
-                    Some(sub) => Kind::Range(self.resolve_type(sub).await?),
+                    Some(sub) => Kind::Range(self.resolve_type_at(sub, depth + 1).await?),
                     None => Kind::Simple,
                 },
                 b'c' => {
@@ -91,12 +108,13 @@ impl Connection {
                     for r in rows {
                         let field_name: String = r.try_get(0)?;
                         let field_type: u32 = r.try_get(1)?;
-                        fields.push(Field::new(field_name, self.resolve_type(field_type).await?));
+                        let ty = self.resolve_type_at(field_type, depth + 1).await?;
+                        fields.push(Field::new(field_name, ty));
                     }
                     Kind::Composite(fields)
                 }
                 _ if elem != 0 && name.starts_with('_') => {
-                    Kind::Array(self.resolve_type(elem).await?)
+                    Kind::Array(self.resolve_type_at(elem, depth + 1).await?)
                 }
                 _ => Kind::Simple,
             };
