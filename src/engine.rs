@@ -30,7 +30,7 @@ use std::time::{Duration, Instant};
 use crate::config::Config;
 use crate::connection::Connection;
 use crate::error::{Error, Result};
-use crate::pool::{ConnectionManager, Pool, PoolOptions, PoolStats, Pooled};
+use crate::pool::{ConnectionManager, Pipeline, Pool, PoolOptions, PoolStats, Pooled};
 use crate::query::{Query, ToQuery};
 use crate::row::{Row, SimpleQueryResult};
 use crate::transaction::{PostgresTransaction, TransactionBuilder};
@@ -93,8 +93,9 @@ struct Inner {
     statement_cache_capacity: Option<usize>,
     query_timeout: Option<Duration>,
     nodes: BTreeMap<String, PostgresEngine>,
-    /// The running pool, if any. Read on every query; written only by start/close.
-    pool: RwLock<Option<Pool<ConnectionManager>>>,
+    /// The running pool and its pipeline, if any. Read on every query; written only by
+    /// start/close.
+    pool: RwLock<Option<(Pool<ConnectionManager>, Option<Arc<Pipeline>>)>>,
     next_query_id: AtomicU64,
 }
 
@@ -298,11 +299,31 @@ impl PostgresEngine {
     }
 
     fn current_pool(&self) -> Option<Pool<ConnectionManager>> {
-        self.inner
-            .pool
-            .read()
-            .unwrap_or_else(|p| p.into_inner())
-            .clone()
+        let slot = self.inner.pool.read().unwrap_or_else(|p| p.into_inner());
+        slot.as_ref().map(|(pool, _)| pool.clone())
+    }
+
+    fn current_pipeline(&self) -> Option<Arc<Pipeline>> {
+        let slot = self.inner.pool.read().unwrap_or_else(|p| p.into_inner());
+        slot.as_ref().and_then(|(_, pipeline)| pipeline.clone())
+    }
+
+    /// Runs a query outside any transaction: pipelined when the pool pipelines and the query
+    /// can be, otherwise on a connection of its own.
+    async fn run_outside(&self, query: &dyn ToQuery) -> Result<(Vec<Row>, u64)> {
+        if let Some(pipeline) = self.current_pipeline()
+            && let Some(result) = pipeline.run(query).await?
+        {
+            return Ok(result);
+        }
+        let mut conn = self.acquire().await?;
+        let mut stream = conn.query_stream(query).await?;
+        let mut rows = Vec::new();
+        while let Some(row) = futures::TryStreamExt::try_next(&mut stream).await? {
+            rows.push(row);
+        }
+        let affected = stream.rows_affected().unwrap_or(0);
+        Ok((rows, affected))
     }
 
     /// The server's version as `major.minor` (12.4, 9.4), as Piccolo's `get_version`.
@@ -357,7 +378,10 @@ impl PostgresEngine {
             manager = manager.statement_cache_capacity(capacity);
         }
         manager = manager.query_timeout(self.inner.query_timeout);
-        *slot = Some(Pool::new(manager, options));
+        let pipelines = options.pipeline;
+        let pool = Pool::new(manager, options);
+        let pipeline = (pipelines > 0).then(|| Arc::new(Pipeline::start(pool.clone(), pipelines)));
+        *slot = Some((pool, pipeline));
         Ok(())
     }
 
@@ -371,7 +395,8 @@ impl PostgresEngine {
             .write()
             .unwrap_or_else(|p| p.into_inner())
             .take();
-        match pool {
+        // Dropping the pipeline ends its drivers once their queues are empty.
+        match pool.map(|(pool, _)| pool) {
             None => {
                 tracing::warn!(target: "pgengine::engine", "no connection pool is running");
                 Ok(())
@@ -438,8 +463,7 @@ impl PostgresEngine {
             );
             return result;
         }
-        let mut conn = self.acquire().await?;
-        let result = conn.query(&query).await;
+        let result = self.run_outside(&query).await.map(|(rows, _)| rows);
         self.log_end(
             started,
             &result.as_ref().map(|rows| (rows.len() as u64, Some(rows))),
@@ -482,8 +506,7 @@ impl PostgresEngine {
             self.log_end(started, &result.as_ref().map(|n| (*n, None)));
             return result;
         }
-        let mut conn = self.acquire().await?;
-        let result = conn.execute(&query).await;
+        let result = self.run_outside(&query).await.map(|(_, n)| n);
         self.log_end(started, &result.as_ref().map(|n| (*n, None)));
         result
     }

@@ -472,3 +472,98 @@ mod tests {
         }
     }
 }
+
+/// A parameter value already encoded for one type: what a query's values become when the
+/// query is handed to another task (the engine's pipelined mode). It only accepts being sent
+/// as that type.
+#[derive(Debug, Clone)]
+pub(crate) struct EncodedParam {
+    pub(crate) ty: Type,
+    pub(crate) value: Option<bytes::Bytes>,
+    pub(crate) format: postgres_types::Format,
+}
+
+impl ToSql for EncodedParam {
+    fn to_sql(
+        &self,
+        _: &Type,
+        out: &mut bytes::BytesMut,
+    ) -> Result<postgres_types::IsNull, Box<dyn std::error::Error + Sync + Send>> {
+        match &self.value {
+            Some(v) => {
+                out.extend_from_slice(v);
+                Ok(postgres_types::IsNull::No)
+            }
+            None => Ok(postgres_types::IsNull::Yes),
+        }
+    }
+
+    fn accepts(_: &Type) -> bool {
+        true
+    }
+
+    fn to_sql_checked(
+        &self,
+        ty: &Type,
+        out: &mut bytes::BytesMut,
+    ) -> Result<postgres_types::IsNull, Box<dyn std::error::Error + Sync + Send>> {
+        if *ty != self.ty {
+            return Err(Box::new(postgres_types::WrongType::new::<EncodedParam>(
+                ty.clone(),
+            )));
+        }
+        self.to_sql(ty, out)
+    }
+
+    fn encode_format(&self, _: &Type) -> postgres_types::Format {
+        match self.format {
+            postgres_types::Format::Text => postgres_types::Format::Text,
+            postgres_types::Format::Binary => postgres_types::Format::Binary,
+        }
+    }
+}
+
+/// Encodes `params` with the types a new statement would choose for them (the first of
+/// [`CANDIDATE_TYPES`] each value accepts), or `None` if some value accepts none of them.
+pub(crate) fn encode_params(params: &dyn Params) -> crate::Result<Option<Vec<EncodedParam>>> {
+    let mut out = Vec::with_capacity(params.len());
+    let mut buf = bytes::BytesMut::new();
+    'values: for i in 0..params.len() {
+        let value = params.get(i);
+        for ty in CANDIDATE_TYPES {
+            buf.clear();
+            match value.to_sql_checked(ty, &mut buf) {
+                Ok(null) => {
+                    let format = value.encode_format(ty);
+                    let bytes = match null {
+                        postgres_types::IsNull::Yes => None,
+                        postgres_types::IsNull::No => Some(buf.split().freeze()),
+                    };
+                    out.push(EncodedParam {
+                        ty: ty.clone(),
+                        value: bytes,
+                        format,
+                    });
+                    continue 'values;
+                }
+                Err(e) if e.is::<postgres_types::WrongType>() => {}
+                Err(e) => {
+                    return Err(
+                        crate::Error::conversion(format!("parameter ${}: {e}", i + 1)).retry_safe(),
+                    );
+                }
+            }
+        }
+        return Ok(None);
+    }
+    Ok(Some(out))
+}
+
+impl Params for Vec<EncodedParam> {
+    fn len(&self) -> usize {
+        Vec::len(self)
+    }
+    fn get(&self, i: usize) -> &(dyn ToSql + Sync) {
+        &self[i]
+    }
+}

@@ -376,3 +376,57 @@ async fn queries_are_logged_without_their_parameter_values() {
 fn engine_without_logs() -> PostgresEngine {
     engine()
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pipelined_queries_from_many_tasks_share_connections() {
+    let engine = engine();
+    let options = PoolOptions::default().max_size(4).pipeline(2);
+    engine.start_connection_pool(options).await.unwrap();
+    let tasks: Vec<_> = (0..500i64)
+        .map(|i| {
+            let engine = engine.clone();
+            tokio::spawn(async move {
+                if i % 7 == 3 {
+                    // Failing queries in the same batches touch no other query.
+                    let err = engine
+                        .query_one(("SELECT $1::int8 / 0", (i,)))
+                        .await
+                        .unwrap_err();
+                    assert_eq!(err.code(), Some("22012"));
+                    return true;
+                }
+                let row = engine
+                    .query_one(("SELECT $1::int8 * 3, $2::text", (i, format!("t{i}"))))
+                    .await
+                    .unwrap();
+                row.get::<_, i64>(0) == i * 3 && row.get::<_, String>(1) == format!("t{i}")
+            })
+        })
+        .collect();
+    for t in tasks {
+        assert!(t.await.unwrap(), "a query returned another query's answer");
+    }
+    // Many queries travelled per round trip: the drivers borrowed few connections, few times.
+    let stats = engine.pool_stats().unwrap();
+    assert!(stats.acquired < 500, "{stats:?}");
+    let conn = engine.acquire().await.unwrap();
+    assert!(conn.is_idle());
+    drop(conn);
+
+    // Transactions keep a connection to themselves and still work beside the pipeline.
+    let inner = engine.clone();
+    let (a, b) = engine
+        .transaction()
+        .run(|tx| async move {
+            let a: i64 = tx.query_one("SELECT txid_current()").await?.get(0);
+            let b: i64 = inner.query_one("SELECT txid_current()").await?.get(0);
+            Ok((a, b))
+        })
+        .await
+        .unwrap();
+    assert_eq!(
+        a, b,
+        "engine queries inside the transaction are not pipelined away"
+    );
+    engine.close_connection_pool().await.unwrap();
+}

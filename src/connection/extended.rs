@@ -1001,3 +1001,73 @@ impl Connection {
         self.prepare_request().await
     }
 }
+
+/// Many independent requests in one write (for the engine's pipelined mode).
+impl Connection {
+    /// Writes every query with a Sync of its own, sends them in one write, and reads the
+    /// answers in order: one query's error does not touch the others (each Sync ends its own
+    /// implicit transaction). The outer error is the connection's: after it nothing more can
+    /// be read. A query the pipeline cannot carry (its statement must be described by the
+    /// server first) gets `Err` without being sent; run it on its own.
+    pub(crate) async fn pipeline_each(
+        &mut self,
+        queries: &[&dyn ToQuery],
+    ) -> Result<Vec<Result<(Vec<Row>, u64)>>> {
+        self.prepare_request().await?;
+        let mut plans = Vec::with_capacity(queries.len());
+        let mut syncs = 0;
+        for q in queries {
+            let mark = self.stream.write_buf.len();
+            match self.write_query(q.sql(), q.params(), 0) {
+                Ok(Written::Plan(plan)) => {
+                    frontend::sync(&mut self.stream.write_buf);
+                    syncs += 1;
+                    plans.push(Ok(plan));
+                }
+                Ok(Written::NeedsDescribe) => {
+                    self.stream.write_buf.truncate(mark);
+                    plans.push(Err(Error::conversion(
+                        "this query needs its statement described first: run it on its own",
+                    )));
+                }
+                Err(e) => {
+                    self.stream.write_buf.truncate(mark);
+                    plans.push(Err(e));
+                }
+            }
+        }
+        if syncs > 0 {
+            self.send(syncs).await?;
+        }
+        let mut results = Vec::with_capacity(queries.len());
+        for (q, plan) in queries.iter().zip(plans) {
+            let plan = match plan {
+                Ok(plan) => plan,
+                Err(e) => {
+                    results.push(Err(e));
+                    continue;
+                }
+            };
+            let outcome = match self.read_query_start(q.sql(), plan).await {
+                Ok(columns) => self.read_rows(columns).await,
+                Err(QueryStartError { error, .. }) => Err(error),
+            };
+            if self.is_broken() {
+                return Err(outcome
+                    .err()
+                    .unwrap_or_else(|| Error::closed("the connection broke")));
+            }
+            let outcome = match outcome {
+                Ok(r) => self.finish_request(None).await.map(|()| r),
+                Err(e) => self.finish_request(Some(e)).await.map(|()| unreachable!()),
+            };
+            if self.is_broken() {
+                return Err(outcome
+                    .err()
+                    .unwrap_or_else(|| Error::closed("the connection broke")));
+            }
+            results.push(outcome);
+        }
+        Ok(results)
+    }
+}

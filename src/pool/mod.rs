@@ -17,6 +17,7 @@
 //! The locking rule is simple: `PoolInner::state` (a `std::sync::Mutex`) guards the idle list,
 //! the count of live resources and the waiter queue; it is never held across an `.await`.
 
+mod pipelined;
 mod postgres;
 
 use std::collections::VecDeque;
@@ -31,6 +32,7 @@ use tokio::sync::{Notify, oneshot};
 
 use crate::error::{Error, Result};
 
+pub(crate) use pipelined::Pipeline;
 pub use postgres::ConnectionManager;
 
 /// What to do with a resource that comes back to the pool.
@@ -89,6 +91,10 @@ pub struct PoolOptions {
     pub idle_timeout: Option<Duration>,
     /// A resource idle for longer than this is health-checked before it is handed out.
     pub health_check_after: Option<Duration>,
+    /// With `PostgresEngine`: how many connections carry pipelined queries (queries outside a
+    /// transaction from many tasks, many in flight per connection); 0 turns pipelining off, so
+    /// every query checks a connection out for itself.
+    pub pipeline: usize,
 }
 
 impl Default for PoolOptions {
@@ -100,6 +106,7 @@ impl Default for PoolOptions {
             max_lifetime: Some(Duration::from_secs(30 * 60)),
             idle_timeout: Some(Duration::from_secs(10 * 60)),
             health_check_after: Some(Duration::from_secs(30)),
+            pipeline: 0,
         }
     }
 }
@@ -130,6 +137,12 @@ impl PoolOptions {
         self.idle_timeout = d;
         self
     }
+    /// Sets [`PoolOptions::pipeline`].
+    pub fn pipeline(mut self, connections: usize) -> Self {
+        self.pipeline = connections;
+        self
+    }
+
     /// Sets [`PoolOptions::health_check_after`].
     pub fn health_check_after(mut self, d: Option<Duration>) -> Self {
         self.health_check_after = d;
