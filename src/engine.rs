@@ -95,9 +95,12 @@ struct Inner {
     nodes: BTreeMap<String, PostgresEngine>,
     /// The running pool and its pipeline, if any. Read on every query; written only by
     /// start/close.
-    pool: RwLock<Option<(Pool<ConnectionManager>, Option<Arc<Pipeline>>)>>,
+    pool: RwLock<Option<RunningPool>>,
     next_query_id: AtomicU64,
 }
+
+/// A started pool, with the pipeline that carries queries over it when pipelining is on.
+type RunningPool = (Pool<ConnectionManager>, Option<Arc<Pipeline>>);
 
 /// The engine: settings, extensions, logging, read-replica nodes and its own connection pool.
 /// Cheap to clone; clones share everything, including the pool.
