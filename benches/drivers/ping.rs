@@ -28,22 +28,10 @@ const INT4_OID: u32 = 23;
 
 pub fn contenders() -> Vec<Contender> {
     vec![
-        Contender {
-            driver: "pgengine",
-            run: pgengine,
-        },
-        Contender {
-            driver: "libpq-prepared",
-            run: libpq_prepared,
-        },
-        Contender {
-            driver: "tokio-postgres",
-            run: tokio_postgres,
-        },
-        Contender {
-            driver: "raw",
-            run: raw,
-        },
+        Contender::new("pgengine", pgengine),
+        Contender::new("libpq-prepared", libpq_prepared),
+        Contender::new("tokio-postgres", tokio_postgres),
+        Contender::new("raw", raw),
     ]
 }
 
@@ -75,7 +63,7 @@ fn pgengine(bench: &Bench, n: u64) -> BenchResult<Measurement> {
             return Err(format!("pgengine did not use its statement cache: {stats:?}").into());
         }
         conn.close().await?;
-        Ok(Measurement { rows: n, elapsed })
+        Ok(Measurement::new(n, elapsed))
     })
 }
 
@@ -95,7 +83,7 @@ fn libpq_prepared(bench: &Bench, n: u64) -> BenchResult<Measurement> {
         check_answer(sent, result.single_int4()?)?;
     }
     let elapsed = start.elapsed();
-    Ok(Measurement { rows: n, elapsed })
+    Ok(Measurement::new(n, elapsed))
 }
 
 /// `prepare_typed` once, then `query_one(&stmt, &[&i])`; its connection task is spawned on the
@@ -116,7 +104,7 @@ fn tokio_postgres(bench: &Bench, n: u64) -> BenchResult<Measurement> {
         drop(statement);
         drop(client);
         connection.await??;
-        Ok(Measurement { rows: n, elapsed })
+        Ok(Measurement::new(n, elapsed))
     })
 }
 
@@ -172,6 +160,6 @@ fn raw(bench: &Bench, n: u64) -> BenchResult<Measurement> {
         }
         let elapsed = start.elapsed();
         client.close().await?;
-        Ok(Measurement { rows: n, elapsed })
+        Ok(Measurement::new(n, elapsed))
     })
 }

@@ -5,7 +5,9 @@
 //! gap is the runtime's park path (timer wheel, `epoll_wait`, readiness bookkeeping).
 //!
 //! It logs in (trust authentication only), and then only frames messages: the caller writes
-//! pre-encoded requests and looks at the bodies of the messages it cares about. There is no
+//! pre-encoded requests and looks at the bodies of the messages it cares about (the batch
+//! workload's `raw` only counts DataRows; its `raw-decoded` splits them with
+//! [`data_row_values`] and decodes the values as every other contender does). There is no
 //! statement cache, no state machine, no decoding beyond what the caller does; reads ask the
 //! socket for everything it has (64 KiB of room), as pgengine's reader does. On a server error
 //! it gives up: a benchmark has nothing to recover.
@@ -210,6 +212,59 @@ impl Client {
         self.stream.shutdown().await?;
         Ok(())
     }
+}
+
+/// Bind a prepared statement without parameters to the unnamed portal, with every result
+/// column in binary; Execute it to the end; Sync. One request, one round trip.
+pub fn bind_execute_sync(statement: &str) -> BenchResult<BytesMut> {
+    let mut request = BytesMut::new();
+    frontend::bind::<pgengine::Error, _>(
+        &mut request,
+        "",
+        statement,
+        &[],
+        0,
+        |_, _| Ok(false),
+        &[1],
+    )?;
+    frontend::execute(&mut request, "", 0)?;
+    frontend::sync(&mut request);
+    Ok(request)
+}
+
+/// The values of a DataRow body (§55.7: a column count, then each value's length, -1 for
+/// NULL, and its bytes) into `values`, `None` for NULL; fails unless the row has exactly
+/// `values.len()` columns and its lengths fit the body.
+pub fn data_row_values<'a>(mut body: &'a [u8], values: &mut [Option<&'a [u8]>]) -> BenchResult<()> {
+    let count = take::<2>(&mut body).map(i16::from_be_bytes);
+    if count.and_then(|c| usize::try_from(c).ok()) != Some(values.len()) {
+        return Err(format!("raw: expected a DataRow of {} columns", values.len()).into());
+    }
+    for value in values.iter_mut() {
+        let len = take::<4>(&mut body)
+            .map(i32::from_be_bytes)
+            .ok_or("raw: DataRow cut short")?;
+        *value = match usize::try_from(len) {
+            Err(_) => None,
+            Ok(len) => {
+                let (v, rest) = body.split_at_checked(len).ok_or("raw: DataRow cut short")?;
+                body = rest;
+                Some(v)
+            }
+        };
+    }
+    if body.is_empty() {
+        Ok(())
+    } else {
+        Err("raw: bytes left over after the DataRow's last column".into())
+    }
+}
+
+/// The first `N` bytes of `buf`, taken off it.
+fn take<const N: usize>(buf: &mut &[u8]) -> Option<[u8; N]> {
+    let (head, rest) = buf.split_first_chunk::<N>()?;
+    *buf = rest;
+    Some(*head)
 }
 
 /// One whole message at the front of `buf`: its tag and body, or `None` if more bytes are

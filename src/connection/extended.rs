@@ -1026,9 +1026,7 @@ impl Connection {
                 }
                 Ok(Written::NeedsDescribe) => {
                     self.stream.write_buf.truncate(mark);
-                    plans.push(Err(Error::conversion(
-                        "this query needs its statement described first: run it on its own",
-                    )));
+                    plans.push(Err(Error::needs_own_run()));
                 }
                 Err(e) => {
                     self.stream.write_buf.truncate(mark);

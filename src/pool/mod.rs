@@ -338,11 +338,13 @@ impl<M: Manager> Pool<M> {
             }
             state.waiters.push_back(Waiter { id, tx });
         }
-        let place = PlaceInLine {
+        let mut place = PlaceInLine {
             pool: &self.inner,
             id,
+            served: false,
         };
         let r = rx.await;
+        place.served = r.is_ok();
         drop(place);
         r.map_err(|_| Error::pool("the connection pool was closed while waiting"))
     }
@@ -509,10 +511,16 @@ impl<M: Manager> PoolInner<M> {
 struct PlaceInLine<'a, M: Manager> {
     pool: &'a Arc<PoolInner<M>>,
     id: u64,
+    /// Set once a handoff arrived: the entry was popped by the one who sent it.
+    served: bool,
 }
 
 impl<M: Manager> Drop for PlaceInLine<'_, M> {
     fn drop(&mut self) {
+        if self.served {
+            // Whoever served us took our entry off the queue already.
+            return;
+        }
         let mut state = self.pool.lock();
         state.waiters.retain(|w| w.id != self.id);
     }

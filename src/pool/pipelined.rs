@@ -66,11 +66,9 @@ impl Pipeline {
     /// only the server can type, or SQL whose placeholders we cannot count for sure): the
     /// caller then runs it on a connection of its own.
     pub(crate) async fn run(&self, query: &dyn ToQuery) -> Result<Option<(Vec<Row>, u64)>> {
-        let params = query.params();
-        if crate::query::count_placeholders(query.sql()) != params.len() {
-            return Ok(None);
-        }
-        let Some(params) = crate::query::encode_params(params)? else {
+        // No `$n` count here: a query whose count looks off comes back from the driver as
+        // "run it on its own", which costs nothing on the common path.
+        let Some(params) = crate::query::encode_params(query.params())? else {
             return Ok(None);
         };
         let (reply, answer) = oneshot::channel();
@@ -84,6 +82,7 @@ impl Pipeline {
             .send(request)
             .map_err(|_| Error::pool("the connection pool is closed").retry_safe())?;
         match answer.await {
+            Ok(Err(e)) if e.is_needs_own_run() => Ok(None),
             Ok(result) => result.map(Some),
             Err(_) => Err(Error::closed(
                 "the pipelined connection failed before answering",

@@ -9,7 +9,7 @@
 
 use std::ops::Range;
 
-use bytes::{BufMut, Bytes, BytesMut};
+use bytes::{Buf, BufMut, Bytes, BytesMut};
 
 use super::codec::{Reader, count_i16, put_cstr, write_message};
 use crate::error::{DbError, Error, ErrorPosition, Result};
@@ -105,9 +105,7 @@ impl DataRow {
             let len = r.i32()?;
             match len {
                 -1 => {}
-                len if len >= 0 => {
-                    r.bytes(len as usize)?;
-                }
+                len if len >= 0 => r.skip(len as usize)?,
                 len => {
                     return Err(Error::protocol(format!(
                         "DataRow has a column length of {len}"
@@ -116,8 +114,10 @@ impl DataRow {
             }
         }
         r.finish()?;
+        let mut body = body;
+        body.advance(2); // the column count; advancing an owned Bytes touches no counter
         Ok(DataRow {
-            body: body.slice(2..),
+            body,
             columns: columns as u16,
         })
     }
