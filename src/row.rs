@@ -180,6 +180,11 @@ impl Row {
             )));
         }
         let raw = self.data.value(i);
+        if let Some(raw) = raw {
+            check_claimed_sizes(&column.type_, raw).map_err(|why| {
+                Error::conversion(format!("column {:?} cannot be decoded: {why}", column.name))
+            })?;
+        }
         FromSql::from_sql_nullable(&column.type_, raw).map_err(|e| {
             Error::conversion(format!("could not decode column {:?}: {e}", column.name))
         })
@@ -233,6 +238,49 @@ impl fmt::Debug for DebugValue<'_> {
         }
         write!(f, "<{} bytes of {}>", raw.len(), ty)
     }
+}
+
+/// Refuses container values whose headers claim more elements than their bytes can hold.
+///
+/// postgres-types sizes its `Vec` (or `HashMap`) from the element count in the value's header
+/// before reading a single element; a hostile server claiming 2^31 elements in a 20-byte value
+/// would make the process abort on a huge allocation (found by fuzzing). Every array element
+/// takes at least its 4-byte length, and every hstore pair at least 8 bytes.
+fn check_claimed_sizes(ty: &Type, raw: &[u8]) -> std::result::Result<(), String> {
+    let word = |at: usize| -> Option<i32> {
+        raw.get(at..at + 4)
+            .map(|b| i32::from_be_bytes([b[0], b[1], b[2], b[3]]))
+    };
+    match ty.kind() {
+        postgres_types::Kind::Array(_) => {
+            // ndim, has_nulls, element type, then (length, lower bound) per dimension.
+            let Some(ndim) = word(0) else { return Ok(()) }; // too short: FromSql says so
+            // PostgreSQL's MAXDIM is 6.
+            if !(0..=6).contains(&ndim) {
+                return Err(format!("the array claims {ndim} dimensions"));
+            }
+            let mut count: u64 = if ndim == 0 { 0 } else { 1 };
+            for d in 0..ndim as usize {
+                let len = word(12 + 8 * d).ok_or("the array header is truncated")?;
+                let len = u64::try_from(len).map_err(|_| format!("an array dimension of {len}"))?;
+                count = count.saturating_mul(len);
+            }
+            let left = raw.len().saturating_sub(12 + 8 * ndim as usize) as u64;
+            if count > left / 4 {
+                return Err(format!("the array claims {count} elements in {left} bytes"));
+            }
+        }
+        _ if ty.name() == "hstore" => {
+            let Some(n) = word(0) else { return Ok(()) };
+            let n = u64::try_from(n).map_err(|_| format!("hstore claims {n} pairs"))?;
+            let left = raw.len().saturating_sub(4) as u64;
+            if n > left / 8 {
+                return Err(format!("hstore claims {n} pairs in {left} bytes"));
+            }
+        }
+        _ => {}
+    }
+    Ok(())
 }
 
 /// One row of a simple-protocol result: every value in the text format.
@@ -374,6 +422,32 @@ mod tests {
             format!("{row:?}"),
             r#"{"n": 7, "t": "hi", "u": <16 bytes of uuid>, "z": NULL}"#
         );
+    }
+
+    #[test]
+    fn container_headers_cannot_claim_more_than_they_hold() {
+        use postgres_types::Type;
+        // int4[] with one dimension of 2^31-1 elements, and no element bytes.
+        let mut raw = Vec::new();
+        for w in [1i32, 0, 23, i32::MAX, 1] {
+            raw.extend_from_slice(&w.to_be_bytes());
+        }
+        assert!(super::check_claimed_sizes(&Type::INT4_ARRAY, &raw).is_err());
+        // The same header with its one element really there is fine.
+        let mut ok = Vec::new();
+        for w in [1i32, 0, 23, 1, 1, 4, 7] {
+            ok.extend_from_slice(&w.to_be_bytes());
+        }
+        assert!(super::check_claimed_sizes(&Type::INT4_ARRAY, &ok).is_ok());
+        assert!(super::check_claimed_sizes(&Type::INT4_ARRAY, &7i32.to_be_bytes()).is_err());
+        let hstore = Type::new(
+            "hstore".into(),
+            99999,
+            postgres_types::Kind::Simple,
+            "public".into(),
+        );
+        assert!(super::check_claimed_sizes(&hstore, &i32::MAX.to_be_bytes()).is_err());
+        assert!(super::check_claimed_sizes(&hstore, &0i32.to_be_bytes()).is_ok());
     }
 
     #[test]

@@ -217,10 +217,19 @@ async fn authenticate(
                     scram = Some(s);
                 }
                 Authentication::SaslContinue(data) => {
-                    let s = scram.as_mut().ok_or_else(|| {
+                    let mut s = scram.take().ok_or_else(|| {
                         Error::protocol("SASLContinue without a SASL exchange in progress")
                     })?;
-                    let client_final = s.update(&data)?;
+                    // The key derivation runs as many iterations as the server asks (4096 by
+                    // default, millions if it likes): on the blocking pool, not the runtime.
+                    let (s, result) = tokio::task::spawn_blocking(move || {
+                        let r = s.update(&data);
+                        (s, r)
+                    })
+                    .await
+                    .map_err(|e| Error::auth(format!("SCRAM computation failed: {e}")))?;
+                    scram = Some(s);
+                    let client_final = result?;
                     frontend::sasl_response(&mut stream.write_buf, &client_final)?;
                     stream.flush().await?;
                 }
