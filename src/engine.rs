@@ -30,7 +30,7 @@ use std::time::{Duration, Instant};
 use crate::config::Config;
 use crate::connection::Connection;
 use crate::error::{Error, Result};
-use crate::pool::{ConnectionManager, Pipeline, Pool, PoolOptions, PoolStats, Pooled};
+use crate::pool::{ConnectionManager, Manager, Pipeline, Pool, PoolOptions, PoolStats, Pooled};
 use crate::query::{Query, ToQuery};
 use crate::row::{Row, SimpleQueryResult};
 use crate::transaction::{PostgresTransaction, TransactionBuilder};
@@ -85,13 +85,19 @@ impl ServerVersion {
     }
 }
 
-struct Inner {
-    config: Config,
+/// What an engine is built with, besides its connection settings and nodes.
+#[derive(Debug, Clone, Default)]
+struct Options {
     extensions: Vec<String>,
     log_queries: bool,
     log_responses: bool,
     statement_cache_capacity: Option<usize>,
     query_timeout: Option<Duration>,
+}
+
+struct Inner {
+    config: Config,
+    options: Options,
     nodes: BTreeMap<String, PostgresEngine>,
     /// The running pool and its pipeline, if any. Read on every query; written only by
     /// start/close.
@@ -113,7 +119,7 @@ impl fmt::Debug for PostgresEngine {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("PostgresEngine")
             .field("config", &self.inner.config)
-            .field("extensions", &self.inner.extensions)
+            .field("extensions", &self.inner.options.extensions)
             .field("nodes", &self.inner.nodes.keys().collect::<Vec<_>>())
             .field("pool", &self.pool_stats())
             .finish()
@@ -124,11 +130,7 @@ impl fmt::Debug for PostgresEngine {
 #[derive(Debug)]
 pub struct EngineBuilder {
     config: Config,
-    extensions: Vec<String>,
-    log_queries: bool,
-    log_responses: bool,
-    statement_cache_capacity: Option<usize>,
-    query_timeout: Option<Duration>,
+    options: Options,
     nodes: BTreeMap<String, PostgresEngine>,
 }
 
@@ -139,34 +141,34 @@ impl EngineBuilder {
         I: IntoIterator<Item = S>,
         S: Into<String>,
     {
-        self.extensions = names.into_iter().map(Into::into).collect();
+        self.options.extensions = names.into_iter().map(Into::into).collect();
         self
     }
 
     /// Logs every query (target `pgengine::query`, info level): an id, the SQL, the duration
     /// and the row count. Parameter values are never logged.
     pub fn log_queries(mut self, on: bool) -> Self {
-        self.log_queries = on;
+        self.options.log_queries = on;
         self
     }
 
     /// Also logs each query's rows at debug level (target `pgengine::query`).
     pub fn log_responses(mut self, on: bool) -> Self {
-        self.log_responses = on;
+        self.options.log_responses = on;
         self
     }
 
     /// Sets the prepared-statement cache capacity of every connection (0 for PgBouncer in
     /// transaction pooling mode).
     pub fn statement_cache_capacity(mut self, capacity: usize) -> Self {
-        self.statement_cache_capacity = Some(capacity);
+        self.options.statement_cache_capacity = Some(capacity);
         self
     }
 
     /// Limits how long each query may take; past it the statement is cancelled on the server
     /// and the query fails with a timeout error (see [`Connection::set_query_timeout`]).
     pub fn query_timeout(mut self, timeout: Duration) -> Self {
-        self.query_timeout = Some(timeout);
+        self.options.query_timeout = Some(timeout);
         self
     }
 
@@ -181,11 +183,7 @@ impl EngineBuilder {
         PostgresEngine {
             inner: Arc::new(Inner {
                 config: self.config,
-                extensions: self.extensions,
-                log_queries: self.log_queries,
-                log_responses: self.log_responses,
-                statement_cache_capacity: self.statement_cache_capacity,
-                query_timeout: self.query_timeout,
+                options: self.options,
                 nodes: self.nodes,
                 pool: RwLock::new(None),
                 next_query_id: AtomicU64::new(1),
@@ -246,11 +244,7 @@ impl PostgresEngine {
     pub fn builder(config: Config) -> EngineBuilder {
         EngineBuilder {
             config,
-            extensions: Vec::new(),
-            log_queries: false,
-            log_responses: false,
-            statement_cache_capacity: None,
-            query_timeout: None,
+            options: Options::default(),
             nodes: BTreeMap::new(),
         }
     }
@@ -262,7 +256,7 @@ impl PostgresEngine {
 
     /// The extensions [`PostgresEngine::prep_database`] creates.
     pub fn extensions(&self) -> &[String] {
-        &self.inner.extensions
+        &self.inner.options.extensions
     }
 
     /// The engine of an extra node (a read replica) by name.
@@ -290,15 +284,19 @@ impl PostgresEngine {
         let pool = self.current_pool();
         match pool {
             Some(pool) => Ok(EngineConnection::Pooled(pool.acquire().await?)),
-            None => {
-                let mut conn = Connection::connect(&self.inner.config).await?;
-                if let Some(capacity) = self.inner.statement_cache_capacity {
-                    conn.set_statement_cache_capacity(capacity);
-                }
-                conn.set_query_timeout(self.inner.query_timeout);
-                Ok(EngineConnection::Fresh(conn))
-            }
+            None => Ok(EngineConnection::Fresh(self.manager().connect().await?)),
         }
+    }
+
+    /// How this engine opens connections, pooled or fresh: one place for the settings.
+    fn manager(&self) -> ConnectionManager {
+        let options = &self.inner.options;
+        let mut manager =
+            ConnectionManager::new(self.inner.config.clone()).query_timeout(options.query_timeout);
+        if let Some(capacity) = options.statement_cache_capacity {
+            manager = manager.statement_cache_capacity(capacity);
+        }
+        manager
     }
 
     fn current_pool(&self) -> Option<Pool<ConnectionManager>> {
@@ -349,7 +347,7 @@ impl PostgresEngine {
     /// Piccolo does; any other error is returned.
     pub async fn prep_database(&self) -> Result<()> {
         let mut conn = self.acquire().await?;
-        for name in &self.inner.extensions {
+        for name in &self.inner.options.extensions {
             let sql = format!(
                 "CREATE EXTENSION IF NOT EXISTS {}",
                 postgres_protocol::escape::escape_identifier(name)
@@ -376,13 +374,8 @@ impl PostgresEngine {
             tracing::warn!(target: "pgengine::engine", "a connection pool is already running");
             return Ok(());
         }
-        let mut manager = ConnectionManager::new(self.inner.config.clone());
-        if let Some(capacity) = self.inner.statement_cache_capacity {
-            manager = manager.statement_cache_capacity(capacity);
-        }
-        manager = manager.query_timeout(self.inner.query_timeout);
         let pipelines = options.pipeline;
-        let pool = Pool::new(manager, options);
+        let pool = Pool::new(self.manager(), options);
         let pipeline = (pipelines > 0).then(|| Arc::new(Pipeline::start(pool.clone(), pipelines)));
         *slot = Some((pool, pipeline));
         Ok(())
@@ -530,7 +523,7 @@ impl PostgresEngine {
     }
 
     fn log_start(&self, sql: &str) -> Option<(u64, Instant)> {
-        if !self.inner.log_queries {
+        if !self.inner.options.log_queries {
             return None;
         }
         let id = self.inner.next_query_id.fetch_add(1, Ordering::Relaxed);
@@ -548,7 +541,7 @@ impl PostgresEngine {
         match outcome {
             Ok((rows, response)) => {
                 tracing::info!(target: "pgengine::query", query_id = id, duration_ms = ms, rows, "done");
-                if let (true, Some(response)) = (self.inner.log_responses, response) {
+                if let (true, Some(response)) = (self.inner.options.log_responses, response) {
                     for row in response.iter() {
                         tracing::debug!(target: "pgengine::query", query_id = id, "{row:?}");
                     }
