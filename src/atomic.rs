@@ -70,12 +70,10 @@ impl Atomic {
                 .map_err(|(i, e)| name_failure(i, e, queries.len()));
         }
 
-        let begin = Query::new("BEGIN");
-        let commit = Query::new("COMMIT");
         let mut all: Vec<&dyn ToQuery> = Vec::with_capacity(queries.len() + 2);
-        all.push(&begin);
+        all.push(&"BEGIN");
         all.extend(queries.iter().copied());
-        all.push(&commit);
+        all.push(&"COMMIT");
 
         let mut conn = self.engine.acquire().await?;
         let mut retried = false;

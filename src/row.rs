@@ -371,15 +371,16 @@ impl SimpleQueryResult {
 
     /// The number of rows the command returned or affected, from its tag.
     pub fn rows_affected(&self) -> u64 {
-        rows_affected(&self.tag)
+        rows_affected(self.tag.as_bytes())
     }
 }
 
 /// The row count at the end of a CommandComplete tag (`"INSERT 0 5"` → 5), or 0 for commands
 /// that report none (`"CREATE TABLE"`).
-pub(crate) fn rows_affected(tag: &str) -> u64 {
-    tag.rsplit(' ')
+pub(crate) fn rows_affected(tag: &[u8]) -> u64 {
+    tag.rsplit(|&b| b == b' ')
         .next()
+        .and_then(|n| std::str::from_utf8(n).ok())
         .and_then(|n| n.parse().ok())
         .unwrap_or(0)
 }
@@ -452,10 +453,10 @@ mod tests {
 
     #[test]
     fn rows_affected_from_tags() {
-        assert_eq!(rows_affected("INSERT 0 5"), 5);
-        assert_eq!(rows_affected("SELECT 12"), 12);
-        assert_eq!(rows_affected("UPDATE 0"), 0);
-        assert_eq!(rows_affected("CREATE TABLE"), 0);
-        assert_eq!(rows_affected(""), 0);
+        assert_eq!(rows_affected(b"INSERT 0 5"), 5);
+        assert_eq!(rows_affected(b"SELECT 12"), 12);
+        assert_eq!(rows_affected(b"UPDATE 0"), 0);
+        assert_eq!(rows_affected(b"CREATE TABLE"), 0);
+        assert_eq!(rows_affected(b""), 0);
     }
 }

@@ -51,7 +51,9 @@ impl Connection {
                     results.push(SimpleQueryResult {
                         columns: columns.take().unwrap_or_else(|| Arc::from([])),
                         rows: std::mem::take(&mut rows),
-                        tag,
+                        // The server sends tags in the client encoding (UTF-8); lossy keeps a
+                        // misbehaving server's tag readable.
+                        tag: String::from_utf8_lossy(&tag).into_owned(),
                     });
                 }
                 BackendMessage::EmptyQueryResponse => answered = true,

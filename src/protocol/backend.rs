@@ -218,8 +218,10 @@ pub enum BackendMessage {
     BindComplete,
     /// `'3'`
     CloseComplete,
-    /// `'C'`: a command finished; the tag says which and how many rows (`"INSERT 0 5"`).
-    CommandComplete(String),
+    /// `'C'`: a command finished; the tag says which and how many rows (`"INSERT 0 5"`). Kept
+    /// as bytes of the read buffer: it arrives once per statement, and only its row count is
+    /// usually wanted.
+    CommandComplete(Bytes),
     /// `'d'`: COPY data.
     CopyData(Bytes),
     /// `'c'`: the end of COPY TO STDOUT data.
@@ -299,7 +301,7 @@ impl BackendMessage {
             }
             b'2' => BackendMessage::BindComplete,
             b'3' => BackendMessage::CloseComplete,
-            b'C' => BackendMessage::CommandComplete(r.cstr()?),
+            b'C' => BackendMessage::CommandComplete(r.cstr_bytes()?),
             b'd' => BackendMessage::CopyData(r.rest()),
             b'c' => BackendMessage::CopyDone,
             b'G' => BackendMessage::CopyInResponse(decode_copy_format(&mut r)?),
@@ -421,7 +423,7 @@ impl BackendMessage {
                 | BackendMessage::NoData
                 | BackendMessage::ParseComplete
                 | BackendMessage::PortalSuspended => {}
-                BackendMessage::CommandComplete(tag) => put_cstr(buf, tag.as_bytes(), "a tag")?,
+                BackendMessage::CommandComplete(tag) => put_cstr(buf, tag, "a tag")?,
                 BackendMessage::CopyData(data) => buf.put_slice(data),
                 BackendMessage::CopyInResponse(f)
                 | BackendMessage::CopyOutResponse(f)

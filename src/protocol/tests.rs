@@ -186,7 +186,7 @@ fn backend_message() -> impl Strategy<Value = BackendMessage> {
             }),
         Just(BackendMessage::BindComplete),
         Just(BackendMessage::CloseComplete),
-        text().prop_map(BackendMessage::CommandComplete),
+        text().prop_map(|t| BackendMessage::CommandComplete(t.into())),
         bytes().prop_map(BackendMessage::CopyData),
         Just(BackendMessage::CopyDone),
         copy.clone().prop_map(BackendMessage::CopyInResponse),

@@ -541,7 +541,7 @@ pub fn int4_row(values: &[i32]) -> BackendMessage {
 
 /// CommandComplete with a tag such as `"SELECT 2"`.
 pub fn command_complete(tag: &str) -> BackendMessage {
-    BackendMessage::CommandComplete(tag.to_owned())
+    BackendMessage::CommandComplete(bytes::Bytes::from(tag.to_owned()))
 }
 
 /// ReadyForQuery with the given transaction status.
