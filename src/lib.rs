@@ -10,12 +10,23 @@
 //!   No I/O, no tokio.
 //! - [`config`]: connection settings from libpq-style URLs and `key=value` strings, the `PG*`
 //!   environment variables and the `.pgpass` file.
-//! - [`connection`]: one socket (TCP or Unix): startup, authentication, the read/write loop and
-//!   the server's `ReadyForQuery` transaction status.
+//! - [`connection`]: one socket (TCP, Unix, or any stream): startup, authentication, the
+//!   simple and extended query protocols, the statement cache, catalog type lookups, the
+//!   server's `ReadyForQuery` transaction status, cancellation and query timeouts.
+//! - [`pool`]: a connection pool whose core knows nothing of PostgreSQL, its PostgreSQL seam,
+//!   and the pipelined mode that carries many tasks' queries over shared connections.
+//! - [`engine`]: [`PostgresEngine`], the object an application shares: settings, extensions,
+//!   read-replica nodes, query logging and its own pool.
+//! - [`transaction`], [`savepoint`], [`atomic`], [`batch`]: Piccolo's concepts —
+//!   [`PostgresTransaction`] driven by ReadyForQuery, [`Savepoint`], all-or-nothing
+//!   [`Atomic`](atomic::Atomic) runs in one round trip, and [`AsyncBatch`](batch::AsyncBatch)
+//!   over a native portal.
+//! - [`row`], [`query`], [`types`]: rows decoded lazily through `postgres-types`, queries and
+//!   their parameters, and the value types postgres-types lacks.
 //! - [`error`]: the one [`Error`] type, with a [`ErrorKind`] a caller can match on and every
 //!   field of a server error.
-//! - `testing` (feature `testing`): [`testing::TempCluster`], a throwaway PostgreSQL cluster for
-//!   tests, examples and benchmarks.
+//! - `testing` (feature `testing`): `testing::TempCluster`, a throwaway PostgreSQL cluster
+//!   for tests, examples and benchmarks.
 //!
 //! ```no_run
 //! # async fn demo() -> pgengine::Result<()> {

@@ -1,8 +1,8 @@
 //! One connection to a PostgreSQL server: startup and authentication, then queries over the
 //! simple and the extended protocol, one at a time.
 //!
-//! The connection keeps three pieces of state, changed only in [`Connection::send`] and
-//! [`Connection::read`]:
+//! The connection keeps three pieces of state, changed only in `Connection::send` and
+//! `Connection::poll_read`:
 //!
 //! - `status`: the transaction status of the last ReadyForQuery — the server's word on whether
 //!   a transaction is open or failed, never our guess.

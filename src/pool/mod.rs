@@ -7,7 +7,7 @@
 //!   waits in a FIFO queue. A returned resource goes to the first waiter, never to a task that
 //!   arrived later.
 //! - **Cancel-safe.** What is handed to a waiter travels as a guard: a checked-out resource
-//!   ([`Pooled`]) or the right to open one ([`Permit`]). If the waiter gave up (timed out, was
+//!   ([`Pooled`]) or the right to open one (`Permit`). If the waiter gave up (timed out, was
 //!   dropped) before taking it, the guard's `Drop` gives it back, so nothing leaks; a waiter
 //!   that leaves also takes its place in the queue with it.
 //! - **Only clean resources return.** On return the manager says [`Disposition::Reuse`],

@@ -7,7 +7,7 @@
 //!   servers). Row data stays in the read buffer as `Bytes` slices.
 //! - [`scram`] and [`md5_password`]: the authentication exchanges as pure state machines.
 //!
-//! Framing is split from decoding: [`read_frame`] finds one whole message in a buffer and says
+//! Framing is split from decoding: [`split_frame`] finds one whole message in a buffer and says
 //! "incomplete" with `Ok(None)` or "corrupt" with an error; the length limit is checked before a
 //! single byte of the message is reserved, so a hostile length prefix cannot make us allocate.
 
