@@ -1,16 +1,17 @@
 //! One connection to a PostgreSQL server: startup and authentication, then queries over the
 //! simple and the extended protocol, one at a time.
 //!
-//! The connection keeps three pieces of state, changed only in `Connection::send` and
-//! `Connection::poll_read`:
+//! The connection keeps three pieces of state:
 //!
 //! - `status`: the transaction status of the last ReadyForQuery — the server's word on whether
-//!   a transaction is open or failed, never our guess.
+//!   a transaction is open or failed, never our guess. Set only in `Connection::poll_read`.
 //! - `pending`: how many ReadyForQuery messages are still owed for requests already sent. A
 //!   query whose future was dropped half way leaves it above zero; the next request first reads
 //!   and discards the rest of those responses, so it can never mistake them for its own.
-//! - `broken`: set when the byte stream can no longer be trusted (an I/O or protocol error, or
-//!   a write cut off half way). A broken connection refuses every request.
+//!   Raised only in `Connection::send`, lowered only in `Connection::poll_read`.
+//! - `broken`: set only in `Connection::mark_broken` (and never cleared) when the byte stream can no
+//!   longer be trusted: an I/O or protocol error, a write cut off half way, a FATAL error, a
+//!   query timeout. A broken connection refuses every request.
 
 mod cache;
 mod extended;
@@ -355,7 +356,7 @@ impl Connection {
     async fn prepare_request(&mut self) -> Result<()> {
         if self.writing {
             // A write was cut off: the server may hold half a message. Nothing can fix that.
-            self.broken = Some("a request was interrupted while being sent".to_owned());
+            self.mark_broken("a request was interrupted while being sent".to_owned());
         }
         if let Some(reason) = &self.broken {
             return Err(Error::closed(format!("the connection is broken: {reason}")).retry_safe());
@@ -462,7 +463,7 @@ impl Connection {
                 BackendMessage::ErrorResponse(ref db) if db.severity() == "FATAL" => {
                     // The server closes the session after a FATAL error (e.g. an administrator
                     // terminated the backend).
-                    self.broken = Some(format!("the server ended the session: {}", db.message()));
+                    self.mark_broken(format!("the server ended the session: {}", db.message()));
                     return Poll::Ready(Err(Error::db(db.clone())));
                 }
                 other => return Poll::Ready(Ok(other)),
@@ -499,11 +500,16 @@ impl Connection {
         }
     }
 
+    /// The one place `broken` is set: the first reason is kept, and it is never cleared.
+    fn mark_broken(&mut self, reason: String) {
+        if self.broken.is_none() {
+            self.broken = Some(reason);
+        }
+    }
+
     /// Marks the connection broken because of `e`, and returns `e`.
     fn fail(&mut self, e: Error) -> Error {
-        if self.broken.is_none() {
-            self.broken = Some(e.to_string());
-        }
+        self.mark_broken(e.to_string());
         e
     }
 
