@@ -317,14 +317,7 @@ impl PostgresEngine {
         {
             return Ok(result);
         }
-        let mut conn = self.acquire().await?;
-        let mut stream = conn.query_stream(query).await?;
-        let mut rows = Vec::new();
-        while let Some(row) = futures::TryStreamExt::try_next(&mut stream).await? {
-            rows.push(row);
-        }
-        let affected = stream.rows_affected().unwrap_or(0);
-        Ok((rows, affected))
+        self.acquire().await?.query_counted(query).await
     }
 
     /// The server's version as `major.minor` (12.4, 9.4), as Piccolo's `get_version`.

@@ -101,12 +101,18 @@ impl Connection {
     /// # }
     /// ```
     pub async fn query(&mut self, query: impl ToQuery) -> Result<Vec<Row>> {
+        self.query_counted(query).await.map(|(rows, _)| rows)
+    }
+
+    /// Runs a query and returns all its rows and the row count from CommandComplete (which
+    /// differs from the number of rows for `INSERT … RETURNING` and the like).
+    pub(crate) async fn query_counted(&mut self, query: impl ToQuery) -> Result<(Vec<Row>, u64)> {
         let mut stream = self.query_stream(query).await?;
         let mut rows = Vec::new();
         while let Some(row) = std::future::poll_fn(|cx| stream.poll_next_row(cx)).await {
             rows.push(row?);
         }
-        Ok(rows)
+        Ok((rows, stream.rows_affected().unwrap_or(0)))
     }
 
     /// Runs a query that must return exactly one row.
