@@ -28,6 +28,9 @@ pub enum ErrorKind {
     Auth,
     /// A connection setting is unknown or malformed.
     Config,
+    /// TLS could not be set up: the server refused it where it is required, the handshake
+    /// failed, or the server's certificate was rejected (wrong CA, wrong host name).
+    Tls,
     /// An operation did not finish within its time limit.
     Timeout,
     /// The connection (or the pool) is closed or broken and cannot be used.
@@ -50,6 +53,7 @@ impl fmt::Display for ErrorKind {
             ErrorKind::Protocol => "protocol error",
             ErrorKind::Auth => "authentication error",
             ErrorKind::Config => "configuration error",
+            ErrorKind::Tls => "TLS error",
             ErrorKind::Timeout => "timeout",
             ErrorKind::Closed => "connection closed",
             ErrorKind::Transaction => "transaction error",
@@ -124,6 +128,10 @@ impl Error {
     }
 
     /// An operation ran out of time.
+    pub(crate) fn tls(message: impl Into<String>) -> Error {
+        Error::new(ErrorKind::Tls, message)
+    }
+
     pub(crate) fn timeout(message: impl Into<String>) -> Error {
         Error::new(ErrorKind::Timeout, message)
     }

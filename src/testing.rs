@@ -121,6 +121,7 @@ pub struct TempClusterBuilder {
     settings: Vec<(String, String)>,
     hba_lines: Vec<String>,
     bin_dir: Option<PathBuf>,
+    tls: bool,
 }
 
 impl TempClusterBuilder {
@@ -151,6 +152,22 @@ impl TempClusterBuilder {
     /// ```
     pub fn setting(mut self, name: impl Into<String>, value: impl Into<String>) -> Self {
         self.settings.push((name.into(), value.into()));
+        self
+    }
+
+    /// Turns TLS on: the harness makes a certificate authority and a server certificate for
+    /// `localhost` and `127.0.0.1` signed by it (with `openssl`), and sets `ssl = on`, with the
+    /// CA also trusted for client certificates. See [`TempCluster::ca_cert`] and
+    /// [`TempCluster::issue_client_cert`].
+    ///
+    /// ```no_run
+    /// # use pgengine::testing::TempCluster;
+    /// let cluster = TempCluster::builder().tls().start()?;
+    /// assert_eq!(cluster.psql("SHOW ssl")?, "on");
+    /// # Ok::<(), std::io::Error>(())
+    /// ```
+    pub fn tls(mut self) -> Self {
+        self.tls = true;
         self
     }
 
@@ -220,6 +237,22 @@ impl TempClusterBuilder {
         };
         // First, so that even a test process killed during initdb leaves nothing behind.
         cluster.watchdog = Some(cluster.spawn_watchdog()?);
+        let mut settings = self.settings.clone();
+        if self.tls {
+            // Before create_dirs, which hands the whole tree (the server's key too) to the
+            // server's OS user.
+            let dir = cluster.root.join("tls");
+            make_server_certificates(&dir)?;
+            let path = |name: &str| dir.join(name).to_string_lossy().into_owned();
+            let tls_settings = [
+                ("ssl", "on".to_owned()),
+                ("ssl_cert_file", path("server.crt")),
+                ("ssl_key_file", path("server.key")),
+                ("ssl_ca_file", path("ca.crt")),
+            ];
+            // The builder's own settings still come last and win.
+            settings.splice(0..0, tls_settings.map(|(k, v)| (k.to_owned(), v)));
+        }
         cluster.create_dirs()?;
         cluster.init_db()?;
         let base_conf = fs::read_to_string(cluster.data_dir.join("postgresql.conf"))?;
@@ -232,7 +265,7 @@ impl TempClusterBuilder {
         loop {
             let conf = format!(
                 "{base_conf}\n{}",
-                cluster_conf(&cluster.socket_dir, cluster.port, &self.settings)
+                cluster_conf(&cluster.socket_dir, cluster.port, &settings)
             );
             fs::write(cluster.data_dir.join("postgresql.conf"), conf)?;
             match cluster.start_server() {
@@ -308,6 +341,34 @@ impl TempCluster {
             Ok(cluster) => cluster,
             Err(reason) => panic!("could not start the shared test cluster: {reason}"),
         }
+    }
+
+    /// The certificate authority that signed the server's certificate (PEM), for
+    /// `sslrootcert`. Only for a cluster built with [`TempClusterBuilder::tls`].
+    pub fn ca_cert(&self) -> PathBuf {
+        self.root.join("tls").join("ca.crt")
+    }
+
+    /// Makes a client certificate for the role `user` (its common name), signed by the
+    /// cluster's CA, and returns the paths of the certificate and its key (for `sslcert`
+    /// and `sslkey`). Only for a cluster built with [`TempClusterBuilder::tls`].
+    ///
+    /// ```no_run
+    /// # use pgengine::testing::TempCluster;
+    /// let cluster = TempCluster::builder().tls().start()?;
+    /// let (cert, key) = cluster.issue_client_cert("app")?;
+    /// # Ok::<(), std::io::Error>(())
+    /// ```
+    pub fn issue_client_cert(&self, user: &str) -> io::Result<(PathBuf, PathBuf)> {
+        let dir = self.root.join("tls");
+        let stem = format!(
+            "client-{}",
+            user.replace(|c: char| !c.is_ascii_alphanumeric(), "_")
+        );
+        let cert = dir.join(format!("{stem}.crt"));
+        let key = dir.join(format!("{stem}.key"));
+        sign_certificate(&dir, &format!("/CN={user}"), "client_ext", &cert, &key)?;
+        Ok((cert, key))
     }
 
     /// The TCP port the server listens on (on [`host`](Self::host)), and the number in the name
@@ -995,6 +1056,128 @@ fn find_program(name: &str) -> Option<PathBuf> {
         .chain(["/usr/sbin", "/sbin", "/usr/bin", "/bin"].map(PathBuf::from))
         .map(|dir| dir.join(name))
         .find(|candidate| candidate.is_file())
+}
+
+/// The `openssl` configuration for the test certificates: a CA, a server certificate valid
+/// for `localhost` and `127.0.0.1`, and client certificates. rustls (webpki) insists on
+/// version 3 certificates with the right basic constraints and a subjectAltName.
+const OPENSSL_CONF: &str = "[req]
+distinguished_name = dn
+prompt = no
+[dn]
+CN = unused
+[ca_ext]
+basicConstraints = critical,CA:TRUE
+keyUsage = critical,keyCertSign,cRLSign
+subjectKeyIdentifier = hash
+[server_ext]
+basicConstraints = CA:FALSE
+keyUsage = critical,digitalSignature,keyEncipherment
+extendedKeyUsage = serverAuth
+subjectAltName = DNS:localhost,IP:127.0.0.1
+authorityKeyIdentifier = keyid
+[client_ext]
+basicConstraints = CA:FALSE
+keyUsage = critical,digitalSignature
+extendedKeyUsage = clientAuth
+authorityKeyIdentifier = keyid
+";
+
+/// Makes a self-signed certificate authority (`ca.crt`, `ca.key`) in `dir`, creating it.
+/// Tests use a second one as the "wrong" CA a client must reject.
+///
+/// ```no_run
+/// let dir = std::env::temp_dir().join("other-ca");
+/// let ca = pgengine::testing::make_certificate_authority(&dir, "some other CA")?;
+/// # Ok::<(), std::io::Error>(())
+/// ```
+pub fn make_certificate_authority(dir: &Path, name: &str) -> io::Result<PathBuf> {
+    fs::create_dir_all(dir)?;
+    let conf = dir.join("openssl.cnf");
+    fs::write(&conf, OPENSSL_CONF)?;
+    let cert = dir.join("ca.crt");
+    run(
+        "openssl req (CA)",
+        Command::new("openssl")
+            .args(["req", "-x509", "-config"])
+            .arg(&conf)
+            .args(["-extensions", "ca_ext", "-newkey", "ec", "-pkeyopt"])
+            .args([
+                "ec_paramgen_curve:prime256v1",
+                "-nodes",
+                "-days",
+                "3650",
+                "-keyout",
+            ])
+            .arg(dir.join("ca.key"))
+            .arg("-out")
+            .arg(&cert)
+            .arg("-subj")
+            .arg(format!("/CN={name}")),
+    )?;
+    Ok(cert)
+}
+
+/// Makes the CA and the server's certificate and key in `dir`.
+fn make_server_certificates(dir: &Path) -> io::Result<()> {
+    make_certificate_authority(dir, "pgengine test CA")?;
+    let key = dir.join("server.key");
+    sign_certificate(
+        dir,
+        "/CN=localhost",
+        "server_ext",
+        &dir.join("server.crt"),
+        &key,
+    )?;
+    // The server refuses a key that others can read.
+    fs::set_permissions(&key, fs::Permissions::from_mode(0o600))
+}
+
+/// Makes a key and a certificate for `subject` signed by the CA in `dir`.
+fn sign_certificate(
+    dir: &Path,
+    subject: &str,
+    extensions: &str,
+    cert: &Path,
+    key: &Path,
+) -> io::Result<()> {
+    let csr = cert.with_extension("csr");
+    run(
+        "openssl req",
+        Command::new("openssl")
+            .args(["req", "-new", "-config"])
+            .arg(dir.join("openssl.cnf"))
+            .args([
+                "-newkey",
+                "ec",
+                "-pkeyopt",
+                "ec_paramgen_curve:prime256v1",
+                "-nodes",
+            ])
+            .arg("-keyout")
+            .arg(key)
+            .arg("-out")
+            .arg(&csr)
+            .args(["-subj", subject]),
+    )?;
+    let serial = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(1, |d| d.as_nanos() as u64 | 1);
+    run(
+        "openssl x509",
+        Command::new("openssl")
+            .args(["x509", "-req", "-days", "3650", "-in"])
+            .arg(&csr)
+            .arg("-CA")
+            .arg(dir.join("ca.crt"))
+            .arg("-CAkey")
+            .arg(dir.join("ca.key"))
+            .args(["-set_serial", &serial.to_string(), "-extfile"])
+            .arg(dir.join("openssl.cnf"))
+            .args(["-extensions", extensions, "-out"])
+            .arg(cert),
+    )?;
+    fs::set_permissions(key, fs::Permissions::from_mode(0o600))
 }
 
 /// The lines added to `postgresql.conf`. Later lines win, so the builder's settings come last.

@@ -641,6 +641,55 @@ async fn password_request_without_a_password_sends_none() {
     }
 }
 
+#[tokio::test]
+async fn require_auth_refuses_before_any_secret_is_sent() {
+    let request = |method: &str| match method {
+        "cleartext" => vec![
+            Step::Expect(Kind::Startup),
+            Step::Send(auth(Authentication::CleartextPassword)),
+        ],
+        "md5" => md5_request(),
+        "SCRAM" => sasl_request(),
+        _ => trust_login(),
+    };
+    let rules = [
+        ("cleartext", "require_auth=scram-sha-256"),
+        ("cleartext", "require_auth=!password"),
+        ("md5", "require_auth=scram-sha-256"),
+        ("md5", "require_auth=!md5,!password"),
+        ("SCRAM", "require_auth=md5"),
+        ("SCRAM", "require_auth=!scram-sha-256"),
+        ("none", "require_auth=scram-sha-256"),
+        // channel binding is impossible without TLS: no password may go out either.
+        ("cleartext", "channel_binding=require"),
+        ("md5", "channel_binding=require"),
+        ("SCRAM", "channel_binding=require"),
+    ];
+    for (method, rule) in rules {
+        let server = MockServer::start(request(method)).await;
+        let config = server.config_with(&format!("user=u password=secret-pw {rule}"));
+        let err = connect_err(&config).await;
+        assert_eq!(err.kind(), ErrorKind::Auth, "{method} {rule}: {err}");
+        let t = server.finish().await;
+        assert_eq!(
+            t.kinds(),
+            [Kind::Startup],
+            "{method} {rule}: only the startup packet"
+        );
+        assert!(
+            !t.raw_contains(b"secret-pw"),
+            "{method} {rule}: the password was sent"
+        );
+        let mut startup = bytes::BytesMut::new();
+        t.messages[0].encode(&mut startup).unwrap();
+        assert_eq!(
+            t.raw,
+            startup.to_vec(),
+            "{method} {rule}: bytes after the startup packet"
+        );
+    }
+}
+
 // ---- Errors and timeouts at startup ---------------------------------------------------------
 
 #[tokio::test]

@@ -340,6 +340,20 @@ impl Config {
         self.ssl_sni.unwrap_or(true)
     }
 
+    /// Whether to send a client certificate (`sslcertmode`): `disable`, `allow` (the
+    /// default: send one if there is one) or `require`.
+    ///
+    /// ```
+    /// use pgengine::Config;
+    ///
+    /// assert_eq!(Config::new().get_ssl_cert_mode(), "allow");
+    /// assert_eq!(Config::parse("sslcertmode=disable")?.get_ssl_cert_mode(), "disable");
+    /// # Ok::<(), pgengine::Error>(())
+    /// ```
+    pub fn get_ssl_cert_mode(&self) -> &'static str {
+        self.ssl_cert_mode.unwrap_or("allow")
+    }
+
     /// The oldest TLS version to accept (`TLSv1` .. `TLSv1.3`), if set and not empty.
     ///
     /// ```

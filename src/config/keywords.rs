@@ -98,9 +98,12 @@ impl Config {
             // libpq turns SNI on only for a value starting with "1", and never complains.
             "sslsni" => self.ssl_sni = Some(value.starts_with('1')),
             "sslcertmode" => {
-                parse_enum(key, value, |v| {
-                    matches!(v, "disable" | "allow" | "require").then_some(())
-                })?;
+                self.ssl_cert_mode = Some(parse_enum(key, value, |v| match v {
+                    "disable" => Some("disable"),
+                    "allow" => Some("allow"),
+                    "require" => Some("require"),
+                    _ => None,
+                })?);
             }
             "ssl_min_protocol_version" => {
                 self.ssl_min_protocol_version = Some(parse_tls_version(key, value)?)

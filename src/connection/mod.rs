@@ -18,6 +18,7 @@ mod extended;
 mod simple;
 mod startup;
 mod stream;
+mod tls;
 mod types;
 
 use std::collections::{HashMap, VecDeque};
@@ -60,6 +61,8 @@ pub struct Notification {
 pub struct CancelToken {
     /// `None` for a connection over a caller-provided stream: no address to send a cancel to.
     target: Option<startup::Target>,
+    /// Set when the connection runs over TLS: the CancelRequest goes over TLS as well.
+    tls: Option<tls::TlsConnector>,
     process_id: i32,
     secret_key: Bytes,
 }
@@ -88,7 +91,17 @@ impl CancelToken {
                 "the connection runs over a caller-provided stream: no address to cancel through",
             ));
         };
-        let socket = startup::open_socket(target).await?;
+        let mut socket = startup::open_socket(target, None).await?;
+        if let Some(tls) = &self.tls {
+            socket = match startup::start_tls(socket, tls, target).await? {
+                startup::Negotiated::Tls(handshake) => handshake.socket,
+                startup::Negotiated::Refused(_) => {
+                    return Err(Error::tls(
+                        "the server refused TLS for the CancelRequest of a TLS connection",
+                    ));
+                }
+            };
+        }
         let mut stream = MessageStream::new(socket, crate::protocol::DEFAULT_MAX_MESSAGE_LEN);
         frontend::cancel_request(&mut stream.write_buf, self.process_id, &self.secret_key);
         stream.flush().await?;
@@ -217,6 +230,7 @@ impl Connection {
             parameters: s.parameters.into_iter().collect(),
             cancel: CancelToken {
                 target: s.target,
+                tls: s.tls,
                 process_id: s.process_id,
                 secret_key: s.secret_key,
             },
@@ -250,6 +264,11 @@ impl Connection {
     /// `TimeZone`, `client_encoding`, `integer_datetimes`, …).
     pub fn parameter(&self, name: &str) -> Option<&str> {
         self.parameters.get(name).map(String::as_str)
+    }
+
+    /// True when the connection runs over TLS.
+    pub fn uses_tls(&self) -> bool {
+        self.cancel.tls.is_some()
     }
 
     /// The server's process id for this connection (`pg_backend_pid()`).

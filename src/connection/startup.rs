@@ -3,10 +3,14 @@
 
 use std::time::Duration;
 
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpStream, UnixStream};
 
 use super::stream::{MessageStream, Socket};
-use crate::config::{Config, Host, HostAddr, SslMode};
+use super::tls::TlsConnector;
+use crate::config::{
+    ChannelBinding as ChannelBindingMode, Config, Host, HostAddr, SslMode, SslNegotiation,
+};
 use crate::error::{Error, ErrorKind, Result};
 use crate::protocol::scram::{self, ChannelBinding, ScramSha256};
 use crate::protocol::{self, Authentication, BackendMessage, frontend};
@@ -21,6 +25,9 @@ pub(crate) struct Startup {
     pub(crate) status: protocol::TransactionStatus,
     /// The server this connection reached (for CancelRequest); `None` over a caller's stream.
     pub(crate) target: Option<Target>,
+    /// The TLS settings the connection was made with, when it runs over TLS: a
+    /// CancelRequest must go over TLS too.
+    pub(crate) tls: Option<TlsConnector>,
 }
 
 /// One server to try: a host (name or socket directory), the numeric address to dial instead
@@ -34,10 +41,11 @@ pub(crate) struct Target {
 
 /// Tries each host in turn (libpq's order) and returns the first connection that starts.
 pub(crate) async fn connect(config: &Config) -> Result<Startup> {
+    let tls = TlsConnector::from_config(config)?;
     let mut last_error = None;
     for (host, addr, port) in config.effective_targets() {
         let target = Target { host, addr, port };
-        let attempt = connect_host(config, &target);
+        let attempt = connect_host(config, &target, tls.as_ref());
         let result = match config.get_connect_timeout() {
             Some(limit) => match tokio::time::timeout(limit, attempt).await {
                 Ok(r) => r,
@@ -72,7 +80,9 @@ fn human(d: Duration) -> String {
     format!("{:.1}s", d.as_secs_f64())
 }
 
-pub(crate) async fn open_socket(target: &Target) -> Result<Socket> {
+/// Opens a socket to `target`; `config` (absent for a CancelRequest's short-lived socket)
+/// supplies the TCP keepalive settings.
+pub(crate) async fn open_socket(target: &Target, config: Option<&Config>) -> Result<Socket> {
     let port = target.port;
     match &target.host {
         Host::Tcp(h) => {
@@ -86,6 +96,9 @@ pub(crate) async fn open_socket(target: &Target) -> Result<Socket> {
             stream
                 .set_nodelay(true)
                 .map_err(|e| Error::io("could not set TCP_NODELAY", e))?;
+            if let Some(config) = config {
+                set_keepalives(&stream, config)?;
+            }
             Ok(Socket::Tcp(stream))
         }
         Host::Unix(dir) => {
@@ -98,19 +111,138 @@ pub(crate) async fn open_socket(target: &Target) -> Result<Socket> {
     }
 }
 
-async fn connect_host(config: &Config, target: &Target) -> Result<Startup> {
+/// Applies `keepalives`, `keepalives_idle`, `keepalives_interval`, `keepalives_count` and
+/// `tcp_user_timeout`: a server that vanishes (a cable pulled, a VM frozen) is noticed by the
+/// kernel instead of leaving the connection waiting forever.
+fn set_keepalives(stream: &TcpStream, config: &Config) -> Result<()> {
+    let socket = socket2::SockRef::from(stream);
+    let failed = |e| Error::io("could not set TCP keepalive options", e);
+    if !config.get_keepalives() {
+        return socket.set_keepalive(false).map_err(failed);
+    }
+    let mut keepalive = socket2::TcpKeepalive::new();
+    if let Some(idle) = config.get_keepalives_idle() {
+        keepalive = keepalive.with_time(idle);
+    }
+    if let Some(interval) = config.get_keepalives_interval() {
+        keepalive = keepalive.with_interval(interval);
+    }
+    #[cfg(not(any(target_os = "openbsd", target_os = "windows")))]
+    if let Some(count) = config.get_keepalives_count() {
+        keepalive = keepalive.with_retries(count);
+    }
+    socket.set_tcp_keepalive(&keepalive).map_err(failed)?;
+    #[cfg(any(target_os = "linux", target_os = "android"))]
+    if let Some(limit) = config.get_tcp_user_timeout() {
+        socket.set_tcp_user_timeout(Some(limit)).map_err(failed)?;
+    }
+    Ok(())
+}
+
+/// Connects to one server with the TLS behaviour of `sslmode` (libpq's, §34.19.1):
+/// `allow` tries plain text first and TLS if the server refuses; `prefer` tries TLS first and
+/// plain text if the server does not offer it, the handshake fails, or the server refuses the
+/// TLS session; the stricter modes use TLS or fail. Unix-domain sockets never use TLS.
+async fn connect_host(
+    config: &Config,
+    target: &Target,
+    tls: Option<&TlsConnector>,
+) -> Result<Startup> {
+    let (Some(tls), Host::Tcp(_)) = (tls, &target.host) else {
+        return attempt(config, target, None).await;
+    };
     match config.get_ssl_mode() {
-        SslMode::Disable | SslMode::Allow | SslMode::Prefer => {}
-        mode => {
-            return Err(Error::config(format!(
-                "sslmode={} needs TLS, which this version of pgengine does not support yet; \
-                 use sslmode=disable or prefer",
-                mode.as_str()
-            )));
+        SslMode::Allow => match attempt(config, target, None).await {
+            Err(e) if refused_by_server(&e) => attempt(config, target, Some((tls, false))).await,
+            result => result,
+        },
+        SslMode::Prefer => match attempt(config, target, Some((tls, false))).await {
+            Err(e) if e.kind() == ErrorKind::Tls || refused_by_server(&e) => {
+                attempt(config, target, None).await
+            }
+            result => result,
+        },
+        _ => attempt(config, target, Some((tls, true))).await,
+    }
+}
+
+/// An error the server sent during startup (a `pg_hba.conf` line that refuses this kind of
+/// connection, say), as opposed to one of the network or of our settings.
+fn refused_by_server(e: &Error) -> bool {
+    e.as_db_error().is_some()
+}
+
+/// One connection attempt: plain text, or TLS (`required`: whether a server without TLS is an
+/// error or gets a plain-text session).
+async fn attempt(
+    config: &Config,
+    target: &Target,
+    tls: Option<(&TlsConnector, bool)>,
+) -> Result<Startup> {
+    let socket = open_socket(target, Some(config)).await?;
+    let (socket, end_point, used) = match tls {
+        None => (socket, None, None),
+        Some((connector, required)) => match start_tls(socket, connector, target).await? {
+            Negotiated::Tls(h) => (h.socket, Some(h.end_point), Some(connector.clone())),
+            Negotiated::Refused(_) if required => {
+                return Err(Error::tls(format!(
+                    "the server at {} does not accept TLS connections, but sslmode={} requires TLS",
+                    describe(target),
+                    config.get_ssl_mode().as_str()
+                )));
+            }
+            Negotiated::Refused(socket) => (socket, None, None),
+        },
+    };
+    let mut startup = start_with(socket, config, Some(target.clone()), end_point).await?;
+    startup.tls = used;
+    Ok(startup)
+}
+
+/// The server's answer to TLS: a TLS session, or the plain socket back when it said no.
+pub(crate) enum Negotiated {
+    Tls(super::tls::Handshake),
+    Refused(Socket),
+}
+
+/// Starts TLS on a fresh socket: SSLRequest and the server's one-byte answer first
+/// (§55.2.10 "SSL Session Encryption"), or the handshake at once for `sslnegotiation=direct`.
+pub(crate) async fn start_tls(
+    mut socket: Socket,
+    tls: &TlsConnector,
+    target: &Target,
+) -> Result<Negotiated> {
+    let Host::Tcp(host) = &target.host else {
+        return Ok(Negotiated::Refused(socket));
+    };
+    if tls.negotiation == SslNegotiation::Postgres {
+        let mut request = bytes::BytesMut::new();
+        frontend::ssl_request(&mut request);
+        socket
+            .write_all(&request)
+            .await
+            .map_err(|e| Error::io("could not send SSLRequest", e))?;
+        // Exactly one byte: whatever follows 'S' belongs to the TLS handshake, and a server
+        // (or a man in the middle) that sends more before it is caught by the handshake
+        // instead of being read as plain-text protocol (CVE-2021-23222).
+        let answer = socket
+            .read_u8()
+            .await
+            .map_err(|e| Error::io("could not read the answer to SSLRequest", e))?;
+        match answer {
+            b'S' => {}
+            b'N' => return Ok(Negotiated::Refused(socket)),
+            // A server too old to know SSLRequest answers with an ErrorResponse.
+            b'E' => return Err(Error::tls("the server does not understand SSLRequest")),
+            other => {
+                return Err(Error::protocol(format!(
+                    "unexpected answer {other:#04x} to SSLRequest"
+                )));
+            }
         }
     }
-    let socket = open_socket(target).await?;
-    start_on(socket, config, Some(target.clone())).await
+    // libpq checks the certificate against `host`, even when `hostaddr` is what is dialled.
+    tls.handshake(socket, host).await.map(Negotiated::Tls)
 }
 
 /// Runs startup and authentication over an already open socket.
@@ -118,6 +250,17 @@ pub(crate) async fn start_on(
     socket: Socket,
     config: &Config,
     target: Option<Target>,
+) -> Result<Startup> {
+    start_with(socket, config, target, None).await
+}
+
+/// Runs startup and authentication; `end_point` is the TLS channel binding data when the
+/// socket runs over TLS.
+async fn start_with(
+    socket: Socket,
+    config: &Config,
+    target: Option<Target>,
+    end_point: Option<Result<Vec<u8>>>,
 ) -> Result<Startup> {
     let user = config.effective_user()?;
     let dbname = config.effective_dbname()?;
@@ -142,7 +285,7 @@ pub(crate) async fn start_on(
         Some(t) => (t.host.clone(), t.port),
         None => (Host::Tcp(String::new()), 0),
     };
-    authenticate(&mut stream, config, &host, port, &user).await?;
+    authenticate(&mut stream, config, &host, port, &user, end_point).await?;
     finish_startup(stream, target).await
 }
 
@@ -157,13 +300,38 @@ fn startup_error(db: Box<crate::error::DbError>) -> Error {
     Error::with_db(kind, db)
 }
 
+/// The authentication exchange (§55.2.1). `require_auth` and `channel_binding=require` are
+/// checked when the server names its method, before any secret is sent: a server (or an
+/// impostor) that asks for a refused method learns nothing.
 async fn authenticate(
     stream: &mut MessageStream,
     config: &Config,
     host: &Host,
     port: u16,
     user: &str,
+    end_point: Option<Result<Vec<u8>>>,
 ) -> Result<()> {
+    let binding = config.get_channel_binding();
+    let allow = |method: &str| -> Result<()> {
+        if !config.require_auth_allows(method) {
+            return Err(Error::auth(format!(
+                "the server asked for authentication method \"{method}\", which require_auth={} \
+                 does not allow; nothing was sent",
+                config.get_require_auth().unwrap_or_default()
+            )));
+        }
+        if binding == ChannelBindingMode::Require && method != "scram-sha-256" {
+            return Err(Error::auth(format!(
+                "channel_binding=require, but the server asked for authentication method \
+                 \"{method}\", which has no channel binding; nothing was sent"
+            )));
+        }
+        Ok(())
+    };
+    // The method the server asked for (None: it let us in without asking), and whether it
+    // was SCRAM bound to the TLS channel.
+    let mut method: Option<&str> = None;
+    let mut bound = false;
     let password = || {
         config.password_for(host, port).ok_or_else(|| {
             Error::auth(
@@ -185,13 +353,30 @@ async fn authenticate(
                             "the server ended SCRAM authentication without proving its identity",
                         ));
                     }
+                    if method.is_none() && !config.require_auth_allows("none") {
+                        return Err(Error::auth(format!(
+                            "the server let us in without authentication, which \
+                             require_auth={} does not allow",
+                            config.get_require_auth().unwrap_or_default()
+                        )));
+                    }
+                    if binding == ChannelBindingMode::Require && !bound {
+                        return Err(Error::auth(
+                            "channel_binding=require, but the server authenticated us without \
+                             channel binding",
+                        ));
+                    }
                     return Ok(());
                 }
                 Authentication::CleartextPassword => {
+                    allow("password")?;
+                    method = Some("password");
                     frontend::password(&mut stream.write_buf, &password()?)?;
                     stream.flush().await?;
                 }
                 Authentication::Md5Password { salt } => {
+                    allow("md5")?;
+                    method = Some("md5");
                     let hash = protocol::md5_password(user.as_bytes(), &password()?, salt);
                     frontend::password(&mut stream.write_buf, hash.as_bytes())?;
                     stream.flush().await?;
@@ -200,17 +385,14 @@ async fn authenticate(
                     if scram.is_some() {
                         return Err(Error::protocol("the server restarted SASL authentication"));
                     }
-                    if !mechanisms.iter().any(|m| m == scram::SCRAM_SHA_256) {
-                        return Err(Error::auth(format!(
-                            "none of the server's SASL mechanisms ({}) is supported",
-                            mechanisms.join(", ")
-                        )));
-                    }
-                    // Without TLS there is no channel to bind to: gs2 flag 'n'.
-                    let s = ScramSha256::new(&password()?, ChannelBinding::Unsupported);
+                    allow("scram-sha-256")?;
+                    method = Some("scram-sha-256");
+                    let (mechanism, cbind) = choose_mechanism(&mechanisms, binding, &end_point)?;
+                    bound = matches!(cbind, ChannelBinding::TlsServerEndPoint(_));
+                    let s = ScramSha256::new(&password()?, cbind);
                     frontend::sasl_initial_response(
                         &mut stream.write_buf,
-                        scram::SCRAM_SHA_256,
+                        mechanism,
                         s.client_first(),
                     )?;
                     stream.flush().await?;
@@ -273,6 +455,56 @@ async fn authenticate(
     }
 }
 
+/// Picks the SASL mechanism and the gs2 channel binding flag (RFC 5802 §6, as libpq):
+/// SCRAM-SHA-256-PLUS bound to the certificate when TLS is on and the server offers it;
+/// otherwise plain SCRAM with `y` ("I could bind, but you did not offer it", which lets a
+/// server that does support it detect a downgrade) under TLS, or `n` without TLS.
+fn choose_mechanism(
+    offered: &[String],
+    binding: ChannelBindingMode,
+    end_point: &Option<Result<Vec<u8>>>,
+) -> Result<(&'static str, ChannelBinding)> {
+    let offers = |m: &str| offered.iter().any(|o| o == m);
+    if binding != ChannelBindingMode::Disable && offers(scram::SCRAM_SHA_256_PLUS) {
+        match end_point {
+            Some(Ok(hash)) => {
+                return Ok((
+                    scram::SCRAM_SHA_256_PLUS,
+                    ChannelBinding::TlsServerEndPoint(hash.clone()),
+                ));
+            }
+            Some(Err(e)) if binding == ChannelBindingMode::Require => {
+                return Err(Error::auth(format!("channel_binding=require: {e}")));
+            }
+            _ => {}
+        }
+    }
+    if binding == ChannelBindingMode::Require {
+        return Err(Error::auth(if end_point.is_none() {
+            "channel_binding=require, but the connection does not use TLS, so there is no \
+             channel to bind to"
+                .to_owned()
+        } else {
+            format!(
+                "channel_binding=require, but the server offers no SASL mechanism with channel \
+                 binding ({})",
+                offered.join(", ")
+            )
+        }));
+    }
+    if !offers(scram::SCRAM_SHA_256) {
+        return Err(Error::auth(format!(
+            "none of the server's SASL mechanisms ({}) is supported",
+            offered.join(", ")
+        )));
+    }
+    let flag = match end_point {
+        Some(Ok(_)) if binding != ChannelBindingMode::Disable => ChannelBinding::UnusedByClient,
+        _ => ChannelBinding::Unsupported,
+    };
+    Ok((scram::SCRAM_SHA_256, flag))
+}
+
 async fn finish_startup(mut stream: MessageStream, target: Option<Target>) -> Result<Startup> {
     let mut parameters = Vec::new();
     let mut notices = Vec::new();
@@ -298,6 +530,7 @@ async fn finish_startup(mut stream: MessageStream, target: Option<Target>) -> Re
                     notices,
                     status,
                     target,
+                    tls: None,
                 });
             }
             other => {

@@ -34,6 +34,8 @@ impl<T: AsyncRead + AsyncWrite + Unpin + Send + 'static> Transport for T {}
 pub(crate) enum Socket {
     Tcp(TcpStream),
     Unix(UnixStream),
+    /// TLS over TCP (boxed: the session state is large, and plain sockets should stay small).
+    Tls(Box<tokio_rustls::client::TlsStream<Socket>>),
     Other(Box<dyn Transport>),
 }
 
@@ -42,6 +44,7 @@ impl std::fmt::Debug for Socket {
         match self {
             Socket::Tcp(s) => s.fmt(f),
             Socket::Unix(s) => s.fmt(f),
+            Socket::Tls(s) => s.get_ref().0.fmt(f),
             Socket::Other(_) => f.write_str("Transport"),
         }
     }
@@ -56,6 +59,7 @@ impl AsyncRead for Socket {
         match self.get_mut() {
             Socket::Tcp(s) => Pin::new(s).poll_read(cx, buf),
             Socket::Unix(s) => Pin::new(s).poll_read(cx, buf),
+            Socket::Tls(s) => Pin::new(s).poll_read(cx, buf),
             Socket::Other(s) => Pin::new(s).poll_read(cx, buf),
         }
     }
@@ -70,6 +74,7 @@ impl AsyncWrite for Socket {
         match self.get_mut() {
             Socket::Tcp(s) => Pin::new(s).poll_write(cx, buf),
             Socket::Unix(s) => Pin::new(s).poll_write(cx, buf),
+            Socket::Tls(s) => Pin::new(s).poll_write(cx, buf),
             Socket::Other(s) => Pin::new(s).poll_write(cx, buf),
         }
     }
@@ -78,6 +83,7 @@ impl AsyncWrite for Socket {
         match self.get_mut() {
             Socket::Tcp(s) => Pin::new(s).poll_flush(cx),
             Socket::Unix(s) => Pin::new(s).poll_flush(cx),
+            Socket::Tls(s) => Pin::new(s).poll_flush(cx),
             Socket::Other(s) => Pin::new(s).poll_flush(cx),
         }
     }
@@ -86,6 +92,7 @@ impl AsyncWrite for Socket {
         match self.get_mut() {
             Socket::Tcp(s) => Pin::new(s).poll_shutdown(cx),
             Socket::Unix(s) => Pin::new(s).poll_shutdown(cx),
+            Socket::Tls(s) => Pin::new(s).poll_shutdown(cx),
             Socket::Other(s) => Pin::new(s).poll_shutdown(cx),
         }
     }
@@ -116,7 +123,11 @@ impl MessageStream {
         if self.write_buf.is_empty() {
             return Ok(());
         }
-        let r = self.socket.write_all(&self.write_buf).await;
+        let mut r = self.socket.write_all(&self.write_buf).await;
+        if r.is_ok() && matches!(self.socket, Socket::Tls(_)) {
+            // TLS may keep the last record in its own buffer until flushed.
+            r = self.socket.flush().await;
+        }
         self.write_buf.clear();
         r.map_err(|e| Error::io("could not send data to the server", e))
     }

@@ -18,7 +18,7 @@ use std::mem;
 use base64::Engine;
 use base64::engine::general_purpose::STANDARD as BASE64;
 use hmac::{Hmac, KeyInit, Mac};
-use sha2::{Digest, Sha256};
+use sha2::{Digest, Sha256, Sha384, Sha512};
 
 use crate::error::{Error, Result};
 
@@ -58,6 +58,65 @@ impl ChannelBinding {
         }
         v
     }
+}
+
+/// The `tls-server-end-point` channel binding data (RFC 5929 §4.1): the hash of the server's
+/// DER certificate, with the hash function of the certificate's signature algorithm, SHA-256
+/// when that is MD5 or SHA-1. Errors for a certificate that is not DER, or whose signature
+/// algorithm names no hash (Ed25519, RSASSA-PSS): RFC 5929 defines no binding for those, and
+/// the server (which asks OpenSSL the same question) cannot compute one either.
+pub fn tls_server_end_point(cert_der: &[u8]) -> Result<Vec<u8>> {
+    // Certificate ::= SEQUENCE { tbsCertificate, signatureAlgorithm AlgorithmIdentifier, .. }
+    // AlgorithmIdentifier ::= SEQUENCE { algorithm OBJECT IDENTIFIER, parameters ANY OPTIONAL }
+    let malformed = || Error::auth("the server's TLS certificate is not valid DER");
+    let (certificate, _) = der_element(cert_der, 0x30).ok_or_else(malformed)?;
+    let (_, rest) = der_element(certificate, 0x30).ok_or_else(malformed)?;
+    let (algorithm, _) = der_element(rest, 0x30).ok_or_else(malformed)?;
+    let (oid, _) = der_element(algorithm, 0x06).ok_or_else(malformed)?;
+    // Arc prefixes 1.2.840.113549.1.1 (PKCS #1) and 1.2.840.10045.4 (ECDSA), DER-encoded.
+    const PKCS1: &[u8] = &[0x2a, 0x86, 0x48, 0x86, 0xf7, 0x0d, 0x01, 0x01];
+    const ECDSA: &[u8] = &[0x2a, 0x86, 0x48, 0xce, 0x3d, 0x04];
+    let hash = match oid {
+        // md5WithRSA (.4), sha1WithRSA (.5), sha256WithRSA (.11); ecdsa-with-SHA1, -SHA256.
+        [p @ .., 4 | 5 | 11] if p == PKCS1 => Sha256::digest(cert_der).to_vec(),
+        [p @ .., 1] if p == ECDSA => Sha256::digest(cert_der).to_vec(),
+        [p @ .., 3, 2] if p == ECDSA => Sha256::digest(cert_der).to_vec(),
+        [p @ .., 12] if p == PKCS1 => Sha384::digest(cert_der).to_vec(),
+        [p @ .., 3, 3] if p == ECDSA => Sha384::digest(cert_der).to_vec(),
+        [p @ .., 13] if p == PKCS1 => Sha512::digest(cert_der).to_vec(),
+        [p @ .., 3, 4] if p == ECDSA => Sha512::digest(cert_der).to_vec(),
+        _ => {
+            return Err(Error::auth(
+                "the server's certificate uses a signature algorithm with no \
+                 tls-server-end-point hash, so channel binding is impossible",
+            ));
+        }
+    };
+    Ok(hash)
+}
+
+/// Splits the DER element with tag `tag` off the front of `der`: its contents, and what follows.
+fn der_element(der: &[u8], tag: u8) -> Option<(&[u8], &[u8])> {
+    let (&first, rest) = der.split_first()?;
+    if first != tag {
+        return None;
+    }
+    let (&len0, mut rest) = rest.split_first()?;
+    let len = if len0 < 0x80 {
+        usize::from(len0)
+    } else {
+        // Long form: the low bits count the length bytes that follow (at most 4 here).
+        let n = usize::from(len0 & 0x7f);
+        if n == 0 || n > 4 || rest.len() < n {
+            return None;
+        }
+        let (bytes, tail) = rest.split_at(n);
+        rest = tail;
+        bytes
+            .iter()
+            .fold(0usize, |acc, &b| (acc << 8) | usize::from(b))
+    };
+    (rest.len() >= len).then(|| rest.split_at(len))
 }
 
 enum State {

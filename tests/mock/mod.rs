@@ -229,9 +229,16 @@ impl MockServer {
 
     /// Settings to reach this server with other `key=value` settings than [`MockServer::config`]
     /// (host and port are added here).
+    /// Plain text unless the settings name an `sslmode`: scripts start at the
+    /// StartupMessage, and the default `prefer` would send an SSLRequest first.
     pub fn config_with(&self, settings: &str) -> Config {
+        let tls = if settings.contains("sslmode=") {
+            ""
+        } else {
+            "sslmode=disable "
+        };
         Config::parse(&format!(
-            "host=127.0.0.1 port={} {settings}",
+            "host=127.0.0.1 port={} {tls}{settings}",
             self.addr.port()
         ))
         .expect("the mock server's settings parse")
