@@ -93,6 +93,8 @@ struct Options {
     log_responses: bool,
     statement_cache_capacity: Option<usize>,
     query_timeout: Option<Duration>,
+    drain_timeout: Option<Duration>,
+    keep_abandoned: bool,
 }
 
 struct Inner {
@@ -169,6 +171,23 @@ impl EngineBuilder {
     /// and the query fails with a timeout error (see [`Connection::set_query_timeout`]).
     pub fn query_timeout(mut self, timeout: Duration) -> Self {
         self.options.query_timeout = Some(timeout);
+        self
+    }
+
+    /// Sets how long a connection whose query was abandoned (its future dropped, or timed
+    /// out) may take to bring the rest of the answer before it is closed instead of reused
+    /// (default [`DEFAULT_DRAIN_TIMEOUT`](crate::connection::DEFAULT_DRAIN_TIMEOUT)).
+    pub fn drain_timeout(mut self, timeout: Duration) -> Self {
+        self.options.drain_timeout = Some(timeout);
+        self
+    }
+
+    /// Sets whether a query whose future is dropped before it finished is cancelled on the
+    /// server (the default: `true`) or left to run to its end before the connection is
+    /// reused. Either way the connection is drained to its ReadyForQuery before anyone else
+    /// gets it.
+    pub fn cancel_on_drop(mut self, cancel: bool) -> Self {
+        self.options.keep_abandoned = !cancel;
         self
     }
 
@@ -296,7 +315,10 @@ impl PostgresEngine {
         if let Some(capacity) = options.statement_cache_capacity {
             manager = manager.statement_cache_capacity(capacity);
         }
-        manager
+        if let Some(limit) = options.drain_timeout {
+            manager = manager.drain_timeout(limit);
+        }
+        manager.cancel_abandoned(!options.keep_abandoned)
     }
 
     fn current_pool(&self) -> Option<Pool<ConnectionManager>> {
@@ -433,6 +455,14 @@ impl PostgresEngine {
     /// True while the current task runs inside [`TransactionBuilder::run`] for this engine.
     pub fn transaction_exists(&self) -> bool {
         crate::transaction::current(self).is_some()
+    }
+
+    /// The cancel token of the transaction this task is running on this engine, to hand to
+    /// another task that may need to stop its statement; `None` outside a transaction (a
+    /// pooled query's connection is only known while it runs: acquire one with
+    /// [`acquire`](Self::acquire) and use its [`cancel_token`](Connection::cancel_token)).
+    pub fn cancel_token(&self) -> Option<crate::connection::CancelToken> {
+        crate::transaction::current(self).map(|tx| tx.cancel_token())
     }
 
     /// True if `other` is this engine (or a clone of it).

@@ -34,6 +34,7 @@ pub type BoxedParam = Box<dyn ToSql + Send + Sync>;
 pub struct Query {
     sql: String,
     params: Vec<BoxedParam>,
+    timeout: Option<std::time::Duration>,
 }
 
 impl Query {
@@ -42,7 +43,25 @@ impl Query {
         Query {
             sql: sql.into(),
             params: Vec::new(),
+            timeout: None,
         }
+    }
+
+    /// Gives this query its own time limit, instead of the connection's or engine's query
+    /// timeout. When it passes, the statement is cancelled on the server and the query fails
+    /// with [`ErrorKind::Timeout`](crate::ErrorKind::Timeout); the connection stays usable.
+    ///
+    /// ```
+    /// use std::time::Duration;
+    /// use pgengine::Query;
+    ///
+    /// let q = Query::new("SELECT pg_sleep(10)").timeout(Duration::from_millis(100));
+    /// # use pgengine::query::ToQuery;
+    /// assert_eq!(q.time_limit(), Some(Duration::from_millis(100)));
+    /// ```
+    pub fn timeout(mut self, limit: std::time::Duration) -> Query {
+        self.timeout = Some(limit);
+        self
     }
 
     /// Adds the value of the next placeholder (`$1`, then `$2`, …).
@@ -184,6 +203,10 @@ pub trait ToQuery: Sync {
     fn sql(&self) -> &str;
     /// The parameter values.
     fn params(&self) -> &dyn Params;
+    /// The query's own time limit, if it has one (see [`Query::timeout`]).
+    fn time_limit(&self) -> Option<std::time::Duration> {
+        None
+    }
 }
 
 impl ToQuery for Query {
@@ -193,6 +216,9 @@ impl ToQuery for Query {
     fn params(&self) -> &dyn Params {
         &self.params
     }
+    fn time_limit(&self) -> Option<std::time::Duration> {
+        self.timeout
+    }
 }
 
 impl<Q: ToQuery + ?Sized> ToQuery for &Q {
@@ -201,6 +227,9 @@ impl<Q: ToQuery + ?Sized> ToQuery for &Q {
     }
     fn params(&self) -> &dyn Params {
         (**self).params()
+    }
+    fn time_limit(&self) -> Option<std::time::Duration> {
+        (**self).time_limit()
     }
 }
 

@@ -210,6 +210,7 @@ impl TransactionBuilder {
         Ok(PostgresTransaction {
             shared: Arc::new(Shared {
                 engine: self.engine,
+                cancel: conn.cancel_token(),
                 conn: Arc::new(Mutex::new(TxConn {
                     conn,
                     state,
@@ -266,6 +267,8 @@ pub(crate) struct TxConn {
 
 struct Shared {
     engine: PostgresEngine,
+    /// Kept outside the mutex: a cancel is needed exactly while a query holds it.
+    cancel: crate::connection::CancelToken,
     /// The connection and the state; one query at a time.
     conn: Arc<Mutex<TxConn>>,
     next_savepoint: AtomicU32,
@@ -291,6 +294,13 @@ impl PostgresTransaction {
     /// The engine the transaction belongs to.
     pub fn engine(&self) -> &PostgresEngine {
         &self.shared.engine
+    }
+
+    /// A token that cancels the statement this transaction is running, from another task
+    /// (see [`CancelToken`](crate::connection::CancelToken)). The cancelled statement fails
+    /// with SQLSTATE 57014 and the transaction with it.
+    pub fn cancel_token(&self) -> crate::connection::CancelToken {
+        self.shared.cancel.clone()
     }
 
     /// True for a handle joined to an outer transaction.
@@ -320,7 +330,9 @@ impl PostgresTransaction {
     /// Locks the connection for a query: refuses without a round trip when the transaction
     /// is finished, or failed (unless `allow_failed`).
     pub(crate) async fn lock(&self, allow_failed: bool) -> Result<MutexGuard<'_, TxConn>> {
-        let guard = self.shared.conn.lock().await;
+        let mut guard = self.shared.conn.lock().await;
+        // A query whose future was dropped left its answer unread: as after a timeout.
+        guard.after_abandoned();
         match guard.state {
             TxState::Active => Ok(guard),
             TxState::Failed if allow_failed => Ok(guard),
@@ -523,7 +535,8 @@ impl PostgresTransaction {
 
     /// Locks the transaction's connection for a batch, until the batch is dropped.
     pub(crate) async fn lock_owned(&self) -> Result<OwnedMutexGuard<TxConn>> {
-        let guard = self.shared.conn.clone().lock_owned().await;
+        let mut guard = self.shared.conn.clone().lock_owned().await;
+        guard.after_abandoned();
         match guard.state {
             TxState::Active => Ok(guard),
             TxState::Failed => Err(Error::transaction(
@@ -546,7 +559,24 @@ impl TxConn {
             self.state = TxState::RolledBack;
             return;
         }
+        if self.conn.is_busy() {
+            // A statement timed out (or its future was dropped): it was cancelled, or may
+            // have finished anyway, and its caller was told it failed. Either way the block
+            // must not commit: only a rollback may follow.
+            if self.state == TxState::Active {
+                self.state = TxState::Failed;
+            }
+            return;
+        }
         self.state = self.state.after_reply(self.conn.transaction_status());
+    }
+
+    /// Fails an active transaction whose connection still owes the answer to an abandoned
+    /// statement (see [`TxConn::after_reply`]).
+    fn after_abandoned(&mut self) {
+        if self.conn.is_busy() && self.state == TxState::Active {
+            self.state = TxState::Failed;
+        }
     }
 
     /// The position of the live savepoint `name` (the latest of that name).

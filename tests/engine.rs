@@ -175,16 +175,27 @@ async fn futures_dropped_at_every_point_never_leave_a_dirty_connection() {
             .unwrap();
         assert_eq!(row.get::<_, i64>(0), check, "iteration {i}");
     }
-    let stats = engine.pool_stats().unwrap();
+    // A connection returned with an abandoned query is cleaned in the background (cancel,
+    // read to ReadyForQuery) before it is idle again.
+    let mut stats = engine.pool_stats().unwrap();
+    for _ in 0..100 {
+        if stats.in_use == 0 {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        stats = engine.pool_stats().unwrap();
+    }
     eprintln!("completed {completed}, dropped {dropped}, pool {stats:?}");
     // Both outcomes happened, so the test exercised what it claims to.
     assert!(
         completed > 0 && dropped > 0,
         "completed {completed}, dropped {dropped}"
     );
+    // Connections with an abandoned query were cleaned and reused, not thrown away (only a
+    // write cut off half way leaves one that cannot be cleaned).
     assert!(
-        stats.closed > 0,
-        "connections dropped mid-query were discarded: {stats:?}"
+        stats.closed < dropped / 4,
+        "connections dropped mid-query were discarded instead of drained: {stats:?}"
     );
     assert_eq!(stats.in_use, 0);
     assert_eq!(stats.opened - stats.closed, stats.size as u64, "{stats:?}");

@@ -1055,7 +1055,9 @@ async fn ready_for_query_in_the_middle_of_rows_is_refused_extended() {
 }
 
 /// A server that stops answering in the middle of a result: with a query timeout the query
-/// fails with a typed Timeout error, and the connection is marked broken (a pool discards it).
+/// fails with a typed Timeout error and a cancel goes out; when the rest of the answer does
+/// not come within the drain timeout either, the connection is marked broken (a pool
+/// discards it) and the next request says so.
 #[tokio::test]
 async fn hung_server_mid_result_times_out_and_breaks_the_connection() {
     let server = MockServer::start(script([
@@ -1066,13 +1068,19 @@ async fn hung_server_mid_result_times_out_and_breaks_the_connection() {
     .await;
     let mut conn = connect(&server.config()).await;
     conn.set_query_timeout(Some(Duration::from_millis(300)));
+    conn.set_drain_timeout(Duration::from_millis(300));
     let err = guard(
         "a hung server with a query timeout",
         conn.simple_query("SELECT s"),
     )
     .await
     .unwrap_err();
-    assert_error(&err, ErrorKind::Timeout, "did not answer");
+    assert_error(&err, ErrorKind::Timeout, "cancelled on the server");
+    // The next request waits for the cancelled statement's end, which never comes.
+    let err = guard("the next request", conn.simple_query("SELECT 1"))
+        .await
+        .unwrap_err();
+    assert_error(&err, ErrorKind::Timeout, "nor answer its cancel");
     assert_broken(&mut conn).await;
 }
 
@@ -1083,12 +1091,14 @@ async fn hung_server_mid_stream_times_out() {
     let server = MockServer::start(script([trust_login(), vec![Step::Hang]])).await;
     let mut conn = connect(&server.config()).await;
     conn.set_query_timeout(Some(Duration::from_millis(300)));
+    conn.set_drain_timeout(Duration::from_millis(300));
     let result = guard("a hung server mid-stream", async {
         let mut rows = conn.query_stream("SELECT 1").await?;
         rows.try_next().await
     })
     .await;
+    // The stream waited for its cancelled statement's end through the drain timeout.
     let err = result.unwrap_err();
-    assert_error(&err, ErrorKind::Timeout, "did not answer");
+    assert_error(&err, ErrorKind::Timeout, "nor answer its cancel");
     assert!(conn.is_broken());
 }

@@ -178,7 +178,9 @@ impl Connection {
     /// ```
     pub async fn query_stream(&mut self, query: impl ToQuery) -> Result<RowStream<'_>> {
         let sql = query.sql();
-        let columns = self.start_extended(sql, query.params()).await?;
+        let columns = self
+            .start_extended(sql, query.params(), query.time_limit())
+            .await?;
         if !self.needs_lookup(columns.iter().map(Column::type_oid)) {
             return Ok(RowStream {
                 conn: self,
@@ -235,12 +237,18 @@ impl Connection {
 
     /// Sends the pipeline for `sql` and reads the responses up to BindComplete; what follows
     /// is rows. Retries once after a cached statement turned out to be stale.
-    async fn start_extended(&mut self, sql: &str, params: &dyn Params) -> Result<Arc<[Column]>> {
+    async fn start_extended(
+        &mut self,
+        sql: &str,
+        params: &dyn Params,
+        timeout: Option<std::time::Duration>,
+    ) -> Result<Arc<[Column]>> {
         self.prepare_request().await?;
         let mut retried = false;
         loop {
             let plan = self.write_query_or_describe(sql, params, 0).await?;
             frontend::sync(&mut self.stream.write_buf);
+            self.limit_next_request(timeout);
             self.send(1).await?;
             match self.read_query_start(sql, plan).await {
                 Ok(columns) => return Ok(columns),

@@ -11,7 +11,13 @@
 //!   Raised only in `Connection::send`, lowered only in `Connection::poll_read`.
 //! - `broken`: set only in `Connection::mark_broken` (and never cleared) when the byte stream can no
 //!   longer be trusted: an I/O or protocol error, a write cut off half way, a FATAL error, a
-//!   query timeout. A broken connection refuses every request.
+//!   request whose end did not arrive even after it was cancelled. A broken connection
+//!   refuses every request.
+//!
+//! A request that times out, or whose future is dropped, is cancelled on the server (a
+//! CancelRequest on a socket of its own, over TLS when the connection uses it) and left owing
+//! responses; the next request, or a pool's `reset`, reads them away within the drain timeout
+//! and waits for the cancel to be delivered, so that it cannot hit the statement after.
 
 mod cache;
 mod extended;
@@ -25,6 +31,7 @@ use std::collections::{HashMap, VecDeque};
 use std::fmt;
 use std::future::poll_fn;
 use std::task::{Context, Poll};
+use std::time::Duration;
 
 use bytes::Bytes;
 
@@ -134,9 +141,38 @@ pub struct Connection {
     stats: ConnectionStats,
     /// Types looked up in the catalogs (enums, composites, …), by OID.
     types: HashMap<u32, postgres_types::Type>,
-    /// How long a request may take from being sent to its ReadyForQuery.
-    query_timeout: Option<std::time::Duration>,
-    /// The current request's deadline, reset by each send (allocated once).
+    /// Time limits and cancellation of the request in flight.
+    watch: Watch,
+}
+
+/// The default for [`Connection::set_drain_timeout`].
+pub const DEFAULT_DRAIN_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Time limits on requests, and what happens to one that is abandoned.
+///
+/// A request's clock starts when it is sent. When its limit passes, a CancelRequest goes to
+/// the server (in a task of its own: the server may not answer it), the caller gets a timeout
+/// error, and the connection gets `drain_timeout` more to bring the rest of the response — the
+/// statement's 57014 error and ReadyForQuery — after which it is clean again; if that does not
+/// come, the connection is broken. A request whose caller went away (a dropped future) is
+/// cancelled the same way when the connection is next used, unless `cancel_abandoned` is off,
+/// in which case it is left to finish (within `drain_timeout`).
+struct Watch {
+    query_timeout: Option<Duration>,
+    drain_timeout: Duration,
+    cancel_abandoned: bool,
+    /// A limit for the next request only (a query's own timeout), taken by `send`.
+    next_timeout: Option<Duration>,
+    /// The limit of the request in flight, for messages.
+    limit: Option<Duration>,
+    /// Whether `deadline` applies to the request in flight.
+    armed: bool,
+    /// The request in flight was cancelled: a second deadline means the server is gone.
+    cancelled: bool,
+    /// The CancelRequest in flight; the next request waits for it, so that a cancel cannot
+    /// land on the statement after the one it was meant for.
+    cancel_task: Option<tokio::task::JoinHandle<()>>,
+    /// Allocated once, reset by each send.
     deadline: Option<std::pin::Pin<Box<tokio::time::Sleep>>>,
 }
 
@@ -239,8 +275,17 @@ impl Connection {
             statements: StatementCache::new(DEFAULT_STATEMENT_CACHE_CAPACITY),
             closes_due: Vec::new(),
             types: HashMap::new(),
-            query_timeout: None,
-            deadline: None,
+            watch: Watch {
+                query_timeout: None,
+                drain_timeout: DEFAULT_DRAIN_TIMEOUT,
+                cancel_abandoned: true,
+                next_timeout: None,
+                limit: None,
+                armed: false,
+                cancelled: false,
+                cancel_task: None,
+                deadline: None,
+            },
             stats: ConnectionStats::default(),
         };
         for notice in &s.notices {
@@ -336,13 +381,46 @@ impl Connection {
     }
 
     /// Sets how long a request may take, from being sent until the server says it is ready
-    /// again (a row stream's rows included). When the time is up, the running statement is
-    /// cancelled on the server, the request fails with [`ErrorKind::Timeout`], and the
-    /// connection — whose state is then unknown — is closed (a pool replaces it).
+    /// again (a row stream's rows included); a query's own [`Query::timeout`] overrides it.
+    /// When the time is up, the running statement is cancelled on the server and the request
+    /// fails with [`ErrorKind::Timeout`]. The connection stays usable: its next request first
+    /// reads the cancelled statement's end (within the [drain
+    /// timeout](Self::set_drain_timeout), or the connection is given up). Inside a transaction
+    /// the cancelled statement fails the transaction, so it cannot be committed by mistake.
     ///
     /// [`ErrorKind::Timeout`]: crate::ErrorKind::Timeout
-    pub fn set_query_timeout(&mut self, timeout: Option<std::time::Duration>) {
-        self.query_timeout = timeout;
+    /// [`Query::timeout`]: crate::Query::timeout
+    pub fn set_query_timeout(&mut self, timeout: Option<Duration>) {
+        self.watch.query_timeout = timeout;
+    }
+
+    /// The query timeout set by [`set_query_timeout`](Self::set_query_timeout).
+    pub fn query_timeout(&self) -> Option<Duration> {
+        self.watch.query_timeout
+    }
+
+    /// Sets how long the rest of an abandoned or timed-out request may take to arrive before
+    /// the connection is given up (default [`DEFAULT_DRAIN_TIMEOUT`]).
+    pub fn set_drain_timeout(&mut self, timeout: Duration) {
+        self.watch.drain_timeout = timeout;
+    }
+
+    /// Sets whether a request whose future was dropped before it finished is cancelled on the
+    /// server (the default) or left to run to its end, when the connection is next used.
+    pub fn set_cancel_abandoned(&mut self, cancel: bool) {
+        self.watch.cancel_abandoned = cancel;
+    }
+
+    /// Brings the connection back to a clean, idle state: reads the rest of any abandoned
+    /// request (cancelling it first, if so configured) and rolls back an open or failed
+    /// transaction. A pool calls this before handing a returned connection to someone else.
+    /// If the rest does not arrive within the drain timeout the connection is broken.
+    pub async fn reset(&mut self) -> Result<()> {
+        self.prepare_request().await?;
+        if self.status != TransactionStatus::Idle {
+            self.simple_query("ROLLBACK").await?;
+        }
+        Ok(())
     }
 
     /// The most prepared statements this connection keeps.
@@ -380,46 +458,136 @@ impl Connection {
         if let Some(reason) = &self.broken {
             return Err(Error::closed(format!("the connection is broken: {reason}")).retry_safe());
         }
-        while self.pending > 0 {
-            // Errors in these responses belong to a request nobody waits for any more.
-            self.read().await?;
+        if self.pending > 0 {
+            self.drain_abandoned().await?;
+        }
+        if let Some(task) = self.watch.cancel_task.take() {
+            // The cancel of an earlier request must land before the next request is sent:
+            // the server applies it to whatever runs when it arrives.
+            let _ = task.await;
         }
         self.stream.write_buf.clear();
         Ok(())
     }
 
-    /// Sends what is in the write buffer; `syncs` is how many ReadyForQuery it will earn.
-    async fn send(&mut self, syncs: usize) -> Result<()> {
-        if let Some(limit) = self.query_timeout {
-            let at = tokio::time::Instant::now() + limit;
-            match &mut self.deadline {
-                Some(sleep) => sleep.as_mut().reset(at),
-                None => self.deadline = Some(Box::pin(tokio::time::sleep_until(at))),
+    /// Reads away the responses still owed to a request nobody waits for any more (its
+    /// future was dropped, or it timed out). Its errors are not ours to report.
+    async fn drain_abandoned(&mut self) -> Result<()> {
+        // What already arrived needs no cancel: read it without waiting.
+        self.drain_ready()?;
+        if self.pending == 0 {
+            return Ok(());
+        }
+        if self.watch.cancel_abandoned && !self.watch.cancelled {
+            self.start_cancel();
+        }
+        let limit = self.watch.drain_timeout;
+        let drained = tokio::time::timeout(limit, async {
+            while self.pending > 0 {
+                match self.read().await {
+                    Ok(_) => {}
+                    Err(e) if self.broken.is_some() => return Err(e),
+                    // A timeout of the abandoned request itself: its cancel just went out.
+                    Err(_) => {}
+                }
+            }
+            Ok(())
+        })
+        .await;
+        match drained {
+            Ok(result) => result,
+            Err(_) => {
+                let e = Error::timeout(format!(
+                    "the rest of an abandoned request did not arrive within {limit:?}: the \
+                     connection was closed"
+                ));
+                Err(self.fail(e))
             }
         }
+    }
+
+    /// Reads what has already arrived of an abandoned request, without waiting.
+    fn drain_ready(&mut self) -> Result<()> {
+        let waker = futures::task::noop_waker();
+        let mut cx = Context::from_waker(&waker);
+        while self.pending > 0 {
+            match self.poll_read(&mut cx) {
+                Poll::Ready(Ok(_)) => {}
+                Poll::Ready(Err(e)) if self.broken.is_some() => return Err(e),
+                Poll::Ready(Err(_)) => {}
+                Poll::Pending => break,
+            }
+        }
+        Ok(())
+    }
+
+    /// Sends a CancelRequest for the request in flight, in a task of its own (it needs a new
+    /// connection to the server, which may hang); the next request waits for it.
+    fn start_cancel(&mut self) {
+        self.watch.cancelled = true;
+        let Ok(handle) = tokio::runtime::Handle::try_current() else {
+            return;
+        };
+        let token = self.cancel.clone();
+        let limit = self.watch.drain_timeout;
+        self.watch.cancel_task = Some(handle.spawn(async move {
+            if let Err(e) = tokio::time::timeout(limit, token.cancel_query())
+                .await
+                .unwrap_or_else(|_| {
+                    Err(Error::timeout(
+                        "the cancel request was not delivered in time",
+                    ))
+                })
+            {
+                tracing::debug!(target: "pgengine::cancel", "cancel request failed: {e}");
+            }
+        }));
+    }
+
+    /// Sets a time limit for the next request only (a query's own timeout).
+    pub(crate) fn limit_next_request(&mut self, timeout: Option<Duration>) {
+        self.watch.next_timeout = timeout;
+    }
+
+    /// Sends what is in the write buffer; `syncs` is how many ReadyForQuery it will earn.
+    async fn send(&mut self, syncs: usize) -> Result<()> {
+        let limit = self.watch.next_timeout.take().or(self.watch.query_timeout);
+        if let Some(limit) = limit {
+            self.arm_deadline(limit);
+        }
+        self.watch.limit = limit;
         self.pending += syncs;
         self.stats.round_trips += syncs as u64;
         self.flush().await
     }
 
-    /// The request in flight took too long: cancel it on the server (in the background: the
-    /// caller should not wait on a server that may not answer) and give the connection up.
-    fn time_out(&mut self) -> Error {
-        let limit = self.query_timeout.unwrap_or_default();
-        if let Ok(handle) = tokio::runtime::Handle::try_current() {
-            let token = self.cancel.clone();
-            handle.spawn(async move {
-                let _ = tokio::time::timeout(
-                    limit.max(std::time::Duration::from_secs(1)),
-                    token.cancel_query(),
-                )
-                .await;
-            });
+    fn arm_deadline(&mut self, limit: Duration) {
+        let at = tokio::time::Instant::now() + limit;
+        match &mut self.watch.deadline {
+            Some(sleep) => sleep.as_mut().reset(at),
+            None => self.watch.deadline = Some(Box::pin(tokio::time::sleep_until(at))),
         }
-        self.fail(Error::timeout(format!(
-            "the server did not answer within {limit:?}: the statement was cancelled and the \
-             connection closed"
-        )))
+        self.watch.armed = true;
+    }
+
+    /// The request in flight took too long. The first time, cancel it on the server and give
+    /// the rest of its response the drain timeout to arrive; the second time (the server
+    /// answers neither the statement nor the cancel), give the connection up.
+    fn time_out(&mut self) -> Error {
+        let limit = self.watch.limit.unwrap_or_default();
+        if self.watch.cancelled {
+            self.watch.armed = false;
+            return self.fail(Error::timeout(format!(
+                "the server did not finish a request within {limit:?} nor answer its cancel \
+                 within {:?}: the connection was closed",
+                self.watch.drain_timeout
+            )));
+        }
+        self.start_cancel();
+        self.arm_deadline(self.watch.drain_timeout);
+        Error::timeout(format!(
+            "the query did not finish within {limit:?}: it was cancelled on the server"
+        ))
     }
 
     async fn flush(&mut self) -> Result<()> {
@@ -444,8 +612,8 @@ impl Connection {
                 Poll::Ready(Err(e)) => return Poll::Ready(Err(self.fail(e))),
                 Poll::Pending => {
                     if self.pending > 0
-                        && self.query_timeout.is_some()
-                        && let Some(deadline) = self.deadline.as_mut()
+                        && self.watch.armed
+                        && let Some(deadline) = self.watch.deadline.as_mut()
                         && deadline.as_mut().poll(cx).is_ready()
                     {
                         return Poll::Ready(Err(self.time_out()));
@@ -477,6 +645,11 @@ impl Connection {
                     }
                     self.pending -= 1;
                     self.status = status;
+                    if self.pending == 0 {
+                        // The request is over: its clock and its cancel state with it.
+                        self.watch.armed = false;
+                        self.watch.cancelled = false;
+                    }
                     return Poll::Ready(Ok(msg));
                 }
                 BackendMessage::ErrorResponse(ref db) if db.severity() == "FATAL" => {

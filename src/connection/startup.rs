@@ -542,3 +542,39 @@ async fn finish_startup(mut stream: MessageStream, target: Option<Target>) -> Re
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn keepalive_settings_reach_the_socket() {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let stream = TcpStream::connect(addr).await.unwrap();
+        let config = Config::parse(
+            "keepalives_idle=42 keepalives_interval=7 keepalives_count=3 tcp_user_timeout=9000",
+        )
+        .unwrap();
+        set_keepalives(&stream, &config).unwrap();
+        let socket = socket2::SockRef::from(&stream);
+        assert!(socket.keepalive().unwrap());
+        assert_eq!(
+            socket.tcp_keepalive_time().unwrap(),
+            Duration::from_secs(42)
+        );
+        assert_eq!(
+            socket.tcp_keepalive_interval().unwrap(),
+            Duration::from_secs(7)
+        );
+        assert_eq!(socket.tcp_keepalive_retries().unwrap(), 3);
+        assert_eq!(
+            socket.tcp_user_timeout().unwrap(),
+            Some(Duration::from_secs(9))
+        );
+
+        let off = Config::parse("keepalives=0").unwrap();
+        set_keepalives(&stream, &off).unwrap();
+        assert!(!socket.keepalive().unwrap());
+    }
+}

@@ -68,6 +68,10 @@ impl Pipeline {
     pub(crate) async fn run(&self, query: &dyn ToQuery) -> Result<Option<(Vec<Row>, u64)>> {
         // No `$n` count here: a query whose count looks off comes back from the driver as
         // "run it on its own", which costs nothing on the common path.
+        if query.time_limit().is_some() {
+            // A query with its own time limit is cancelled alone, not with a batch.
+            return Ok(None);
+        }
         let Some(params) = crate::query::encode_params(query.params())? else {
             return Ok(None);
         };

@@ -13,6 +13,8 @@ pub struct ConnectionManager {
     config: Config,
     statement_cache_capacity: Option<usize>,
     query_timeout: Option<std::time::Duration>,
+    drain_timeout: std::time::Duration,
+    cancel_abandoned: bool,
 }
 
 impl ConnectionManager {
@@ -22,7 +24,23 @@ impl ConnectionManager {
             config,
             statement_cache_capacity: None,
             query_timeout: None,
+            drain_timeout: crate::connection::DEFAULT_DRAIN_TIMEOUT,
+            cancel_abandoned: true,
         }
+    }
+
+    /// Sets how long a returned connection with an abandoned request may take to become clean
+    /// (see [`Connection::set_drain_timeout`]); after that it is closed instead.
+    pub fn drain_timeout(mut self, timeout: std::time::Duration) -> ConnectionManager {
+        self.drain_timeout = timeout;
+        self
+    }
+
+    /// Sets whether a request abandoned by its caller (a dropped future) is cancelled on the
+    /// server (see [`Connection::set_cancel_abandoned`]).
+    pub fn cancel_abandoned(mut self, cancel: bool) -> ConnectionManager {
+        self.cancel_abandoned = cancel;
+        self
     }
 
     /// Sets the query timeout of every connection it opens (see
@@ -49,16 +67,18 @@ impl Manager for ConnectionManager {
             conn.set_statement_cache_capacity(capacity);
         }
         conn.set_query_timeout(self.query_timeout);
+        conn.set_drain_timeout(self.drain_timeout);
+        conn.set_cancel_abandoned(self.cancel_abandoned);
         Ok(conn)
     }
 
     fn disposition(&self, conn: &Connection) -> Disposition {
-        if conn.is_broken() || conn.is_busy() {
-            // Broken, or a query's future was dropped half way: what the server will send
-            // next is unknown, so nobody else may see this connection.
+        if conn.is_broken() {
             Disposition::Discard
-        } else if conn.transaction_status() != TransactionStatus::Idle {
-            // A transaction left open (or failed) by its user: roll it back first.
+        } else if conn.is_busy() || conn.transaction_status() != TransactionStatus::Idle {
+            // A query's future was dropped half way (cancel it and read its end), or a
+            // transaction was left open or failed (roll it back): clean it before reuse. A
+            // connection that cannot be cleaned in time is discarded by `recycle`'s error.
             Disposition::Recycle
         } else {
             Disposition::Reuse
@@ -66,7 +86,7 @@ impl Manager for ConnectionManager {
     }
 
     async fn recycle(&self, conn: &mut Connection) -> Result<()> {
-        conn.simple_query("ROLLBACK").await.map(|_| ())
+        conn.reset().await
     }
 
     async fn health_check(&self, conn: &mut Connection) -> Result<()> {
