@@ -6,13 +6,15 @@
 //! The crate is layered, lowest first; a lower layer never names a higher one:
 //!
 //! - [`protocol`]: bytes in, bytes out. Every message's encoder and decoder, framing with a
-//!   length limit, and the authentication exchanges (MD5, SCRAM-SHA-256) as pure state machines.
+//!   length limit, and the authentication exchanges (MD5, SCRAM-SHA-256, SCRAM-SHA-256-PLUS's
+//!   channel binding hash) as pure state machines.
 //!   No I/O, no tokio.
 //! - [`config`]: connection settings from libpq-style URLs and `key=value` strings, the `PG*`
 //!   environment variables and the `.pgpass` file.
-//! - [`connection`]: one socket (TCP, Unix, or any stream): startup, authentication, the
-//!   simple and extended query protocols, the statement cache, catalog type lookups, the
-//!   server's `ReadyForQuery` transaction status, cancellation and query timeouts.
+//! - [`connection`]: one socket (TCP, Unix, or any stream): TLS (rustls, libpq's `sslmode`s),
+//!   startup, authentication, the simple and extended query protocols, the statement cache,
+//!   catalog type lookups, the server's `ReadyForQuery` transaction status, cancellation, query
+//!   timeouts, and draining an abandoned request before the connection's next use.
 //! - [`pool`]: a connection pool whose core knows nothing of PostgreSQL, its PostgreSQL seam,
 //!   and the pipelined mode that carries many tasks' queries over shared connections.
 //! - [`engine`]: [`PostgresEngine`], the object an application shares: settings, extensions,

@@ -465,3 +465,64 @@ fn channel_binding_hash_matches_openssl() {
     // Not DER at all: an error, not a panic.
     assert!(pgengine::protocol::scram::tls_server_end_point(b"\x30\x82\xff").is_err());
 }
+
+/// PostgreSQL 17's direct TLS, through a stand-in: PostgreSQL 15 (the newest server here with
+/// TLS) cannot take it, so a small terminator accepts the TLS handshake directly — no
+/// SSLRequest first — insisting on ALPN `postgresql` as PostgreSQL 17 does, and relays the
+/// decrypted protocol to the real server.
+#[tokio::test]
+async fn direct_tls_with_alpn() {
+    use rustls::pki_types::pem::PemObject;
+    use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+    use tokio::io::AsyncReadExt;
+
+    let dir = tls_cluster().ca_cert().with_file_name("");
+    let certs: Vec<CertificateDer<'static>> = CertificateDer::pem_file_iter(dir.join("server.crt"))
+        .unwrap()
+        .collect::<Result<_, _>>()
+        .unwrap();
+    let key = PrivateKeyDer::from_pem_file(dir.join("server.key")).unwrap();
+    let mut server = rustls::ServerConfig::builder_with_provider(std::sync::Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .unwrap()
+    .with_no_client_auth()
+    .with_single_cert(certs, key)
+    .unwrap();
+    server.alpn_protocols = vec![b"postgresql".to_vec()];
+    let acceptor = tokio_rustls::TlsAcceptor::from(std::sync::Arc::new(server));
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let backend_port = common::cluster().port();
+    let relay = tokio::spawn(async move {
+        let (socket, _) = listener.accept().await.unwrap();
+        // The first byte of a TLS record carrying a handshake is 22; an SSLRequest starts
+        // with its length (0, 0, 0, 8).
+        let mut first = [0u8; 1];
+        socket.peek(&mut first).await.unwrap();
+        assert_eq!(first[0], 22, "the client must start with a TLS ClientHello");
+        let mut tls = acceptor.accept(socket).await.expect("TLS handshake");
+        let alpn = tls.get_ref().1.alpn_protocol().map(<[u8]>::to_vec);
+        let mut backend = tokio::net::TcpStream::connect(("127.0.0.1", backend_port))
+            .await
+            .unwrap();
+        let _ = tokio::io::copy_bidirectional(&mut tls, &mut backend).await;
+        let _ = tls.read_u8().await;
+        alpn
+    });
+    let config = Config::parse(&format!(
+        "host=localhost hostaddr=127.0.0.1 port={port} user={} dbname=postgres \
+         sslmode=verify-full sslrootcert={} sslnegotiation=direct connect_timeout=10",
+        TempCluster::SUPERUSER,
+        ca()
+    ))
+    .unwrap();
+    let mut conn = Connection::connect(&config).await.expect("direct TLS");
+    assert!(conn.uses_tls());
+    let row = conn.query_one(("SELECT $1::int", (5,))).await.unwrap();
+    assert_eq!(row.get::<_, i32>(0), 5);
+    conn.close().await.unwrap();
+    let alpn = relay.await.unwrap();
+    assert_eq!(alpn.as_deref(), Some(&b"postgresql"[..]));
+}

@@ -350,6 +350,44 @@ pub fn parse_server_final(msg: &str) -> Result<&str> {
 
 #[cfg(test)]
 mod tests {
+    /// A minimal certificate shape: SEQUENCE { SEQUENCE {} (tbs), SEQUENCE { OID } }.
+    fn cert_with_algorithm(oid: &[u8]) -> Vec<u8> {
+        let mut alg = vec![0x06, oid.len() as u8];
+        alg.extend_from_slice(oid);
+        let mut body = vec![0x30, 0x00, 0x30, alg.len() as u8];
+        body.extend_from_slice(&alg);
+        let mut cert = vec![0x30, body.len() as u8];
+        cert.extend_from_slice(&body);
+        cert
+    }
+
+    #[test]
+    fn end_point_hash_follows_the_signature_algorithm() {
+        const SHA256_RSA: &[u8] = &[0x2a, 0x86, 0x48, 0x86, 0xf7, 0x0d, 0x01, 0x01, 0x0b];
+        const SHA1_RSA: &[u8] = &[0x2a, 0x86, 0x48, 0x86, 0xf7, 0x0d, 0x01, 0x01, 0x05];
+        const SHA384_ECDSA: &[u8] = &[0x2a, 0x86, 0x48, 0xce, 0x3d, 0x04, 0x03, 0x03];
+        const SHA512_RSA: &[u8] = &[0x2a, 0x86, 0x48, 0x86, 0xf7, 0x0d, 0x01, 0x01, 0x0d];
+        const ED25519: &[u8] = &[0x2b, 0x65, 0x70];
+        for (oid, len) in [
+            (SHA256_RSA, 32),
+            (SHA1_RSA, 32),
+            (SHA384_ECDSA, 48),
+            (SHA512_RSA, 64),
+        ] {
+            let cert = cert_with_algorithm(oid);
+            let hash = tls_server_end_point(&cert).unwrap();
+            assert_eq!(hash.len(), len, "{oid:x?}");
+        }
+        // SHA-1 is upgraded to SHA-256 (RFC 5929 §4.1).
+        let cert = cert_with_algorithm(SHA1_RSA);
+        assert_eq!(
+            tls_server_end_point(&cert).unwrap(),
+            Sha256::digest(&cert).to_vec()
+        );
+        assert!(tls_server_end_point(&cert_with_algorithm(ED25519)).is_err());
+        assert!(tls_server_end_point(&[]).is_err());
+    }
+
     use super::*;
 
     /// RFC 7677 §3's example exchange (user "user", password "pencil"), with the user name left
