@@ -526,3 +526,112 @@ async fn direct_tls_with_alpn() {
     let alpn = relay.await.unwrap();
     assert_eq!(alpn.as_deref(), Some(&b"postgresql"[..]));
 }
+
+/// A server that insists on channel binding: it offers only SCRAM-SHA-256-PLUS, and checks
+/// that the client binds to the certificate it actually presented — the binding data in the
+/// client-final-message must be the gs2 header plus the SHA-256 of the server's certificate.
+#[tokio::test]
+async fn a_server_that_offers_only_scram_plus_gets_the_right_binding() {
+    use base64::Engine;
+    use rustls::pki_types::pem::PemObject;
+    use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+    use sha2::Digest;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    let dir = tls_cluster().ca_cert().with_file_name("");
+    let certs: Vec<CertificateDer<'static>> = CertificateDer::pem_file_iter(dir.join("server.crt"))
+        .unwrap()
+        .collect::<Result<_, _>>()
+        .unwrap();
+    let expected_hash = sha2::Sha256::digest(certs[0].as_ref()).to_vec();
+    let key = PrivateKeyDer::from_pem_file(dir.join("server.key")).unwrap();
+    let server = rustls::ServerConfig::builder_with_provider(std::sync::Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .unwrap()
+    .with_no_client_auth()
+    .with_single_cert(certs, key)
+    .unwrap();
+    let acceptor = tokio_rustls::TlsAcceptor::from(std::sync::Arc::new(server));
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = listener.local_addr().unwrap().port();
+
+    async fn read_tagged<S: AsyncReadExt + Unpin>(s: &mut S) -> (u8, Vec<u8>) {
+        let tag = s.read_u8().await.unwrap();
+        let len = s.read_i32().await.unwrap() as usize;
+        let mut body = vec![0; len - 4];
+        s.read_exact(&mut body).await.unwrap();
+        (tag, body)
+    }
+    fn auth_message(code: i32, data: &[u8]) -> Vec<u8> {
+        let mut m = vec![b'R'];
+        m.extend_from_slice(&((8 + data.len()) as i32).to_be_bytes());
+        m.extend_from_slice(&code.to_be_bytes());
+        m.extend_from_slice(data);
+        m
+    }
+
+    let script = tokio::spawn(async move {
+        let (mut socket, _) = listener.accept().await.unwrap();
+        let mut ssl_request = [0u8; 8];
+        socket.read_exact(&mut ssl_request).await.unwrap();
+        assert_eq!(
+            ssl_request,
+            [0, 0, 0, 8, 0x04, 0xd2, 0x16, 0x2f],
+            "SSLRequest"
+        );
+        socket.write_all(b"S").await.unwrap();
+        let mut tls = acceptor.accept(socket).await.unwrap();
+        let len = tls.read_i32().await.unwrap() as usize;
+        let mut startup = vec![0; len - 4];
+        tls.read_exact(&mut startup).await.unwrap();
+        // AuthenticationSASL offering only the channel-bound mechanism.
+        tls.write_all(&auth_message(10, b"SCRAM-SHA-256-PLUS\0\0"))
+            .await
+            .unwrap();
+        let (tag, body) = read_tagged(&mut tls).await;
+        assert_eq!(tag, b'p');
+        let nul = body.iter().position(|&b| b == 0).unwrap();
+        let mechanism = String::from_utf8(body[..nul].to_vec()).unwrap();
+        let client_first = String::from_utf8(body[nul + 5..].to_vec()).unwrap();
+        let nonce = client_first.rsplit_once("r=").unwrap().1.to_owned();
+        let server_first = format!(
+            "r={nonce}srv,s={},i=4096",
+            base64::engine::general_purpose::STANDARD.encode(b"salt")
+        );
+        tls.write_all(&auth_message(11, server_first.as_bytes()))
+            .await
+            .unwrap();
+        let (tag, client_final) = read_tagged(&mut tls).await;
+        assert_eq!(tag, b'p');
+        (
+            mechanism,
+            client_first,
+            String::from_utf8(client_final).unwrap(),
+        )
+    });
+    let config = Config::parse(&format!(
+        "host=127.0.0.1 port={port} user=u password=p sslmode=require channel_binding=require \
+         connect_timeout=10"
+    ))
+    .unwrap();
+    // The script ends before SASLFinal: the client's error is expected; what it sent is the test.
+    let _ = Connection::connect(&config).await;
+    let (mechanism, client_first, client_final) = script.await.unwrap();
+    assert_eq!(mechanism, "SCRAM-SHA-256-PLUS");
+    assert!(
+        client_first.starts_with("p=tls-server-end-point,,"),
+        "{client_first}"
+    );
+    let binding = client_final
+        .split(',')
+        .find_map(|attr| attr.strip_prefix("c="))
+        .expect("channel binding attribute");
+    let mut expected = b"p=tls-server-end-point,,".to_vec();
+    expected.extend_from_slice(&expected_hash);
+    assert_eq!(
+        binding,
+        base64::engine::general_purpose::STANDARD.encode(expected)
+    );
+}
