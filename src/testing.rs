@@ -487,6 +487,89 @@ impl TempCluster {
         Ok(stdout.strip_suffix('\n').unwrap_or(&stdout).to_owned())
     }
 
+    /// Makes a streaming-replication standby of this cluster and starts it: a new cluster
+    /// directory filled by `pg_basebackup -R` (which writes `primary_conninfo` and
+    /// `standby.signal`), its own port and socket, the primary's roles and data. It stays a
+    /// hot standby (read-only queries only) until [`promote`](Self::promote)d.
+    ///
+    /// ```no_run
+    /// # use pgengine::testing::TempCluster;
+    /// let primary = TempCluster::start()?;
+    /// let standby = primary.standby()?;
+    /// assert_eq!(standby.psql("SELECT pg_is_in_recovery()")?, "t");
+    /// # Ok::<(), std::io::Error>(())
+    /// ```
+    pub fn standby(&self) -> io::Result<TempCluster> {
+        let root = create_unique_dir()?;
+        let mut standby = TempCluster {
+            data_dir: root.join("data"),
+            socket_dir: root.join("sock"),
+            log_file: root.join("server.log"),
+            root,
+            bin_dir: self.bin_dir.clone(),
+            port: free_port()?,
+            run_as: self.run_as.clone(),
+            watchdog: None,
+            lifecycle: Mutex::new(()),
+        };
+        standby.watchdog = Some(standby.spawn_watchdog()?);
+        fs::create_dir(&standby.socket_dir)?;
+        if let Some(owner) = standby.run_as.server_user() {
+            run(
+                "chown",
+                Command::new("chown")
+                    .arg("-R")
+                    .arg(owner)
+                    .arg(&standby.root),
+            )?;
+        }
+        let basebackup = self.bin_dir.join("pg_basebackup");
+        let port = self.port.to_string();
+        let args: [&OsStr; 11] = [
+            "-D".as_ref(),
+            standby.data_dir.as_os_str(),
+            "-R".as_ref(),
+            "-X".as_ref(),
+            "stream".as_ref(),
+            "-h".as_ref(),
+            HOST.as_ref(),
+            "-p".as_ref(),
+            port.as_ref(),
+            "-U".as_ref(),
+            Self::SUPERUSER.as_ref(),
+        ];
+        run(
+            "pg_basebackup",
+            &mut standby.server_command(&basebackup, &args),
+        )?;
+        // The copied postgresql.conf names the primary's port and socket; ours come last.
+        let conf_path = standby.data_dir.join("postgresql.conf");
+        let mut conf = fs::read_to_string(&conf_path)?;
+        conf.push_str(&cluster_conf(&standby.socket_dir, standby.port, &[]));
+        fs::write(&conf_path, conf)?;
+        standby.start_server().map_err(StartError::into_io)?;
+        Ok(standby)
+    }
+
+    /// Promotes a standby to a primary (`pg_ctl promote`, waiting until it accepts writes).
+    ///
+    /// ```no_run
+    /// # use pgengine::testing::TempCluster;
+    /// let primary = TempCluster::start()?;
+    /// let standby = primary.standby()?;
+    /// primary.stop()?;
+    /// standby.promote()?;
+    /// assert_eq!(standby.psql("SELECT pg_is_in_recovery()")?, "f");
+    /// # Ok::<(), std::io::Error>(())
+    /// ```
+    pub fn promote(&self) -> io::Result<()> {
+        let _lifecycle = self
+            .lifecycle
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        self.pg_ctl("promote", &[]).map(drop)
+    }
+
     /// Stops the server, waiting until it is gone (`pg_ctl stop -m fast`): clients are
     /// disconnected and open transactions rolled back. Does nothing if it is not running.
     ///

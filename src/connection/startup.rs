@@ -9,7 +9,8 @@ use tokio::net::{TcpStream, UnixStream};
 use super::stream::{MessageStream, Socket};
 use super::tls::TlsConnector;
 use crate::config::{
-    ChannelBinding as ChannelBindingMode, Config, Host, HostAddr, SslMode, SslNegotiation,
+    ChannelBinding as ChannelBindingMode, Config, Host, HostAddr, LoadBalanceHosts, SslMode,
+    SslNegotiation, TargetSessionAttrs,
 };
 use crate::error::{Error, ErrorKind, Result};
 use crate::protocol::scram::{self, ChannelBinding, ScramSha256};
@@ -39,32 +40,155 @@ pub(crate) struct Target {
     pub(crate) port: u16,
 }
 
-/// Tries each host in turn (libpq's order) and returns the first connection that starts.
+/// Tries each host in turn (libpq's order, or shuffled with `load_balance_hosts=random`) and
+/// returns the first connection that starts and is the kind of server `target_session_attrs`
+/// asks for. `prefer-standby` makes two passes, as libpq: standbys only, then any server.
 pub(crate) async fn connect(config: &Config) -> Result<Startup> {
     let tls = TlsConnector::from_config(config)?;
+    let mut targets = config.effective_targets();
+    if config.get_load_balance_hosts() == LoadBalanceHosts::Random {
+        use rand::seq::SliceRandom;
+        targets.shuffle(&mut rand::rng());
+    }
+    let passes: &[TargetSessionAttrs] = match config.get_target_session_attrs() {
+        TargetSessionAttrs::PreferStandby => {
+            &[TargetSessionAttrs::Standby, TargetSessionAttrs::Any]
+        }
+        TargetSessionAttrs::Any => &[TargetSessionAttrs::Any],
+        TargetSessionAttrs::ReadWrite => &[TargetSessionAttrs::ReadWrite],
+        TargetSessionAttrs::ReadOnly => &[TargetSessionAttrs::ReadOnly],
+        TargetSessionAttrs::Primary => &[TargetSessionAttrs::Primary],
+        TargetSessionAttrs::Standby => &[TargetSessionAttrs::Standby],
+    };
     let mut last_error = None;
-    for (host, addr, port) in config.effective_targets() {
-        let target = Target { host, addr, port };
-        let attempt = connect_host(config, &target, tls.as_ref());
-        let result = match config.get_connect_timeout() {
-            Some(limit) => match tokio::time::timeout(limit, attempt).await {
-                Ok(r) => r,
-                Err(_) => Err(Error::timeout(format!(
-                    "could not connect to {} within {}",
-                    describe(&target),
-                    human(limit)
-                ))),
-            },
-            None => attempt.await,
-        };
-        match result {
-            Ok(startup) => return Ok(startup),
-            // Settings that are wrong for every host make trying the next one pointless.
-            Err(e) if e.kind() == ErrorKind::Config => return Err(e),
-            Err(e) => last_error = Some(e),
+    for &wanted in passes {
+        for (host, addr, port) in &targets {
+            let target = Target {
+                host: host.clone(),
+                addr: addr.clone(),
+                port: *port,
+            };
+            match connect_target(config, &target, tls.as_ref(), wanted).await {
+                Ok(startup) => return Ok(startup),
+                // Settings that are wrong for every host make trying the next one pointless.
+                Err(e) if e.kind() == ErrorKind::Config => return Err(e),
+                Err(e) => last_error = Some(e),
+            }
         }
     }
     Err(last_error.unwrap_or_else(|| Error::config("no host to connect to")))
+}
+
+/// One host: connect within `connect_timeout`, then check the kind of server.
+async fn connect_target(
+    config: &Config,
+    target: &Target,
+    tls: Option<&TlsConnector>,
+    wanted: TargetSessionAttrs,
+) -> Result<Startup> {
+    let attempt = async {
+        let mut startup = connect_host(config, target, tls).await?;
+        check_session(&mut startup, wanted, target).await?;
+        Ok(startup)
+    };
+    match config.get_connect_timeout() {
+        Some(limit) => tokio::time::timeout(limit, attempt)
+            .await
+            .unwrap_or_else(|_| {
+                Err(Error::timeout(format!(
+                    "could not connect to {} within {}",
+                    describe(target),
+                    human(limit)
+                )))
+            }),
+        None => attempt.await,
+    }
+}
+
+/// Checks that the server is the kind `wanted` names (`target_session_attrs`, §34.1.2). Since
+/// PostgreSQL 14 the server reports `in_hot_standby` and `default_transaction_read_only` at
+/// startup; older servers are asked, as libpq does, with one query. A server that does not
+/// qualify is told goodbye.
+async fn check_session(
+    startup: &mut Startup,
+    wanted: TargetSessionAttrs,
+    target: &Target,
+) -> Result<()> {
+    let reported = |name: &str| {
+        startup
+            .parameters
+            .iter()
+            .find(|(n, _)| n == name)
+            .map(|(_, v)| v == "on")
+    };
+    let hot_standby = reported("in_hot_standby");
+    let (ok, what) = match wanted {
+        TargetSessionAttrs::Any | TargetSessionAttrs::PreferStandby => return Ok(()),
+        TargetSessionAttrs::ReadWrite | TargetSessionAttrs::ReadOnly => {
+            let read_only = match (reported("default_transaction_read_only"), hot_standby) {
+                (Some(default), Some(standby)) => default || standby,
+                _ => ask(&mut startup.stream, "SHOW transaction_read_only").await?,
+            };
+            let ok = read_only == (wanted == TargetSessionAttrs::ReadOnly);
+            (ok, if read_only { "read-only" } else { "read-write" })
+        }
+        TargetSessionAttrs::Primary | TargetSessionAttrs::Standby => {
+            let standby = match hot_standby {
+                Some(standby) => standby,
+                None => ask(&mut startup.stream, "SELECT pg_catalog.pg_is_in_recovery()").await?,
+            };
+            let ok = standby == (wanted == TargetSessionAttrs::Standby);
+            (ok, if standby { "a standby" } else { "a primary" })
+        }
+    };
+    if ok {
+        return Ok(());
+    }
+    frontend::terminate(&mut startup.stream.write_buf);
+    let _ = startup.stream.flush().await;
+    let wanted = match wanted {
+        TargetSessionAttrs::ReadWrite => "read-write",
+        TargetSessionAttrs::ReadOnly => "read-only",
+        TargetSessionAttrs::Primary => "primary",
+        _ => "standby",
+    };
+    Err(Error::closed(format!(
+        "the server at {} is {what}, but target_session_attrs={wanted}",
+        describe(target)
+    ))
+    .retry_safe())
+}
+
+/// Runs a one-value query during startup and reads it as a boolean (`on`/`t`).
+async fn ask(stream: &mut MessageStream, sql: &str) -> Result<bool> {
+    frontend::query(&mut stream.write_buf, sql)?;
+    stream.flush().await?;
+    let mut value = None;
+    let mut error = None;
+    loop {
+        match stream.read_message().await? {
+            BackendMessage::DataRow(row) => {
+                value = row.value(0).map(|v| v == b"on" || v == b"t");
+            }
+            BackendMessage::ErrorResponse(db) => error = Some(Error::db(db)),
+            BackendMessage::ReadyForQuery(_) => break,
+            BackendMessage::RowDescription(_)
+            | BackendMessage::CommandComplete(_)
+            | BackendMessage::NoticeResponse(_)
+            | BackendMessage::ParameterStatus { .. } => {}
+            other => {
+                return Err(Error::protocol(format!(
+                    "unexpected message {:?} answering {sql:?}",
+                    other.tag() as char
+                )));
+            }
+        }
+    }
+    match (error, value) {
+        (Some(e), _) => Err(e),
+        (None, Some(v)) => Ok(v),
+        (None, None) => Err(Error::protocol(format!("no answer to {sql:?}"))),
+    }
 }
 
 fn describe(target: &Target) -> String {
