@@ -877,6 +877,156 @@ impl Drop for TempCluster {
     }
 }
 
+/// A PgBouncer in front of a [`TempCluster`], made by [`TempCluster::pgbouncer`]: its own
+/// directory, a free port on 127.0.0.1, `auth_type = trust` for the cluster's superuser, and
+/// the pool mode asked for. Dropping it stops it (as does the end of the test process, through
+/// a watchdog like the cluster's) and removes its directory.
+#[derive(Debug)]
+pub struct PgBouncer {
+    root: PathBuf,
+    port: u16,
+    watchdog: Option<Child>,
+}
+
+impl PgBouncer {
+    /// The port PgBouncer listens on (on 127.0.0.1).
+    pub fn port(&self) -> u16 {
+        self.port
+    }
+
+    /// A `key=value` connection string for `user` through PgBouncer, to the cluster's
+    /// `postgres` database.
+    pub fn conninfo(&self, user: &str) -> String {
+        format!("host={HOST} port={} user={user} dbname=postgres", self.port)
+    }
+
+    fn stop(&self) {
+        let pid_file = self.root.join("pgbouncer.pid");
+        if let Ok(pid) = fs::read_to_string(&pid_file) {
+            let _ = Command::new("kill")
+                .arg("-INT")
+                .arg(pid.trim())
+                .stderr(Stdio::null())
+                .status();
+        }
+    }
+}
+
+impl Drop for PgBouncer {
+    fn drop(&mut self) {
+        if let Some(mut watchdog) = self.watchdog.take() {
+            let _ = watchdog.kill();
+            let _ = watchdog.wait();
+        }
+        self.stop();
+        let _ = fs::remove_dir_all(&self.root);
+    }
+}
+
+impl TempCluster {
+    /// Starts PgBouncer (found on `PATH`, or in `/usr/sbin`) in front of this cluster, in
+    /// `pool_mode` (`session`, `transaction` or `statement`), with at most `pool_size` server
+    /// connections. As root it runs as the server's OS user: PgBouncer refuses to run as root.
+    ///
+    /// ```no_run
+    /// # use pgengine::testing::TempCluster;
+    /// let cluster = TempCluster::shared();
+    /// let bouncer = cluster.pgbouncer("transaction", 4)?;
+    /// let conninfo = bouncer.conninfo(TempCluster::SUPERUSER);
+    /// # Ok::<(), std::io::Error>(())
+    /// ```
+    pub fn pgbouncer(&self, pool_mode: &str, pool_size: usize) -> io::Result<PgBouncer> {
+        let program = find_program("pgbouncer")
+            .or_else(|| Some(PathBuf::from("/usr/sbin/pgbouncer")).filter(|p| p.exists()))
+            .ok_or_else(|| {
+                io::Error::new(
+                    io::ErrorKind::NotFound,
+                    "pgbouncer is not installed (Debian: apt-get install pgbouncer)",
+                )
+            })?;
+        let root = create_unique_dir()?;
+        let port = free_port()?;
+        let mut bouncer = PgBouncer {
+            root: root.clone(),
+            port,
+            watchdog: None,
+        };
+        let path = |name: &str| root.join(name).to_string_lossy().into_owned();
+        fs::write(
+            root.join("userlist.txt"),
+            format!("\"{}\" \"\"\n", Self::SUPERUSER),
+        )?;
+        let ini = format!(
+            "[databases]\n* = host={HOST} port={}\n\n[pgbouncer]\nlisten_addr = {HOST}\n\
+             listen_port = {port}\nunix_socket_dir =\nauth_type = trust\nauth_file = {}\n\
+             pool_mode = {pool_mode}\ndefault_pool_size = {pool_size}\nmax_client_conn = 500\n\
+             logfile = {}\npidfile = {}\nadmin_users = {}\n",
+            self.port,
+            path("userlist.txt"),
+            path("pgbouncer.log"),
+            path("pgbouncer.pid"),
+            Self::SUPERUSER,
+        );
+        fs::write(root.join("pgbouncer.ini"), ini)?;
+        if let Some(owner) = self.run_as.server_user() {
+            run(
+                "chown",
+                Command::new("chown").arg("-R").arg(owner).arg(&root),
+            )?;
+        }
+        bouncer.watchdog = Some(spawn_pgbouncer_watchdog(&root)?);
+        let ini_path = root.join("pgbouncer.ini");
+        let args: [&OsStr; 2] = ["-d".as_ref(), ini_path.as_os_str()];
+        let (program, args) = self.run_as.wrap(&program, &args);
+        let mut command = Command::new(program);
+        command.args(args).current_dir(&root);
+        scrub_pg_env(&mut command);
+        run("pgbouncer", &mut command)?;
+        // -d returns once it has forked; wait until it listens.
+        for _ in 0..200 {
+            if std::net::TcpStream::connect((HOST, port)).is_ok() {
+                return Ok(bouncer);
+            }
+            std::thread::sleep(std::time::Duration::from_millis(25));
+        }
+        Err(io::Error::other(format!(
+            "pgbouncer did not start listening on {port}: {}",
+            fs::read_to_string(root.join("pgbouncer.log")).unwrap_or_default()
+        )))
+    }
+}
+
+/// Stops PgBouncer (by its pid file) and removes its directory when the test process ends.
+fn spawn_pgbouncer_watchdog(root: &Path) -> io::Result<Child> {
+    let root_q = shell_quote(root.as_os_str());
+    let pid_file = shell_quote(root.join("pgbouncer.pid").as_os_str());
+    let mut script = OsString::from(
+        "read -r _
+if [ -f ",
+    );
+    script.push(&pid_file);
+    script.push(" ]; then kill -INT \"$(cat ");
+    script.push(&pid_file);
+    script.push(
+        ")\"; fi
+rm -rf ",
+    );
+    script.push(&root_q);
+    script.push("\n");
+    let mut command = Command::new("sh");
+    command
+        .arg("-c")
+        .arg(script)
+        .current_dir("/")
+        .stdin(Stdio::piped())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .process_group(0);
+    command
+        .spawn()
+        .map_err(|error| io::Error::new(error.kind(), format!("could not run sh: {error}")))
+}
+
 /// Why a server start failed: a taken port is worth another try with a new one.
 enum StartError {
     PortInUse(io::Error),

@@ -293,6 +293,19 @@ impl Connection {
                     return Err(param_count_error(statement.param_types.len(), params.len()));
                 }
                 let closes = self.write_closes()?;
+                if statement.name.is_empty() {
+                    // Without a cache the described statement is the unnamed one, and the
+                    // Sync that ended the describe round trip may have handed the server
+                    // connection to someone else (PgBouncer in transaction pooling mode):
+                    // parse it again, with the types the server gave, in this request.
+                    let oids: Vec<u32> = statement.param_types.iter().map(Type::oid).collect();
+                    if let Err(e) = frontend::parse(&mut self.stream.write_buf, "", sql, &oids) {
+                        self.stream.write_buf.truncate(mark);
+                        self.restore_closes(closes);
+                        return Err(e);
+                    }
+                    self.stats.parses += 1;
+                }
                 if let Err(i) = self.write_cached_bind(&statement, params, max_rows)? {
                     self.stream.write_buf.truncate(mark);
                     self.restore_closes(closes);
@@ -678,10 +691,31 @@ impl Connection {
                     },
                     PlanKind::New { .. } => false,
                 };
-                Err(QueryStartError { error, stale })
+                Err(QueryStartError {
+                    error: explain_pooler(error),
+                    stale,
+                })
             }
         }
     }
+}
+
+/// Our named statements missing (26000) or already there (42P05) mean the statements of this
+/// connection live on some other server session: a pooler in transaction or statement mode
+/// hands each transaction a different one. Say so, and what to do.
+fn explain_pooler(error: Error) -> Error {
+    let ours = error.as_db_error().is_some_and(|db| {
+        matches!(db.code(), "26000" | "42P05") && db.message().contains("\"pge_")
+    });
+    if !ours {
+        return error;
+    }
+    error.context(
+        "a prepared statement of pgengine's statement cache is unknown to (or already on) the \
+         server session: is the connection going through PgBouncer (or another pooler) in \
+         transaction or statement pooling mode? There, turn the cache off with \
+         statement_cache_capacity(0)",
+    )
 }
 
 impl Connection {

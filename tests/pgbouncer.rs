@@ -1,0 +1,222 @@
+//! Behind a real PgBouncer (Debian's, started by the harness on loopback) in transaction
+//! pooling mode, with fewer server connections than clients so that consecutive transactions
+//! of one client land on different server sessions: with the statement cache off every kind
+//! of work succeeds; with it on, the error says what to change.
+
+mod common;
+
+use std::time::Duration;
+
+use common::cluster;
+use pgengine::pool::PoolOptions;
+use pgengine::testing::{PgBouncer, TempCluster};
+use pgengine::{Config, Connection, PostgresEngine, Query};
+use postgres_types::{IsNull, ToSql, Type, to_sql_checked};
+
+fn bouncer(mode: &str, pool_size: usize) -> PgBouncer {
+    cluster()
+        .pgbouncer(mode, pool_size)
+        .expect("pgbouncer starts (CI installs Debian's pgbouncer)")
+}
+
+fn config(bouncer: &PgBouncer) -> Config {
+    Config::parse(&format!(
+        "{} connect_timeout=10",
+        bouncer.conninfo(TempCluster::SUPERUSER)
+    ))
+    .unwrap()
+}
+
+async fn engine(bouncer: &PgBouncer, pipeline: usize) -> PostgresEngine {
+    let engine = PostgresEngine::builder(config(bouncer))
+        .statement_cache_capacity(0)
+        .build();
+    engine
+        .start_connection_pool(
+            PoolOptions::default()
+                .max_size(6)
+                .pipeline(pipeline)
+                .acquire_timeout(Duration::from_secs(20)),
+        )
+        .await
+        .unwrap();
+    engine
+}
+
+/// A value only the server can type (an enum): its statement must be described first.
+#[derive(Debug)]
+struct Mood(&'static str);
+
+impl ToSql for Mood {
+    fn to_sql(
+        &self,
+        _: &Type,
+        out: &mut bytes::BytesMut,
+    ) -> Result<IsNull, Box<dyn std::error::Error + Sync + Send>> {
+        out.extend_from_slice(self.0.as_bytes());
+        Ok(IsNull::No)
+    }
+    fn accepts(ty: &Type) -> bool {
+        ty.name() == "bouncer_mood"
+    }
+    to_sql_checked!();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_kind_of_work_in_transaction_mode_without_the_cache() {
+    let bouncer = bouncer("transaction", 2);
+    cluster()
+        .psql(
+            "DROP TABLE IF EXISTS bouncer_t; CREATE TABLE bouncer_t (id int PRIMARY KEY, note text);
+             DROP TYPE IF EXISTS bouncer_mood; CREATE TYPE bouncer_mood AS ENUM ('sad', 'happy');
+             INSERT INTO bouncer_t SELECT g, 'row ' || g FROM generate_series(1000, 2999) g;",
+        )
+        .unwrap();
+    for pipeline in [0, 2] {
+        let engine = engine(&bouncer, pipeline).await;
+        // Many tasks, more than the two server connections: each gets its own answers.
+        let tasks: Vec<_> = (0..8i32)
+            .map(|t| {
+                let engine = engine.clone();
+                tokio::spawn(async move {
+                    for i in 0..40i32 {
+                        let n = t * 1000 + i;
+                        let row = engine
+                            .query_one(("SELECT $1::int4 + 1, $2::text", (n, format!("t{t}"))))
+                            .await
+                            .unwrap();
+                        assert_eq!(row.get::<_, i32>(0), n + 1);
+                        assert_eq!(row.get::<_, String>(1), format!("t{t}"));
+                    }
+                })
+            })
+            .collect();
+        for t in tasks {
+            t.await.unwrap();
+        }
+        // A parameter type only the server knows: described, then parsed again with it.
+        for _ in 0..10 {
+            let row = engine
+                .query_one(("SELECT $1::bouncer_mood::text", (Mood("happy"),)))
+                .await
+                .unwrap();
+            assert_eq!(row.get::<_, String>(0), "happy");
+        }
+        // A transaction with a savepoint rolled back to.
+        let base = 10 * (pipeline as i32 + 1);
+        engine
+            .transaction()
+            .run(|tx| async move {
+                tx.execute(("INSERT INTO bouncer_t VALUES ($1, 'kept')", (base,)))
+                    .await?;
+                let sp = tx.savepoint(Some("before_second")).await?;
+                tx.execute(("INSERT INTO bouncer_t VALUES ($1, 'undone')", (base + 1,)))
+                    .await?;
+                sp.rollback_to().await?;
+                tx.execute(("INSERT INTO bouncer_t VALUES ($1, 'kept')", (base + 2,)))
+                    .await?;
+                Ok(())
+            })
+            .await
+            .unwrap();
+        let kept: Vec<i32> = engine
+            .query((
+                "SELECT id FROM bouncer_t WHERE id BETWEEN $1 AND $2 ORDER BY id",
+                (base, base + 2),
+            ))
+            .await
+            .unwrap()
+            .iter()
+            .map(|r| r.get(0))
+            .collect();
+        assert_eq!(kept, [base, base + 2]);
+        // Atomic: all or nothing.
+        let mut atomic = engine.atomic();
+        atomic.add(Query::new("INSERT INTO bouncer_t VALUES ($1, 'a')").bind(base + 3));
+        atomic.add(Query::new("INSERT INTO bouncer_t VALUES ($1, 'dup')").bind(base));
+        assert!(
+            atomic.run().await.is_err(),
+            "the duplicate fails the whole Atomic"
+        );
+        assert!(
+            engine
+                .query_opt(("SELECT 1 FROM bouncer_t WHERE id = $1", (base + 3,)))
+                .await
+                .unwrap()
+                .is_none()
+        );
+        let mut atomic = engine.atomic();
+        atomic.add(Query::new("INSERT INTO bouncer_t VALUES ($1, 'a')").bind(base + 3));
+        atomic.add(Query::new("INSERT INTO bouncer_t VALUES ($1, 'b')").bind(base + 4));
+        atomic.run().await.unwrap();
+        // A batch over a native portal (inside its own transaction).
+        let mut batch = engine
+            .batch("SELECT id FROM bouncer_t WHERE id >= 1000 ORDER BY id", 300)
+            .start()
+            .await
+            .unwrap();
+        let mut seen = 0;
+        while let Some(rows) = batch.next_batch().await.unwrap() {
+            for row in rows {
+                assert_eq!(row.get::<_, i32>(0), 1000 + seen);
+                seen += 1;
+            }
+        }
+        assert_eq!(seen, 2000);
+        drop(batch);
+        engine.close_connection_pool().await.unwrap();
+    }
+}
+
+#[tokio::test]
+async fn cancel_through_pgbouncer() {
+    let bouncer = bouncer("transaction", 2);
+    let mut conn = Connection::connect(&config(&bouncer)).await.unwrap();
+    conn.set_statement_cache_capacity(0);
+    let token = conn.cancel_token();
+    tokio::spawn(async move {
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        token.cancel_query().await.unwrap();
+    });
+    let err = conn.execute("SELECT pg_sleep(30)").await.unwrap_err();
+    assert_eq!(err.code(), Some("57014"), "{err}");
+    assert_eq!(
+        conn.query_one("SELECT 3::int")
+            .await
+            .unwrap()
+            .get::<_, i32>(0),
+        3
+    );
+}
+
+#[tokio::test]
+async fn with_the_cache_on_the_error_says_what_to_do() {
+    // One server connection shared by two clients: both name their first statement pge_1.
+    let bouncer = bouncer("transaction", 1);
+    let mut a = Connection::connect(&config(&bouncer)).await.unwrap();
+    let mut b = Connection::connect(&config(&bouncer)).await.unwrap();
+    a.query_one("SELECT 1::int").await.unwrap();
+    let err = b.query_one("SELECT 2::int").await.unwrap_err();
+    eprintln!("{err}");
+    assert!(matches!(err.code(), Some("42P05") | Some("26000")), "{err}");
+    assert!(
+        err.to_string().contains("statement_cache_capacity(0)"),
+        "{err}"
+    );
+    // The same two clients with the cache off get along.
+    a.set_statement_cache_capacity(0);
+    b.set_statement_cache_capacity(0);
+    for i in 0..10i32 {
+        let (x, y) = (
+            a.query_one(("SELECT $1::int", (i,)))
+                .await
+                .unwrap()
+                .get::<_, i32>(0),
+            b.query_one(("SELECT $1::int", (-i,)))
+                .await
+                .unwrap()
+                .get::<_, i32>(0),
+        );
+        assert_eq!((x, y), (i, -i));
+    }
+}
