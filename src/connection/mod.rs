@@ -143,6 +143,8 @@ pub struct Connection {
     types: HashMap<u32, postgres_types::Type>,
     /// Time limits and cancellation of the request in flight.
     watch: Watch,
+    /// The protocol's minor version: 0 for 3.0, 2 for 3.2.
+    protocol_minor: u16,
 }
 
 /// The default for [`Connection::set_drain_timeout`].
@@ -287,6 +289,7 @@ impl Connection {
                 deadline: None,
             },
             stats: ConnectionStats::default(),
+            protocol_minor: s.protocol_minor,
         };
         for notice in &s.notices {
             (conn.notice_handler)(notice);
@@ -309,6 +312,13 @@ impl Connection {
     /// `TimeZone`, `client_encoding`, `integer_datetimes`, …).
     pub fn parameter(&self, name: &str) -> Option<&str> {
         self.parameters.get(name).map(String::as_str)
+    }
+
+    /// The protocol version in use, as (major, minor): (3, 0), or (3, 2) when
+    /// `max_protocol_version=3.2` (or `latest`) was asked for and the server speaks it
+    /// (PostgreSQL 18+).
+    pub fn protocol_version(&self) -> (u16, u16) {
+        (3, self.protocol_minor)
     }
 
     /// True when the connection runs over TLS.

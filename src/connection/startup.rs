@@ -29,6 +29,8 @@ pub(crate) struct Startup {
     /// The TLS settings the connection was made with, when it runs over TLS: a
     /// CancelRequest must go over TLS too.
     pub(crate) tls: Option<TlsConnector>,
+    /// The protocol's minor version in use: 0 (3.0) or 2 (3.2).
+    pub(crate) protocol_minor: u16,
 }
 
 /// One server to try: a host (name or socket directory), the numeric address to dial instead
@@ -402,15 +404,41 @@ async fn start_with(
     if let Some(options) = config.get_options() {
         params.push(("options", options));
     }
-    frontend::startup(&mut stream.write_buf, frontend::PROTOCOL_3_0, &params)?;
+    // Protocol 3.2 (PostgreSQL 18: longer cancel keys) only when asked for, as libpq 18: an
+    // older server answers NegotiateProtocolVersion and the session continues in 3.0.
+    let asked_minor: u16 = match config.get_max_protocol_version() {
+        Some("3.2" | "latest") => 2,
+        _ => 0,
+    };
+    let least_minor: u16 = match config.get_min_protocol_version() {
+        Some("3.2" | "latest") => 2,
+        _ => 0,
+    };
+    let version = if asked_minor == 2 {
+        frontend::PROTOCOL_3_2
+    } else {
+        frontend::PROTOCOL_3_0
+    };
+    frontend::startup(&mut stream.write_buf, version, &params)?;
     stream.flush().await?;
 
     let (host, port) = match &target {
         Some(t) => (t.host.clone(), t.port),
         None => (Host::Tcp(String::new()), 0),
     };
-    authenticate(&mut stream, config, &host, port, &user, end_point).await?;
-    finish_startup(stream, target).await
+    let minor = authenticate(
+        &mut stream,
+        config,
+        &host,
+        port,
+        &user,
+        end_point,
+        (asked_minor, least_minor),
+    )
+    .await?;
+    let mut startup = finish_startup(stream, target).await?;
+    startup.protocol_minor = minor;
+    Ok(startup)
 }
 
 /// Turns an ErrorResponse received before ReadyForQuery into an error: SQLSTATE class 28
@@ -434,7 +462,9 @@ async fn authenticate(
     port: u16,
     user: &str,
     end_point: Option<Result<Vec<u8>>>,
-) -> Result<()> {
+    (asked_minor, least_minor): (u16, u16),
+) -> Result<u16> {
+    let mut minor = asked_minor;
     let binding = config.get_channel_binding();
     let allow = |method: &str| -> Result<()> {
         if !config.require_auth_allows(method) {
@@ -490,7 +520,7 @@ async fn authenticate(
                              channel binding",
                         ));
                     }
-                    return Ok(());
+                    return Ok(minor);
                 }
                 Authentication::CleartextPassword => {
                     allow("password")?;
@@ -561,13 +591,28 @@ async fn authenticate(
                 newest_minor,
                 unrecognized,
             } => {
-                // We ask for 3.0 with no options, so any answer but "3.0, nothing unknown"
-                // is the server misbehaving; 3.0 itself is fine to continue with.
-                if newest_minor != 0 || !unrecognized.is_empty() {
+                // §55.2.1: the server offers the newest minor version it speaks that is not
+                // above ours. The field is documented as the minor version, but servers send
+                // the whole version number (major << 16 | minor), as libpq reads it; both are
+                // understood. We send no `_pq_.` options, so none can be unrecognized.
+                let offered = match newest_minor {
+                    v if (0..=0xffff).contains(&v) => v as u16,
+                    v if v >> 16 == 3 => (v & 0xffff) as u16,
+                    _ => u16::MAX,
+                };
+                if offered > asked_minor || !unrecognized.is_empty() {
                     return Err(Error::protocol(format!(
-                        "the server cannot speak protocol 3.0 (it offers 3.{newest_minor})"
+                        "NegotiateProtocolVersion offers 3.{newest_minor} (we asked for \
+                         3.{asked_minor}) and rejects options {unrecognized:?}"
                     )));
                 }
+                if offered < least_minor {
+                    return Err(Error::config(format!(
+                        "the server speaks protocol 3.{offered} at most, but \
+                         min_protocol_version=3.{least_minor}"
+                    )));
+                }
+                minor = offered;
             }
             other => {
                 return Err(Error::protocol(format!(
@@ -655,6 +700,7 @@ async fn finish_startup(mut stream: MessageStream, target: Option<Target>) -> Re
                     status,
                     target,
                     tls: None,
+                    protocol_minor: 0,
                 });
             }
             other => {
