@@ -10,7 +10,10 @@
 //! ```
 //!
 //! In `Failed`, every query but a rollback is refused without a round trip, and `commit`
-//! returns an error saying nothing was saved — never a silent commit of a failed block.
+//! returns an error saying nothing was saved — never a silent commit of a failed block. A
+//! statement that timed out, or whose future was dropped before its answer came, also moves
+//! the transaction to `Failed`, even if the server finished it after all: its caller was
+//! told it did not happen, so the block must not commit it behind their back.
 //! Dropping a transaction that was neither committed nor rolled back rolls it back: the
 //! connection goes back to the pool, which rolls back before anyone else gets it (or closes
 //! it).
