@@ -15,7 +15,7 @@ use std::collections::BTreeSet;
 use std::sync::Arc;
 use std::time::Duration;
 
-use common::{cluster, connect, tcp_config};
+use common::{connect, tcp_config};
 use futures::StreamExt;
 use pgengine::listen::{ListenEvent, ListenOptions, Listener};
 use pgengine::pool::PoolOptions;
@@ -802,11 +802,4 @@ async fn notifications_on_a_pipelined_pool_connection_are_not_query_results() {
         "each notification exactly once"
     );
     engine.close_connection_pool().await.unwrap();
-}
-
-/// The shared cluster is used by every test here; make sure it is up before the first test
-/// that times its waits.
-#[test]
-fn the_shared_cluster_starts() {
-    assert_eq!(cluster().psql("SELECT 1").unwrap(), "1");
 }
