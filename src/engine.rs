@@ -30,6 +30,7 @@ use std::time::{Duration, Instant};
 use crate::config::Config;
 use crate::connection::Connection;
 use crate::error::{Error, Result};
+use crate::listen::{ListenOptions, Listener};
 use crate::pool::{ConnectionManager, Manager, Pipeline, Pool, PoolOptions, PoolStats, Pooled};
 use crate::query::{Query, ToQuery};
 use crate::row::{Row, SimpleQueryResult};
@@ -305,6 +306,37 @@ impl PostgresEngine {
             Some(pool) => Ok(EngineConnection::Pooled(pool.acquire().await?)),
             None => Ok(EngineConnection::Fresh(self.manager().connect().await?)),
         }
+    }
+
+    /// Listens to `channel` (`LISTEN`) on a connection of its own, never one of the pool's,
+    /// opened with the engine's settings; the [`Listener`] is a stream of notifications that
+    /// reconnects and re-LISTENs after a connection loss, with [`ListenOptions::default`].
+    ///
+    /// ```no_run
+    /// # async fn demo(engine: pgengine::PostgresEngine) -> pgengine::Result<()> {
+    /// use futures::StreamExt;
+    /// let mut listener = engine.listen("orders").await?;
+    /// engine.execute(("SELECT pg_notify('orders', $1)", ("42",))).await?;
+    /// let event = listener.next().await;
+    /// # Ok(())
+    /// # }
+    /// ```
+    pub async fn listen(&self, channel: &str) -> Result<Listener> {
+        self.listen_with(channel, ListenOptions::default()).await
+    }
+
+    /// [`listen`](Self::listen) with its own reconnect options.
+    ///
+    /// ```no_run
+    /// # async fn demo(engine: pgengine::PostgresEngine) -> pgengine::Result<()> {
+    /// use std::time::Duration;
+    /// let options = pgengine::ListenOptions::default().max_backoff(Duration::from_secs(1));
+    /// let listener = engine.listen_with("orders", options).await?;
+    /// # Ok(())
+    /// # }
+    /// ```
+    pub async fn listen_with(&self, channel: &str, options: ListenOptions) -> Result<Listener> {
+        Listener::open(self.manager(), channel, options).await
     }
 
     /// How this engine opens connections, pooled or fresh: one place for the settings.

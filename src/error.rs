@@ -43,6 +43,10 @@ pub enum ErrorKind {
     Conversion,
     /// A query returned a different number of rows than the call expects (`query_one`).
     RowCount,
+    /// The connection is not free for the operation: it still owes responses to an earlier
+    /// request whose future was dropped, or (for waiting on notifications) a transaction is
+    /// open. Nothing was sent; finish or [`reset`](crate::Connection::reset) it first.
+    Busy,
 }
 
 impl fmt::Display for ErrorKind {
@@ -60,6 +64,7 @@ impl fmt::Display for ErrorKind {
             ErrorKind::Pool => "pool error",
             ErrorKind::Conversion => "conversion error",
             ErrorKind::RowCount => "unexpected number of rows",
+            ErrorKind::Busy => "connection busy",
         })
     }
 }
@@ -186,6 +191,11 @@ impl Error {
     /// True for [`Error::needs_own_run`].
     pub(crate) fn is_needs_own_run(&self) -> bool {
         self.0.needs_own_run
+    }
+
+    /// The connection is not in a state that allows the operation; nothing was sent.
+    pub(crate) fn busy(message: impl Into<String>) -> Error {
+        Error::new(ErrorKind::Busy, message).retry_safe()
     }
 
     /// A query returned the wrong number of rows.

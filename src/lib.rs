@@ -19,6 +19,8 @@
 //!   and the pipelined mode that carries many tasks' queries over shared connections.
 //! - [`engine`]: [`PostgresEngine`], the object an application shares: settings, extensions,
 //!   read-replica nodes, query logging and its own pool.
+//! - [`listen`]: [`Listener`], LISTEN/NOTIFY on a connection of its own that reconnects and
+//!   re-LISTENs after a loss, and says that notifications may have been missed.
 //! - [`transaction`], [`savepoint`], [`atomic`], [`batch`]: Piccolo's concepts —
 //!   [`PostgresTransaction`] driven by ReadyForQuery, [`Savepoint`], all-or-nothing
 //!   [`Atomic`](atomic::Atomic) runs in one round trip, and [`AsyncBatch`](batch::AsyncBatch)
@@ -51,6 +53,7 @@ pub mod config;
 pub mod connection;
 pub mod engine;
 pub mod error;
+pub mod listen;
 pub mod pool;
 pub mod protocol;
 pub mod query;
@@ -67,6 +70,7 @@ pub use connection::{
 };
 pub use engine::PostgresEngine;
 pub use error::{DbError, Error, ErrorKind, Result, TransactionError};
+pub use listen::{ListenEvent, ListenOptions, Listener};
 pub use postgres_types::{FromSql, ToSql, Type};
 pub use query::{BorrowedParams, Query, ToQuery};
 pub use row::{Column, Row, SimpleQueryResult, SimpleRow};

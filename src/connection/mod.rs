@@ -21,6 +21,7 @@
 
 mod cache;
 mod extended;
+mod notify;
 mod simple;
 mod startup;
 mod stream;
@@ -376,7 +377,9 @@ impl Connection {
         self.broken.is_none()
     }
 
-    /// Notifications received so far (they can arrive during any query), oldest first.
+    /// Notifications received so far (they can arrive during any query), oldest first. To
+    /// wait for the next one while the connection is idle, see
+    /// [`next_notification`](Self::next_notification).
     pub fn take_notifications(&mut self) -> Vec<Notification> {
         self.notifications.drain(..).collect()
     }
