@@ -3,15 +3,20 @@
 //! middle of the data, dropped sinks and streams, a timeout, transactions, and COPY
 //! statements sent where they do not belong — each leaving the connection idle and usable.
 //!
-//! Every test has tables of its own: the tests run in parallel on one shared cluster.
+//! Every test has tables of its own: the tests run in parallel on one shared cluster. Two
+//! tests against a scripted server check the exact messages of the dropped-sink and
+//! server-error paths.
 
 mod common;
+mod mock;
 
 use std::time::{Duration, SystemTime};
 
 use common::{connect, tcp_config};
 use futures::TryStreamExt;
+use mock::{Kind, MockServer, Step, error_response, ready, script, trust_login};
 use pgengine::pool::PoolOptions;
+use pgengine::protocol::{BackendMessage, CopyFormat, FrontendMessage};
 use pgengine::testing::TempCluster;
 use pgengine::{
     BinaryCopyInWriter, Connection, ErrorKind, PostgresEngine, TransactionStatus, Type,
@@ -789,4 +794,124 @@ async fn a_copy_that_runs_out_of_time_is_failed_and_the_connection_recovers() {
     conn.set_query_timeout(None);
     assert_eq!(count(&mut conn, "copy_timeout").await, 0);
     assert_usable(&mut conn).await;
+}
+
+/// A text COPY of one column, as the server announces it.
+fn copy_in_response() -> BackendMessage {
+    BackendMessage::CopyInResponse(CopyFormat {
+        format: 0,
+        column_formats: vec![0],
+    })
+}
+
+/// Bounds a step against the scripted server, which may be waiting for something that never
+/// comes.
+async fn guard<T>(what: &str, fut: impl std::future::Future<Output = T>) -> T {
+    tokio::time::timeout(Duration::from_secs(10), fut)
+        .await
+        .unwrap_or_else(|_| panic!("hang: {what}"))
+}
+
+#[tokio::test]
+async fn a_dropped_sink_sends_copy_fail_before_the_next_query_and_nothing_else() {
+    let server = MockServer::start(script([
+        trust_login(),
+        vec![
+            Step::Expect(Kind::Query),
+            Step::Send(copy_in_response()),
+            Step::Expect(Kind::CopyData),
+            Step::Expect(Kind::CopyFail),
+            Step::Send(error_response("ERROR", "57014", "COPY from stdin failed")),
+            Step::Send(ready(TransactionStatus::Idle)),
+            Step::Expect(Kind::Query),
+            Step::Send(BackendMessage::EmptyQueryResponse),
+            Step::Send(ready(TransactionStatus::Idle)),
+        ],
+    ]))
+    .await;
+    let mut conn = guard("connect", Connection::connect(&server.config()))
+        .await
+        .unwrap();
+    let mut sink = guard("copy_in", conn.copy_in("COPY t FROM STDIN"))
+        .await
+        .unwrap();
+    // A full buffer goes out as one CopyData; the rest stays buffered and is never sent.
+    guard("write", sink.write(&vec![b'1'; 64 * 1024 + 10]))
+        .await
+        .unwrap();
+    drop(sink);
+    assert!(conn.is_busy());
+    guard("the next query", conn.simple_query(""))
+        .await
+        .unwrap();
+    assert!(conn.is_idle(), "{conn:?}");
+    guard("close", conn.close()).await.unwrap();
+    let t = server.finish().await;
+    assert_eq!(
+        t.kinds(),
+        [
+            Kind::Startup,
+            Kind::Query,
+            Kind::CopyData,
+            Kind::CopyFail,
+            Kind::Query,
+            Kind::Terminate
+        ]
+    );
+    let FrontendMessage::CopyData(data) = &t.messages[2] else {
+        unreachable!()
+    };
+    assert_eq!(data.len(), 64 * 1024);
+}
+
+#[tokio::test]
+async fn after_a_server_error_mid_copy_no_more_copy_messages_are_sent() {
+    let server = MockServer::start(script([
+        trust_login(),
+        vec![
+            Step::Expect(Kind::Query),
+            Step::Send(copy_in_response()),
+            Step::Expect(Kind::CopyData),
+            Step::Send(error_response("ERROR", "23505", "duplicate key value")),
+            Step::Send(ready(TransactionStatus::Idle)),
+        ],
+    ]))
+    .await;
+    let mut conn = guard("connect", Connection::connect(&server.config()))
+        .await
+        .unwrap();
+    let mut sink = guard("copy_in", conn.copy_in("COPY t FROM STDIN"))
+        .await
+        .unwrap();
+    let chunk = vec![b'1'; 64 * 1024];
+    guard("write", sink.write(&chunk)).await.unwrap();
+    // Once the error has arrived, the next write that would send finds it first.
+    let mut failed = None;
+    for _ in 0..100 {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        if let Err(e) = guard("write", sink.write(&chunk)).await {
+            failed = Some(e);
+            break;
+        }
+    }
+    let err = failed.expect("a write reports the server's error");
+    assert_eq!(err.code(), Some("23505"), "{err}");
+    assert_eq!(
+        guard("finish", sink.finish()).await.unwrap_err().code(),
+        Some("23505")
+    );
+    assert!(conn.is_idle(), "{conn:?}");
+    guard("close", conn.close()).await.unwrap();
+    let t = server.finish().await;
+    // Data sent before the error arrived is the server's to ignore; after it, nothing of the
+    // COPY goes out: no CopyDone, no CopyFail.
+    let kinds = t.kinds();
+    assert_eq!(kinds[..3], [Kind::Startup, Kind::Query, Kind::CopyData]);
+    assert_eq!(kinds.last(), Some(&Kind::Terminate));
+    assert!(
+        kinds[2..kinds.len() - 1]
+            .iter()
+            .all(|k| *k == Kind::CopyData),
+        "{kinds:?}"
+    );
 }
