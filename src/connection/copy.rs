@@ -60,6 +60,10 @@ impl Connection {
     /// committed until [`CopyInSink::finish`]; [`CopyInSink::abort`] or dropping the sink
     /// fails the statement instead (inside a transaction block, that fails the transaction).
     ///
+    /// A [query timeout](Self::set_query_timeout) covers the whole COPY, from the statement to
+    /// the end of `finish`, including the time the caller takes to produce the data; when it
+    /// passes, the next write that sends fails the COPY and returns a timeout error.
+    ///
     /// ```no_run
     /// # async fn demo(conn: &mut pgengine::Connection) -> pgengine::Result<()> {
     /// let mut sink = conn.copy_in("COPY people (id, name) FROM STDIN").await?;
