@@ -14,6 +14,7 @@
 //! | `atomic` | transactions of 10 inserts | transactions/s | libpq-pipeline |
 //! | `savepoint` | SAVEPOINT + ROLLBACK TO in one transaction | cycles/s | libpq |
 //! | `pool` | 64 tasks, 100,000 point selects, 8 connections, 2 runtime workers | queries/s | pgbench |
+//! | `copy` | 1,000,000 rows (int8, text, float8) loaded into an empty UNLOGGED table: COPY text and binary, and batched INSERT | rows/s | libpq-copy |
 //!
 //! A name on the command line picks the workload of that name, or the group of workloads
 //! named `<name>-…` (so `batch` picks the three batch sizes).
@@ -61,7 +62,7 @@
 //!
 //! - `PGENGINE_BENCH_ITERS`: the workload's size (round trips for ping) instead of its default.
 //! - `PGENGINE_BENCH_ROUNDS`: rounds instead of the workload's default (7; 3 for each batch
-//!   size, whose measurements are large; 5 for pool).
+//!   size and for copy, whose measurements are large; 5 for pool).
 //! - `PGENGINE_BENCH_WARMUP`: warm-up size per contender instead of a tenth of the size; 0 skips
 //!   the warm-up (for instruction counts that scale exactly with the size).
 //! - `PGENGINE_BENCH_DRIVERS`: a comma-separated list of the contenders to run, e.g. to profile
@@ -97,6 +98,8 @@
 mod atomic;
 #[path = "drivers/batch.rs"]
 mod batch;
+#[path = "drivers/copy.rs"]
+mod copy;
 #[path = "drivers/libpq.rs"]
 mod libpq;
 #[path = "drivers/ping.rs"]
@@ -226,6 +229,20 @@ const WORKLOADS: &[Workload] = &[
         memory: false,
         setup: pool::setup,
         contenders: |_| pool::contenders(),
+    },
+    Workload {
+        name: "copy",
+        description: "rows (int8, text, float8) loaded into an empty UNLOGGED table: COPY in \
+                      the text and binary formats, and batched INSERT … unnest in one \
+                      transaction",
+        unit: "rows/s",
+        default_size: 1_000_000,
+        default_rounds: 3,
+        baseline: "libpq-copy",
+        also_compare: None,
+        memory: false,
+        setup: copy::setup,
+        contenders: |_| copy::contenders(),
     },
 ];
 

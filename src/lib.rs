@@ -12,9 +12,10 @@
 //! - [`config`]: connection settings from libpq-style URLs and `key=value` strings, the `PG*`
 //!   environment variables and the `.pgpass` file.
 //! - [`connection`]: one socket (TCP, Unix, or any stream): TLS (rustls, libpq's `sslmode`s),
-//!   startup, authentication, the simple and extended query protocols, the statement cache,
-//!   catalog type lookups, the server's `ReadyForQuery` transaction status, cancellation, query
-//!   timeouts, and draining an abandoned request before the connection's next use.
+//!   startup, authentication, the simple and extended query protocols, COPY in and out, the
+//!   statement cache, catalog type lookups, the server's `ReadyForQuery` transaction status,
+//!   cancellation, query timeouts, and draining an abandoned request before the connection's
+//!   next use.
 //! - [`pool`]: a connection pool whose core knows nothing of PostgreSQL, its PostgreSQL seam,
 //!   and the pipelined mode that carries many tasks' queries over shared connections.
 //! - [`engine`]: [`PostgresEngine`], the object an application shares: settings, extensions,
@@ -66,7 +67,8 @@ pub mod types;
 
 pub use config::Config;
 pub use connection::{
-    CancelToken, Connection, ConnectionStats, Notification, RowStream, TransactionStatus,
+    BinaryCopyInWriter, CancelToken, Connection, ConnectionStats, CopyInSink, CopyOutStream,
+    Notification, RowStream, TransactionStatus,
 };
 pub use engine::PostgresEngine;
 pub use error::{DbError, Error, ErrorKind, Result, TransactionError};

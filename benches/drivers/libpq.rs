@@ -1,6 +1,6 @@
 //! Just enough of libpq for the baselines: a connection and a result that free themselves, the
 //! error text libpq gives when something fails, and the calls the workloads use (prepared
-//! statements, single-row and chunked-rows modes, pipeline mode).
+//! statements, single-row and chunked-rows modes, pipeline mode, COPY FROM STDIN).
 //!
 //! Every call goes through a table of functions, [`Api`], so the same code runs on two
 //! libraries: the system's libpq, linked through `pq-sys` ([`SYSTEM`]), and a second libpq
@@ -96,6 +96,9 @@ libpq_api! {
     PQgetlength: fn(*const PGresult, c_int, c_int) -> c_int;
     PQgetisnull: fn(*const PGresult, c_int, c_int) -> c_int;
     PQclear: fn(*mut PGresult);
+    PQputCopyData: fn(*mut PGconn, *const c_char, c_int) -> c_int;
+    PQputCopyEnd: fn(*mut PGconn, *const c_char) -> c_int;
+    PQcmdTuples: fn(*mut PGresult) -> *mut c_char;
 }
 
 impl Api {
@@ -310,6 +313,24 @@ impl Conn {
         })
     }
 
+    /// PQputCopyData: adds `data` to the COPY FROM STDIN in progress (libpq buffers it and
+    /// sends when its buffer fills).
+    pub fn put_copy_data(&mut self, data: &[u8]) -> BenchResult<()> {
+        let len = c_int::try_from(data.len())?;
+        // SAFETY: data is `len` readable bytes for the call; libpq copies them before
+        // returning.
+        let put = unsafe { (self.api.PQputCopyData)(self.raw, data.as_ptr().cast(), len) };
+        self.check(put, "PQputCopyData")
+    }
+
+    /// PQputCopyEnd without an error message: the COPY's data is complete; its result comes
+    /// from [`Conn::get_result`].
+    pub fn put_copy_end(&mut self) -> BenchResult<()> {
+        // SAFETY: a null error message means "end normally".
+        let ended = unsafe { (self.api.PQputCopyEnd)(self.raw, ptr::null()) };
+        self.check(ended, "PQputCopyEnd")
+    }
+
     /// PQenterPipelineMode: queries are queued and sent together at each sync.
     pub fn enter_pipeline_mode(&mut self) -> BenchResult<()> {
         // SAFETY: self.raw is a live handle.
@@ -400,6 +421,18 @@ impl PgResult {
             message.to_string_lossy().trim_end()
         )
         .into())
+    }
+
+    /// PQcmdTuples: the row count of the command's tag (`COPY n` → n), 0 if it has none.
+    pub fn cmd_tuples(&self) -> u64 {
+        // SAFETY: self.raw is a live result; the string is owned by it and read before it is
+        // cleared.
+        let tuples = unsafe { CStr::from_ptr((self.api.PQcmdTuples)(self.raw)) };
+        tuples
+            .to_str()
+            .ok()
+            .and_then(|n| n.parse().ok())
+            .unwrap_or(0)
     }
 
     /// The number of rows.

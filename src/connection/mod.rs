@@ -1,7 +1,7 @@
 //! One connection to a PostgreSQL server: startup and authentication, then queries over the
 //! simple and the extended protocol, one at a time.
 //!
-//! The connection keeps three pieces of state:
+//! The connection keeps four pieces of state:
 //!
 //! - `status`: the transaction status of the last ReadyForQuery — the server's word on whether
 //!   a transaction is open or failed, never our guess. Set only in `Connection::poll_read`.
@@ -9,6 +9,8 @@
 //!   query whose future was dropped half way leaves it above zero; the next request first reads
 //!   and discards the rest of those responses, so it can never mistake them for its own.
 //!   Raised only in `Connection::send`, lowered only in `Connection::poll_read`.
+//! - `copy_in`: a COPY FROM STDIN is open and the server reads nothing but copy messages. A
+//!   sink dropped half way leaves it set; the next request first ends the COPY with CopyFail.
 //! - `broken`: set only in `Connection::mark_broken` (and never cleared) when the byte stream can no
 //!   longer be trusted: an I/O or protocol error, a write cut off half way, a FATAL error, a
 //!   request whose end did not arrive even after it was cancelled. A broken connection
@@ -20,6 +22,7 @@
 //! and waits for the cancel to be delivered, so that it cannot hit the statement after.
 
 mod cache;
+mod copy;
 mod extended;
 mod notify;
 mod simple;
@@ -42,6 +45,7 @@ use crate::protocol::{BackendMessage, frontend};
 use cache::StatementCache;
 use stream::MessageStream;
 
+pub use copy::{BinaryCopyInWriter, CopyInSink, CopyOutStream};
 pub use extended::RowStream;
 pub use stream::Transport;
 
@@ -130,6 +134,10 @@ pub struct Connection {
     pending: usize,
     /// True from the moment a request starts going out until it is fully written.
     writing: bool,
+    /// A COPY FROM STDIN is open: the server reads nothing but copy messages until CopyDone
+    /// or CopyFail. Set and cleared in `copy.rs`; still set at the next request when a sink
+    /// was dropped half way.
+    copy_in: bool,
     broken: Option<String>,
     parameters: HashMap<String, String>,
     cancel: CancelToken,
@@ -265,6 +273,7 @@ impl Connection {
             status: s.status,
             pending: 0,
             writing: false,
+            copy_in: false,
             broken: None,
             parameters: s.parameters.into_iter().collect(),
             cancel: CancelToken {
@@ -356,7 +365,7 @@ impl Connection {
     /// way) or a request was cut off while being written: the connection's state is not known
     /// until it has read them away, so a pool must not hand it to anyone else.
     pub fn is_busy(&self) -> bool {
-        self.pending > 0 || self.writing
+        self.pending > 0 || self.writing || self.copy_in
     }
 
     /// Checks, without waiting, that an idle connection has not been closed by the server
@@ -470,6 +479,10 @@ impl Connection {
         }
         if let Some(reason) = &self.broken {
             return Err(Error::closed(format!("the connection is broken: {reason}")).retry_safe());
+        }
+        if self.copy_in {
+            // A CopyInSink was dropped half way: the server still waits for its data.
+            self.abandon_copy_in().await?;
         }
         if self.pending > 0 {
             self.drain_abandoned().await?;

@@ -16,6 +16,11 @@ impl Connection {
     /// If a statement fails, the server skips the rest of the string; the error is returned
     /// and the connection is ready for the next query.
     ///
+    /// COPY data does not go through here: a `COPY … FROM STDIN` is failed (CopyFail) and a
+    /// `COPY … TO STDOUT` runs with its data discarded, and either gives an
+    /// [`ErrorKind::Conversion`](crate::ErrorKind::Conversion) error once the whole string has
+    /// run. Use [`copy_in`](Self::copy_in) and [`copy_out`](Self::copy_out).
+    ///
     /// ```no_run
     /// # async fn demo(conn: &mut pgengine::Connection) -> pgengine::Result<()> {
     /// let results = conn.simple_query("SELECT 1 AS one; SELECT 'two'").await?;
@@ -64,15 +69,17 @@ impl Connection {
                 BackendMessage::CopyInResponse(_) => {
                     // The server waits for data we do not have: refuse, and it answers with an
                     // ErrorResponse and ReadyForQuery as usual.
-                    frontend::copy_fail(
-                        &mut self.stream.write_buf,
-                        "COPY FROM STDIN is not supported by simple_query",
-                    )?;
-                    self.flush().await?;
+                    self.refuse_copy_in("simple_query sends no COPY data: use Connection::copy_in")
+                        .await?;
+                    error.get_or_insert(Error::conversion(
+                        "simple_query cannot send the data of a COPY … FROM STDIN: use \
+                         Connection::copy_in (the COPY was failed and copied nothing)",
+                    ));
                 }
                 BackendMessage::CopyOutResponse(_) => {
                     error.get_or_insert(Error::conversion(
-                        "COPY TO STDOUT is not supported by simple_query; its data was discarded",
+                        "simple_query does not return the data of a COPY … TO STDOUT: use \
+                         Connection::copy_out (the COPY ran and its data was discarded)",
                     ));
                 }
                 BackendMessage::CopyData(_) | BackendMessage::CopyDone => {}
