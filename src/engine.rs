@@ -218,7 +218,7 @@ pub enum EngineConnection {
     /// From the engine's pool; goes back to it when dropped.
     Pooled(Pooled<ConnectionManager>),
     /// Opened for this use alone.
-    Fresh(Connection),
+    Fresh(Box<Connection>),
 }
 
 impl Deref for EngineConnection {

@@ -306,7 +306,7 @@ impl Listener {
         channel: &str,
         options: ListenOptions,
     ) -> Result<Listener> {
-        let mut conn = manager.connect().await?;
+        let mut conn = *manager.connect().await?;
         if let Err(e) = conn.simple_query(&listen_sql(channel)).await {
             let _ = conn.close().await;
             return Err(e);
@@ -561,7 +561,7 @@ impl Reconnect {
     }
 
     async fn attempt(&self) -> Result<Connection> {
-        let mut conn = self.manager.connect().await?;
+        let mut conn = *self.manager.connect().await?;
         if !self.channels.is_empty() {
             // One round trip: the statements of one simple Query run as one transaction, so
             // either every channel is listened to again or none is.

@@ -59,9 +59,11 @@ impl ConnectionManager {
 }
 
 impl Manager for ConnectionManager {
-    type Resource = Connection;
+    /// Boxed: a checkout moves the resource several times (idle list, handoff, guard), and a
+    /// connection is several hundred bytes; a box is one word.
+    type Resource = Box<Connection>;
 
-    async fn connect(&self) -> Result<Connection> {
+    async fn connect(&self) -> Result<Self::Resource> {
         let mut conn = Connection::connect(&self.config).await?;
         if let Some(capacity) = self.statement_cache_capacity {
             conn.set_statement_cache_capacity(capacity);
@@ -69,10 +71,10 @@ impl Manager for ConnectionManager {
         conn.set_query_timeout(self.query_timeout);
         conn.set_drain_timeout(self.drain_timeout);
         conn.set_cancel_abandoned(self.cancel_abandoned);
-        Ok(conn)
+        Ok(Box::new(conn))
     }
 
-    fn disposition(&self, conn: &Connection) -> Disposition {
+    fn disposition(&self, conn: &Self::Resource) -> Disposition {
         if conn.is_broken() {
             Disposition::Discard
         } else if conn.is_busy() || conn.transaction_status() != TransactionStatus::Idle {
@@ -85,20 +87,20 @@ impl Manager for ConnectionManager {
         }
     }
 
-    async fn recycle(&self, conn: &mut Connection) -> Result<()> {
+    async fn recycle(&self, conn: &mut Self::Resource) -> Result<()> {
         conn.reset().await
     }
 
-    async fn health_check(&self, conn: &mut Connection) -> Result<()> {
+    async fn health_check(&self, conn: &mut Self::Resource) -> Result<()> {
         // An empty query: the cheapest full round trip (EmptyQueryResponse, ReadyForQuery).
         conn.simple_query("").await.map(|_| ())
     }
 
-    fn is_alive(&self, conn: &mut Connection) -> bool {
+    fn is_alive(&self, conn: &mut Self::Resource) -> bool {
         conn.check_alive()
     }
 
-    async fn close(&self, conn: Connection) {
+    async fn close(&self, conn: Self::Resource) {
         let _ = conn.close().await;
     }
 }
