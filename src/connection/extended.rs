@@ -1050,18 +1050,21 @@ impl Connection {
     }
 }
 
+/// What [`Connection::send_each`] sent: how to read each query's answer.
+pub(crate) struct SentEach {
+    plans: Vec<Result<Plan>>,
+}
+
 /// Many independent requests in one write (for the engine's pipelined mode).
 impl Connection {
-    /// Writes every query with a Sync of its own, sends them in one write, and reads the
-    /// answers in order: one query's error does not touch the others (each Sync ends its own
-    /// implicit transaction). The outer error is the connection's: after it nothing more can
-    /// be read. A query the pipeline cannot carry (its statement must be described by the
-    /// server first) gets `Err` without being sent; run it on its own.
-    pub(crate) async fn pipeline_each(
-        &mut self,
-        queries: &[&dyn ToQuery],
-    ) -> Result<Vec<Result<(Vec<Row>, u64)>>> {
-        self.prepare_request().await?;
+    /// Writes every query with a Sync of its own and sends them in one write, without reading:
+    /// one query's error does not touch the others (each Sync ends its own implicit
+    /// transaction). Several such sends may be in flight — the server answers them in order —
+    /// and each must be read with [`read_each`](Self::read_each), oldest first. The caller
+    /// makes the connection ready (`finish_pending`) before the first. A query the pipeline
+    /// cannot carry (its statement must be described by the server first) is not sent; its
+    /// answer is an error saying to run it on its own.
+    pub(crate) async fn send_each(&mut self, queries: &[&dyn ToQuery]) -> Result<SentEach> {
         let mut plans = Vec::with_capacity(queries.len());
         let mut syncs = 0;
         for q in queries {
@@ -1085,12 +1088,23 @@ impl Connection {
         if syncs > 0 {
             self.send(syncs).await?;
         }
-        let mut results = Vec::with_capacity(queries.len());
-        for (q, plan) in queries.iter().zip(plans) {
+        Ok(SentEach { plans })
+    }
+
+    /// Reads the answers to one [`send_each`](Self::send_each) (given the same `queries`),
+    /// handing each to `done` as soon as it is complete. The outer error is the connection's:
+    /// after it nothing more can be read.
+    pub(crate) async fn read_each(
+        &mut self,
+        queries: &[&dyn ToQuery],
+        sent: SentEach,
+        mut done: impl FnMut(usize, Result<(Vec<Row>, u64)>),
+    ) -> Result<()> {
+        for (i, (q, plan)) in queries.iter().zip(sent.plans).enumerate() {
             let plan = match plan {
                 Ok(plan) => plan,
                 Err(e) => {
-                    results.push(Err(e));
+                    done(i, Err(e));
                     continue;
                 }
             };
@@ -1112,8 +1126,8 @@ impl Connection {
                     .err()
                     .unwrap_or_else(|| Error::closed("the connection broke")));
             }
-            results.push(outcome);
+            done(i, outcome);
         }
-        Ok(results)
+        Ok(())
     }
 }

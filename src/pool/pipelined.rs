@@ -5,17 +5,20 @@
 //! statement would choose for them — no connection state needed), then handed to one of a few
 //! driver tasks. A driver borrows a connection from the pool, takes every request waiting in
 //! its queue, writes them all — each with a Sync of its own, so one query's error touches no
-//! other — in one write, reads the answers in order and replies to each task. While it reads,
-//! new requests queue up for its next write. When its queue is empty it gives the connection
-//! back to the pool, so transactions and batches, which keep a connection to themselves,
-//! are never starved.
+//! other — in one write, and replies to each task as its answer is read. Up to two such
+//! batches are in flight: the next is sent before the answers to the last are read, so the
+//! server always has work while the client reads and replies. When its queue is empty and
+//! nothing is in flight it gives the connection back to the pool, so transactions and
+//! batches, which keep a connection to themselves, are never starved.
 
+use std::collections::VecDeque;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 
 use tokio::sync::{mpsc, oneshot};
 
 use super::{ConnectionManager, Pool};
+use crate::connection::SentEach;
 use crate::error::{Error, Result};
 use crate::query::{EncodedParam, ToQuery};
 use crate::row::Row;
@@ -27,7 +30,9 @@ const MAX_BATCH: usize = 128;
 struct Request {
     sql: Arc<str>,
     params: Vec<EncodedParam>,
-    reply: oneshot::Sender<Result<(Vec<Row>, u64)>>,
+    /// Taken when the request is sent, so the answer can be given while the query is still
+    /// borrowed for reading.
+    reply: Option<Reply>,
 }
 
 impl ToQuery for Request {
@@ -79,7 +84,7 @@ impl Pipeline {
         let request = Request {
             sql: Arc::from(query.sql()),
             params,
-            reply,
+            reply: Some(reply),
         };
         let i = self.next.fetch_add(1, Ordering::Relaxed) % self.drivers.len();
         self.drivers[i]
@@ -95,55 +100,115 @@ impl Pipeline {
     }
 }
 
-/// A driver: borrows a connection while there is work and sends its queue in batches.
+/// How many batches a driver keeps in flight on its connection: while it reads the answers to
+/// one, the next is already with the server, so the server does not sit idle while the
+/// client replies to tasks and gathers their next queries.
+const IN_FLIGHT: usize = 2;
+
+type Reply = oneshot::Sender<Result<(Vec<Row>, u64)>>;
+
+/// A batch sent and not yet read: the queries (kept for reading their answers) and where each
+/// answer goes.
+struct InFlight {
+    requests: Vec<Request>,
+    replies: Vec<Option<Reply>>,
+    sent: SentEach,
+}
+
+/// A driver: borrows a connection while there is work and sends its queue in batches, up to
+/// [`IN_FLIGHT`] at a time, replying to each task as soon as its answer is read.
 async fn drive(pool: Pool<ConnectionManager>, mut queue: mpsc::UnboundedReceiver<Request>) {
     while let Some(first) = queue.recv().await {
         let mut conn = match pool.acquire().await {
             Ok(conn) => conn,
             Err(e) => {
-                let _ = first
-                    .reply
-                    .send(Err(e.context("could not get a connection")));
+                reply(first, Err(e.context("could not get a connection")));
                 continue;
             }
         };
-        let mut batch = vec![first];
-        loop {
-            while batch.len() < MAX_BATCH {
-                match queue.try_recv() {
-                    Ok(r) => batch.push(r),
-                    Err(_) => break,
-                }
-            }
-            // A request whose task gave up before it was sent need not run at all.
-            batch.retain(|r| !r.reply.is_closed());
-            if batch.is_empty() {
-                break;
-            }
-            let queries: Vec<&dyn ToQuery> = batch.iter().map(|r| r as &dyn ToQuery).collect();
-            let outcome = conn.pipeline_each(&queries).await;
-            drop(queries);
-            match outcome {
-                Ok(results) => {
-                    for (request, result) in batch.drain(..).zip(results) {
-                        let _ = request.reply.send(result);
+        if let Err(e) = conn.finish_pending().await {
+            reply(first, Err(e));
+            continue;
+        }
+        let mut inflight: VecDeque<InFlight> = VecDeque::new();
+        let mut first = Some(first);
+        let failure = 'work: loop {
+            // Send what is queued, while there is room in flight.
+            while inflight.len() < IN_FLIGHT {
+                let mut requests: Vec<Request> = first.take().into_iter().collect();
+                while requests.len() < MAX_BATCH {
+                    match queue.try_recv() {
+                        Ok(r) => requests.push(r),
+                        Err(_) => break,
                     }
                 }
-                Err(e) => {
-                    // The connection broke: every request of the batch learns it (the pool
-                    // discards the connection when it comes back).
-                    for request in batch.drain(..) {
-                        let _ = request.reply.send(Err(Error::closed(format!(
-                            "the pipelined connection failed: {e}"
-                        ))));
-                    }
+                // A request whose task gave up before it was sent need not run at all.
+                requests.retain(|r| r.reply.as_ref().is_some_and(|tx| !tx.is_closed()));
+                if requests.is_empty() {
                     break;
                 }
+                let queries: Vec<&dyn ToQuery> =
+                    requests.iter().map(|r| r as &dyn ToQuery).collect();
+                let sent = conn.send_each(&queries).await;
+                drop(queries);
+                let replies: Vec<Option<Reply>> =
+                    requests.iter_mut().map(|r| r.reply.take()).collect();
+                match sent {
+                    Ok(sent) => inflight.push_back(InFlight {
+                        requests,
+                        replies,
+                        sent,
+                    }),
+                    Err(e) => {
+                        fail_all(replies, &e);
+                        break 'work Some(e);
+                    }
+                }
             }
-            if queue.is_empty() {
-                break;
+            // Read the oldest batch, replying as each answer arrives.
+            let Some(InFlight {
+                requests,
+                mut replies,
+                sent,
+            }) = inflight.pop_front()
+            else {
+                break None;
+            };
+            let queries: Vec<&dyn ToQuery> = requests.iter().map(|r| r as &dyn ToQuery).collect();
+            let read = conn
+                .read_each(&queries, sent, |i, result| {
+                    if let Some(tx) = replies[i].take() {
+                        let _ = tx.send(result);
+                    }
+                })
+                .await;
+            if let Err(e) = read {
+                fail_all(replies, &e);
+                break Some(e);
+            }
+        };
+        if let Some(e) = failure {
+            // The connection broke: every request still in flight learns it (the pool
+            // discards the connection when it comes back).
+            for batch in inflight.drain(..) {
+                fail_all(batch.replies, &e);
             }
         }
         drop(conn);
+    }
+}
+
+fn reply(request: Request, result: Result<(Vec<Row>, u64)>) {
+    if let Some(tx) = request.reply {
+        let _ = tx.send(result);
+    }
+}
+
+/// Tells every request still waiting that the connection failed with `e`.
+fn fail_all(replies: Vec<Option<Reply>>, e: &Error) {
+    for tx in replies.into_iter().flatten() {
+        let _ = tx.send(Err(Error::closed(format!(
+            "the pipelined connection failed: {e}"
+        ))));
     }
 }
