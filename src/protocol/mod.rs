@@ -77,6 +77,27 @@ pub fn frame_len(buf: &[u8], max_len: usize) -> Result<Option<usize>> {
 
 /// Frames and decodes one server message from the front of `buf`.
 pub fn read_message(buf: &mut BytesMut, max_len: usize) -> Result<Option<BackendMessage>> {
+    // The messages that carry nothing (or one status byte) are most of a pipeline's answers:
+    // read them in place, without splitting a shared `Bytes` off the buffer for their body.
+    if let [tag, 0, 0, 0, len @ (4 | 5), rest @ ..] = &buf[..] {
+        let msg = match (*tag, *len, rest.first()) {
+            (b'2', 4, _) => Some(BackendMessage::BindComplete),
+            (b'1', 4, _) => Some(BackendMessage::ParseComplete),
+            (b'3', 4, _) => Some(BackendMessage::CloseComplete),
+            (b'n', 4, _) => Some(BackendMessage::NoData),
+            (b'Z', 5, Some(b'I')) => Some(BackendMessage::ReadyForQuery(TransactionStatus::Idle)),
+            (b'Z', 5, Some(b'T')) => Some(BackendMessage::ReadyForQuery(
+                TransactionStatus::InTransaction,
+            )),
+            (b'Z', 5, Some(b'E')) => Some(BackendMessage::ReadyForQuery(TransactionStatus::Failed)),
+            // Anything else (and a malformed one of these) takes the general path below.
+            _ => None,
+        };
+        if let Some(msg) = msg {
+            buf.advance(1 + usize::from(*len));
+            return Ok(Some(msg));
+        }
+    }
     match split_frame(buf, max_len)? {
         Some((tag, body)) => BackendMessage::decode(tag, body).map(Some),
         None => Ok(None),
