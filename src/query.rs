@@ -508,8 +508,41 @@ mod tests {
 #[derive(Debug, Clone)]
 pub(crate) struct EncodedParam {
     pub(crate) ty: Type,
-    pub(crate) value: Option<bytes::Bytes>,
+    pub(crate) value: Option<EncodedValue>,
     pub(crate) format: postgres_types::Format,
+}
+
+/// An encoded value: most (integers, floats, timestamps, uuids, short text) fit inline, so a
+/// pipelined query's parameters cost no allocation of their own.
+#[derive(Debug, Clone)]
+pub(crate) enum EncodedValue {
+    Inline { len: u8, bytes: [u8; INLINE_VALUE] },
+    Heap(Box<[u8]>),
+}
+
+/// The longest value kept inline.
+const INLINE_VALUE: usize = 22;
+
+impl EncodedValue {
+    fn new(encoded: &[u8]) -> EncodedValue {
+        if encoded.len() <= INLINE_VALUE {
+            let mut bytes = [0; INLINE_VALUE];
+            bytes[..encoded.len()].copy_from_slice(encoded);
+            EncodedValue::Inline {
+                len: encoded.len() as u8,
+                bytes,
+            }
+        } else {
+            EncodedValue::Heap(encoded.into())
+        }
+    }
+
+    fn as_slice(&self) -> &[u8] {
+        match self {
+            EncodedValue::Inline { len, bytes } => &bytes[..usize::from(*len)],
+            EncodedValue::Heap(bytes) => bytes,
+        }
+    }
 }
 
 impl ToSql for EncodedParam {
@@ -520,7 +553,7 @@ impl ToSql for EncodedParam {
     ) -> Result<postgres_types::IsNull, Box<dyn std::error::Error + Sync + Send>> {
         match &self.value {
             Some(v) => {
-                out.extend_from_slice(v);
+                out.extend_from_slice(v.as_slice());
                 Ok(postgres_types::IsNull::No)
             }
             None => Ok(postgres_types::IsNull::Yes),
@@ -555,18 +588,40 @@ impl ToSql for EncodedParam {
 /// Encodes `params` with the types a new statement would choose for them (the first of
 /// [`CANDIDATE_TYPES`] each value accepts), or `None` if some value accepts none of them.
 pub(crate) fn encode_params(params: &dyn Params) -> crate::Result<Option<Vec<EncodedParam>>> {
+    thread_local! {
+        // Reused by every call on this thread: values are encoded here, then copied out.
+        static SCRATCH: std::cell::RefCell<bytes::BytesMut> =
+            std::cell::RefCell::new(bytes::BytesMut::with_capacity(256));
+    }
+    SCRATCH.with(|scratch| match scratch.try_borrow_mut() {
+        Ok(mut buf) => {
+            let result = encode_params_with(params, &mut buf);
+            if buf.capacity() > 64 * 1024 {
+                // One huge value must not keep its memory on this thread for good.
+                *buf = bytes::BytesMut::with_capacity(256);
+            }
+            result
+        }
+        // A ToSql impl that itself encodes a query's parameters on this thread.
+        Err(_) => encode_params_with(params, &mut bytes::BytesMut::new()),
+    })
+}
+
+fn encode_params_with(
+    params: &dyn Params,
+    buf: &mut bytes::BytesMut,
+) -> crate::Result<Option<Vec<EncodedParam>>> {
     let mut out = Vec::with_capacity(params.len());
-    let mut buf = bytes::BytesMut::new();
     'values: for i in 0..params.len() {
         let value = params.get(i);
         for ty in CANDIDATE_TYPES {
             buf.clear();
-            match value.to_sql_checked(ty, &mut buf) {
+            match value.to_sql_checked(ty, buf) {
                 Ok(null) => {
                     let format = value.encode_format(ty);
                     let bytes = match null {
                         postgres_types::IsNull::Yes => None,
-                        postgres_types::IsNull::No => Some(buf.split().freeze()),
+                        postgres_types::IsNull::No => Some(EncodedValue::new(buf)),
                     };
                     out.push(EncodedParam {
                         ty: ty.clone(),
