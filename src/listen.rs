@@ -222,7 +222,7 @@ type Work = Pin<Box<dyn Future<Output = Outcome> + Send>>;
 /// What a finished piece of work hands back.
 struct Outcome {
     /// The connection to go on with, or the error that ends the listener.
-    conn: Result<Connection>,
+    conn: Result<Box<Connection>>,
     /// The connection is a new one.
     reconnected: bool,
     /// Notifications the lost connection had received and nobody had taken.
@@ -234,7 +234,7 @@ struct Outcome {
 }
 
 impl Outcome {
-    fn kept(conn: Connection, change: Option<Change>, answer: Result<()>) -> Outcome {
+    fn kept(conn: Box<Connection>, change: Option<Change>, answer: Result<()>) -> Outcome {
         Outcome {
             conn: Ok(conn),
             reconnected: false,
@@ -245,7 +245,7 @@ impl Outcome {
     }
 
     fn replaced(
-        conn: Result<Connection>,
+        conn: Result<Box<Connection>>,
         salvaged: Vec<Notification>,
         change: Option<Change>,
     ) -> Outcome {
@@ -306,7 +306,7 @@ impl Listener {
         channel: &str,
         options: ListenOptions,
     ) -> Result<Listener> {
-        let mut conn = *manager.connect().await?;
+        let mut conn = manager.connect().await?;
         if let Err(e) = conn.simple_query(&listen_sql(channel)).await {
             let _ = conn.close().await;
             return Err(e);
@@ -315,7 +315,7 @@ impl Listener {
             manager,
             options,
             channels: BTreeSet::from([channel.to_owned()]),
-            state: State::Listening(Box::new(conn)),
+            state: State::Listening(conn),
             salvaged: VecDeque::new(),
             reconnected: false,
         })
@@ -409,7 +409,7 @@ impl Listener {
         // answer was for that caller.
         let _ = self.settle().await;
         let conn = match std::mem::replace(&mut self.state, State::Ended(None)) {
-            State::Listening(conn) => *conn,
+            State::Listening(conn) => conn,
             State::Ended(error) => {
                 let reason = match &error {
                     Some(e) => format!("the listener has ended: {e}"),
@@ -466,7 +466,7 @@ impl Listener {
                 if let (Ok(()), Some(change)) = (&outcome.answer, outcome.change) {
                     change.apply(&mut self.channels);
                 }
-                self.state = State::Listening(Box::new(conn));
+                self.state = State::Listening(conn);
             }
             Err(e) => self.state = State::Ended(Some(e)),
         }
@@ -476,10 +476,10 @@ impl Listener {
     /// The connection failed while waiting (`cause`): reconnect if it is lost, otherwise
     /// bring it back to idle (and reconnect if even that fails).
     fn repair(&mut self, cause: Error) {
-        let State::Listening(conn) = std::mem::replace(&mut self.state, State::Ended(None)) else {
+        let State::Listening(mut conn) = std::mem::replace(&mut self.state, State::Ended(None))
+        else {
             return;
         };
-        let mut conn = *conn;
         let reconnect = self.reconnect(self.channels.clone());
         self.state = State::Working(Box::pin(async move {
             let cause = if conn.is_broken() {
@@ -514,7 +514,7 @@ struct Reconnect {
 
 impl Reconnect {
     /// Tries until a connection listens, or a failure that cannot heal.
-    async fn run(self, cause: Error) -> Result<Connection> {
+    async fn run(self, cause: Error) -> Result<Box<Connection>> {
         tracing::warn!(
             target: "pgengine::listen",
             "lost the listening connection, reconnecting: {cause}"
@@ -560,8 +560,8 @@ impl Reconnect {
         }
     }
 
-    async fn attempt(&self) -> Result<Connection> {
-        let mut conn = *self.manager.connect().await?;
+    async fn attempt(&self) -> Result<Box<Connection>> {
+        let mut conn = self.manager.connect().await?;
         if !self.channels.is_empty() {
             // One round trip: the statements of one simple Query run as one transaction, so
             // either every channel is listened to again or none is.

@@ -835,20 +835,7 @@ impl TempCluster {
         script.push("; fi\n  rm -rf ");
         script.push(&root);
         script.push("\nfi\n");
-
-        let mut command = Command::new("sh");
-        command
-            .arg("-c")
-            .arg(script)
-            .current_dir("/")
-            .stdin(Stdio::piped())
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .process_group(0);
-        scrub_pg_env(&mut command);
-        command
-            .spawn()
-            .map_err(|error| io::Error::new(error.kind(), format!("could not run sh: {error}")))
+        spawn_watchdog_script(script)
     }
 }
 
@@ -1013,6 +1000,12 @@ rm -rf ",
     );
     script.push(&root_q);
     script.push("\n");
+    spawn_watchdog_script(script)
+}
+
+/// Runs `script` with `sh` in a process group of its own, its stdin a pipe we hold and never
+/// write to: the script's first `read` returns when our end closes, however we end.
+fn spawn_watchdog_script(script: OsString) -> io::Result<Child> {
     let mut command = Command::new("sh");
     command
         .arg("-c")
@@ -1022,6 +1015,7 @@ rm -rf ",
         .stdout(Stdio::null())
         .stderr(Stdio::null())
         .process_group(0);
+    scrub_pg_env(&mut command);
     command
         .spawn()
         .map_err(|error| io::Error::new(error.kind(), format!("could not run sh: {error}")))

@@ -498,21 +498,18 @@ fn channel_binding_hash_matches_openssl() {
     assert!(pgengine::protocol::scram::tls_server_end_point(b"\x30\x82\xff").is_err());
 }
 
-/// PostgreSQL 17's direct TLS, through a stand-in: PostgreSQL 15 (the newest server here with
-/// TLS) cannot take it, so a small terminator accepts the TLS handshake directly — no
-/// SSLRequest first — insisting on ALPN `postgresql` as PostgreSQL 17 does, and relays the
-/// decrypted protocol to the real server.
-#[tokio::test]
-async fn direct_tls_with_alpn() {
+/// A TLS acceptor for scripted servers, with the TLS cluster's server certificate and key and
+/// the given ALPN protocols; also that certificate's DER.
+fn tls_acceptor(alpn: &[&[u8]]) -> (tokio_rustls::TlsAcceptor, Vec<u8>) {
     use rustls::pki_types::pem::PemObject;
     use rustls::pki_types::{CertificateDer, PrivateKeyDer};
-    use tokio::io::AsyncReadExt;
 
     let dir = tls_cluster().ca_cert().with_file_name("");
     let certs: Vec<CertificateDer<'static>> = CertificateDer::pem_file_iter(dir.join("server.crt"))
         .unwrap()
         .collect::<Result<_, _>>()
         .unwrap();
+    let der = certs[0].to_vec();
     let key = PrivateKeyDer::from_pem_file(dir.join("server.key")).unwrap();
     let mut server = rustls::ServerConfig::builder_with_provider(std::sync::Arc::new(
         rustls::crypto::ring::default_provider(),
@@ -522,8 +519,22 @@ async fn direct_tls_with_alpn() {
     .with_no_client_auth()
     .with_single_cert(certs, key)
     .unwrap();
-    server.alpn_protocols = vec![b"postgresql".to_vec()];
-    let acceptor = tokio_rustls::TlsAcceptor::from(std::sync::Arc::new(server));
+    server.alpn_protocols = alpn.iter().map(|p| p.to_vec()).collect();
+    (
+        tokio_rustls::TlsAcceptor::from(std::sync::Arc::new(server)),
+        der,
+    )
+}
+
+/// PostgreSQL 17's direct TLS, through a stand-in: PostgreSQL 15 (the newest server here with
+/// TLS) cannot take it, so a small terminator accepts the TLS handshake directly — no
+/// SSLRequest first — insisting on ALPN `postgresql` as PostgreSQL 17 does, and relays the
+/// decrypted protocol to the real server.
+#[tokio::test]
+async fn direct_tls_with_alpn() {
+    use tokio::io::AsyncReadExt;
+
+    let (acceptor, _) = tls_acceptor(&[b"postgresql"]);
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let port = listener.local_addr().unwrap().port();
     let backend_port = common::cluster().port();
@@ -565,27 +576,11 @@ async fn direct_tls_with_alpn() {
 #[tokio::test]
 async fn a_server_that_offers_only_scram_plus_gets_the_right_binding() {
     use base64::Engine;
-    use rustls::pki_types::pem::PemObject;
-    use rustls::pki_types::{CertificateDer, PrivateKeyDer};
     use sha2::Digest;
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
-    let dir = tls_cluster().ca_cert().with_file_name("");
-    let certs: Vec<CertificateDer<'static>> = CertificateDer::pem_file_iter(dir.join("server.crt"))
-        .unwrap()
-        .collect::<Result<_, _>>()
-        .unwrap();
-    let expected_hash = sha2::Sha256::digest(certs[0].as_ref()).to_vec();
-    let key = PrivateKeyDer::from_pem_file(dir.join("server.key")).unwrap();
-    let server = rustls::ServerConfig::builder_with_provider(std::sync::Arc::new(
-        rustls::crypto::ring::default_provider(),
-    ))
-    .with_safe_default_protocol_versions()
-    .unwrap()
-    .with_no_client_auth()
-    .with_single_cert(certs, key)
-    .unwrap();
-    let acceptor = tokio_rustls::TlsAcceptor::from(std::sync::Arc::new(server));
+    let (acceptor, cert) = tls_acceptor(&[]);
+    let expected_hash = sha2::Sha256::digest(&cert).to_vec();
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let port = listener.local_addr().unwrap().port();
 

@@ -107,6 +107,18 @@ impl TargetSessionAttrs {
             _ => return None,
         })
     }
+
+    /// The value as libpq spells it (`"read-write"`).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            TargetSessionAttrs::Any => "any",
+            TargetSessionAttrs::ReadWrite => "read-write",
+            TargetSessionAttrs::ReadOnly => "read-only",
+            TargetSessionAttrs::Primary => "primary",
+            TargetSessionAttrs::Standby => "standby",
+            TargetSessionAttrs::PreferStandby => "prefer-standby",
+        }
+    }
 }
 
 /// Whether SCRAM must bind the authentication to the TLS channel (`channel_binding`).

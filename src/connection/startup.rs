@@ -46,6 +46,8 @@ pub(crate) struct Target {
 /// returns the first connection that starts and is the kind of server `target_session_attrs`
 /// asks for. `prefer-standby` makes two passes, as libpq: standbys only, then any server.
 pub(crate) async fn connect(config: &Config) -> Result<Startup> {
+    // Settings built with the setters have not been checked together yet.
+    config.validate()?;
     let tls = TlsConnector::from_config(config)?;
     let mut targets = config.effective_targets();
     if config.get_load_balance_hosts() == LoadBalanceHosts::Random {
@@ -148,15 +150,10 @@ async fn check_session(
     }
     frontend::terminate(&mut startup.stream.write_buf);
     let _ = startup.stream.flush().await;
-    let wanted = match wanted {
-        TargetSessionAttrs::ReadWrite => "read-write",
-        TargetSessionAttrs::ReadOnly => "read-only",
-        TargetSessionAttrs::Primary => "primary",
-        _ => "standby",
-    };
     Err(Error::closed(format!(
-        "the server at {} is {what}, but target_session_attrs={wanted}",
-        describe(target)
+        "the server at {} is {what}, but target_session_attrs={}",
+        describe(target),
+        wanted.as_str()
     ))
     .retry_safe())
 }
@@ -406,14 +403,14 @@ async fn start_with(
     }
     // Protocol 3.2 (PostgreSQL 18: longer cancel keys) only when asked for, as libpq 18: an
     // older server answers NegotiateProtocolVersion and the session continues in 3.0.
-    let asked_minor: u16 = match config.get_max_protocol_version() {
-        Some("3.2" | "latest") => 2,
-        _ => 0,
+    let minor = |version: Option<&str>| -> u16 {
+        match version {
+            Some("3.2" | "latest") => 2,
+            _ => 0,
+        }
     };
-    let least_minor: u16 = match config.get_min_protocol_version() {
-        Some("3.2" | "latest") => 2,
-        _ => 0,
-    };
+    let asked_minor = minor(config.get_max_protocol_version());
+    let least_minor = minor(config.get_min_protocol_version());
     let version = if asked_minor == 2 {
         frontend::PROTOCOL_3_2
     } else {

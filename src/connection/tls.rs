@@ -70,19 +70,9 @@ impl TlsConnector {
         if mode == SslMode::Disable {
             return Ok(None);
         }
+        // `Config::validate` (run by `connect`) has refused the combinations libpq refuses:
+        // direct negotiation with a weak mode, `sslrootcert=system` without verify-full.
         let negotiation = config.get_ssl_negotiation();
-        if negotiation == SslNegotiation::Direct
-            && !matches!(
-                mode,
-                SslMode::Require | SslMode::VerifyCa | SslMode::VerifyFull
-            )
-        {
-            return Err(Error::config(format!(
-                "weak sslmode \"{}\" may not be used with sslnegotiation=direct (use \"require\", \
-                 \"verify-ca\", or \"verify-full\")",
-                mode.as_str()
-            )));
-        }
         let provider = Arc::new(rustls::crypto::ring::default_provider());
         let versions = protocol_versions(config)?;
         let builder = rustls::ClientConfig::builder_with_provider(provider.clone())
@@ -209,17 +199,7 @@ fn home_file(name: &str) -> Option<PathBuf> {
 fn root_certificates(config: &Config, mode: SslMode) -> Result<Option<RootCertStore>> {
     let verify = matches!(mode, SslMode::VerifyCa | SslMode::VerifyFull);
     let path = match config.get_ssl_root_cert() {
-        Some(p) if p == Path::new("system") => {
-            if !verify {
-                // libpq refuses this combination too: "system" without a check is a mistake.
-                return Err(Error::config(format!(
-                    "weak sslmode \"{}\" may not be used with sslrootcert=system (use \
-                     \"verify-full\")",
-                    mode.as_str()
-                )));
-            }
-            return system_roots().map(Some);
-        }
+        Some(p) if p == Path::new("system") => return system_roots().map(Some),
         Some(p) => Some(p.to_owned()),
         None => home_file("root.crt").filter(|p| p.exists()),
     };
