@@ -144,9 +144,11 @@ impl IntoFuture for Atomic {
     }
 }
 
+/// Copies the text: a borrowed `&str` may not live as long as the query. (`Query::new` with a
+/// `&'static str` does not copy.)
 impl From<&str> for Query {
     fn from(sql: &str) -> Query {
-        Query::new(sql)
+        Query::new(sql.to_owned())
     }
 }
 

@@ -19,9 +19,12 @@
 //! Before anything is sent, the number of values is checked against the placeholders in the
 //! SQL ([`count_placeholders`]), and each value is encoded through `postgres_types::ToSql`.
 
+use std::any::Any;
+use std::borrow::Cow;
 use std::fmt;
 
 use postgres_types::{ToSql, Type};
+use smallvec::SmallVec;
 
 /// Borrowed parameter values of mixed types, for `(sql, params)` queries:
 /// `let p: BorrowedParams = &[&id, &name];`.
@@ -31,18 +34,35 @@ pub type BorrowedParams<'a> = &'a [&'a (dyn ToSql + Sync)];
 pub type BoxedParam = Box<dyn ToSql + Send + Sync>;
 
 /// An owned query: SQL text and its parameter values.
+///
+/// SQL given as a `&'static str` (a literal or a constant) is kept by reference, not copied;
+/// other text is given as a `String`. The values of the common scalar types and strings are
+/// kept in place, up to [`INLINE_PARAMS`] of them: building such a query allocates nothing.
 pub struct Query {
-    sql: String,
-    params: Vec<BoxedParam>,
+    sql: Cow<'static, str>,
+    params: SmallVec<[Bound; INLINE_PARAMS]>,
     timeout: Option<std::time::Duration>,
 }
 
+/// How many values a [`Query`] holds without allocating.
+pub const INLINE_PARAMS: usize = 3;
+
 impl Query {
     /// A query with no parameters yet.
-    pub fn new(sql: impl Into<String>) -> Query {
+    ///
+    /// ```
+    /// use pgengine::Query;
+    ///
+    /// let fixed = Query::new("SELECT 1"); // a literal is not copied
+    /// let table = "band";
+    /// let built = Query::new(format!("SELECT count(*) FROM {table}"));
+    /// let borrowed = Query::new(table.to_owned()); // other borrowed text: own it first
+    /// # let _ = (fixed, built, borrowed);
+    /// ```
+    pub fn new(sql: impl Into<Cow<'static, str>>) -> Query {
         Query {
             sql: sql.into(),
-            params: Vec::new(),
+            params: SmallVec::new(),
             timeout: None,
         }
     }
@@ -66,13 +86,13 @@ impl Query {
 
     /// Adds the value of the next placeholder (`$1`, then `$2`, …).
     pub fn bind<T: ToSql + Send + Sync + 'static>(mut self, value: T) -> Query {
-        self.params.push(Box::new(value));
+        self.params.push(Bound::new(value));
         self
     }
 
     /// Adds the value of the next placeholder, in place.
     pub fn push_bind<T: ToSql + Send + Sync + 'static>(&mut self, value: T) -> &mut Query {
-        self.params.push(Box::new(value));
+        self.params.push(Bound::new(value));
         self
     }
 
@@ -134,6 +154,82 @@ impl Params for Vec<BoxedParam> {
     }
     fn get(&self, i: usize) -> &(dyn ToSql + Sync) {
         &*self[i]
+    }
+}
+
+/// One value bound to a [`Query`]: the common types in place, anything else boxed.
+enum Bound {
+    Bool(bool),
+    Int2(i16),
+    Int4(i32),
+    Int8(i64),
+    Float4(f32),
+    Float8(f64),
+    Str(&'static str),
+    String(String),
+    Boxed(BoxedParam),
+}
+
+impl Bound {
+    fn new<T: ToSql + Send + Sync + 'static>(value: T) -> Bound {
+        /// `slot`'s value if it is a `U`, taken out of it.
+        fn take<U: 'static>(slot: &mut dyn Any) -> Option<U> {
+            slot.downcast_mut::<Option<U>>().and_then(Option::take)
+        }
+        // The type tests are resolved at compile time: each `bind` keeps one branch.
+        let mut slot = Some(value);
+        let any: &mut dyn Any = &mut slot;
+        if let Some(v) = take(any) {
+            return Bound::Int4(v);
+        }
+        if let Some(v) = take(any) {
+            return Bound::Int8(v);
+        }
+        if let Some(v) = take(any) {
+            return Bound::String(v);
+        }
+        if let Some(v) = take(any) {
+            return Bound::Str(v);
+        }
+        if let Some(v) = take(any) {
+            return Bound::Bool(v);
+        }
+        if let Some(v) = take(any) {
+            return Bound::Int2(v);
+        }
+        if let Some(v) = take(any) {
+            return Bound::Float8(v);
+        }
+        if let Some(v) = take(any) {
+            return Bound::Float4(v);
+        }
+        match slot {
+            Some(value) => Bound::Boxed(Box::new(value)),
+            None => unreachable!("each branch that takes the value returns"),
+        }
+    }
+
+    fn as_dyn(&self) -> &(dyn ToSql + Sync) {
+        match self {
+            Bound::Bool(v) => v,
+            Bound::Int2(v) => v,
+            Bound::Int4(v) => v,
+            Bound::Int8(v) => v,
+            Bound::Float4(v) => v,
+            Bound::Float8(v) => v,
+            Bound::Str(v) => v,
+            Bound::String(v) => v,
+            Bound::Boxed(v) => &**v,
+        }
+    }
+}
+
+impl Params for SmallVec<[Bound; INLINE_PARAMS]> {
+    fn len(&self) -> usize {
+        <[Bound]>::len(self)
+    }
+    fn get(&self, i: usize) -> &(dyn ToSql + Sync) {
+        self[i].as_dyn()
     }
 }
 
@@ -478,6 +574,59 @@ mod tests {
         for (sql, n) in cases {
             assert_eq!(count_placeholders(sql), *n, "{sql}");
         }
+    }
+
+    /// What `value` encodes to as `ty`, straight and through a bound [`Query`].
+    fn both_ways<T: ToSql + Send + Sync + Clone + 'static>(value: T, ty: Type) {
+        let mut direct = bytes::BytesMut::new();
+        let outcome =
+            |r: Result<postgres_types::IsNull, Box<dyn std::error::Error + Sync + Send>>| {
+                r.map(|null| matches!(null, postgres_types::IsNull::Yes))
+                    .map_err(|e| e.to_string())
+            };
+        let direct_null = outcome(value.to_sql_checked(&ty, &mut direct));
+        let q = Query::new("SELECT $1").bind(value);
+        let mut bound = bytes::BytesMut::new();
+        let bound_null = outcome(q.params().get(0).to_sql_checked(&ty, &mut bound));
+        assert_eq!(direct_null, bound_null, "{ty}");
+        assert_eq!(direct, bound, "{ty}");
+    }
+
+    #[test]
+    fn bound_values_encode_as_themselves() {
+        // Kept in place.
+        both_ways(true, Type::BOOL);
+        both_ways(-7i16, Type::INT2);
+        both_ways(i32::MIN, Type::INT4);
+        both_ways(i64::MAX, Type::INT8);
+        both_ways(f32::NAN, Type::FLOAT4);
+        both_ways(-0.5f64, Type::FLOAT8);
+        both_ways("static ünïcode", Type::TEXT);
+        both_ways(String::from("owned"), Type::VARCHAR);
+        // Boxed, NULL included.
+        both_ways(Some(5i32), Type::INT4);
+        both_ways(None::<i32>, Type::INT4);
+        both_ways(vec![1i64, 2], Type::INT8_ARRAY);
+        both_ways(vec![0u8, 255], Type::BYTEA);
+        // A wrong type is refused the same way by both, naming the value's own type.
+        both_ways(1i32, Type::TEXT);
+        both_ways(String::from("x"), Type::INT4);
+        both_ways(vec![1i64], Type::TEXT);
+    }
+
+    #[test]
+    fn inline_storage_takes_the_first_values() {
+        let mut q = Query::new("SELECT $1, $2, $3, $4");
+        for i in 0..4i32 {
+            q.push_bind(i);
+        }
+        assert_eq!(q.param_count(), 4);
+        assert!(q.params.spilled(), "a fourth value moves them to the heap");
+        let three = Query::new("SELECT $1, $2, $3")
+            .bind(1i32)
+            .bind("a")
+            .bind(2.0f64);
+        assert!(!three.params.spilled());
     }
 
     #[test]

@@ -378,11 +378,25 @@ impl SimpleQueryResult {
 /// The row count at the end of a CommandComplete tag (`"INSERT 0 5"` → 5), or 0 for commands
 /// that report none (`"CREATE TABLE"`).
 pub(crate) fn rows_affected(tag: &[u8]) -> u64 {
-    tag.rsplit(|&b| b == b' ')
-        .next()
-        .and_then(|n| std::str::from_utf8(n).ok())
-        .and_then(|n| n.parse().ok())
-        .unwrap_or(0)
+    // By hand rather than through `str::parse`: this runs once per statement.
+    let digits = tag.rsplit(|&b| b == b' ').next().unwrap_or_default();
+    if digits.is_empty() {
+        return 0;
+    }
+    let mut n: u64 = 0;
+    for &d in digits {
+        if !d.is_ascii_digit() {
+            return 0;
+        }
+        match n
+            .checked_mul(10)
+            .and_then(|n| n.checked_add(u64::from(d - b'0')))
+        {
+            Some(next) => n = next,
+            None => return 0,
+        }
+    }
+    n
 }
 
 #[cfg(test)]
@@ -458,5 +472,8 @@ mod tests {
         assert_eq!(rows_affected(b"UPDATE 0"), 0);
         assert_eq!(rows_affected(b"CREATE TABLE"), 0);
         assert_eq!(rows_affected(b""), 0);
+        assert_eq!(rows_affected(b"SELECT 18446744073709551615"), u64::MAX);
+        assert_eq!(rows_affected(b"SELECT 18446744073709551616"), 0);
+        assert_eq!(rows_affected(b"SELECT 1x"), 0);
     }
 }

@@ -81,6 +81,43 @@ proptest! {
         db.round_trip("\"char\"", d, None);
     }
 
+    /// An owned `Query` keeps the common values in place (the first three) and boxes the rest;
+    /// both ways must reach the server as the values themselves.
+    #[test]
+    fn owned_query_values(flag in any::<bool>(), small in any::<i16>(), n in any::<i32>(),
+                          big in any::<i64>(), x in any::<f64>(), s in "\\PC{0,20}",
+                          maybe in proptest::option::of(any::<i32>())) {
+        prop_assume!(!s.contains('\0'));
+        let db = Db::new();
+        let mut conn = db.conn.borrow_mut();
+        let inline = pgengine::Query::new("SELECT $1::int4, $2::text, $3::bool")
+            .bind(n)
+            .bind(s.clone())
+            .bind(flag);
+        let row = db.rt.block_on(conn.query_one(&inline)).unwrap();
+        prop_assert_eq!(row.get::<_, i32>(0), n);
+        prop_assert_eq!(row.get::<_, String>(1), s.clone());
+        prop_assert_eq!(row.get::<_, bool>(2), flag);
+
+        let spilled = pgengine::Query::new(
+            "SELECT $1::int2, $2::int8, $3::float8, $4::text, $5::int4, $6::text",
+        )
+        .bind(small)
+        .bind(big)
+        .bind(x)
+        .bind("static text")
+        .bind(maybe)
+        .bind(s.clone());
+        let row = db.rt.block_on(conn.query_one(&spilled)).unwrap();
+        prop_assert_eq!(row.get::<_, i16>(0), small);
+        prop_assert_eq!(row.get::<_, i64>(1), big);
+        let back = row.get::<_, f64>(2);
+        prop_assert!(back == x || (x.is_nan() && back.is_nan()));
+        prop_assert_eq!(row.get::<_, &str>(3), "static text");
+        prop_assert_eq!(row.get::<_, Option<i32>>(4), maybe);
+        prop_assert_eq!(row.get::<_, String>(5), s);
+    }
+
     #[test]
     fn floats(a in any::<f32>(), b in any::<f64>()) {
         let db = Db::new();

@@ -335,6 +335,9 @@ impl Connection {
 
     /// Writes Close for every statement whose Close the server has not confirmed.
     fn write_closes(&mut self) -> Result<Vec<Arc<str>>> {
+        if self.closes_due.is_empty() {
+            return Ok(Vec::new());
+        }
         let closes = std::mem::take(&mut self.closes_due);
         for name in &closes {
             if let Err(e) = frontend::close(&mut self.stream.write_buf, Target::Statement, name) {
@@ -415,6 +418,9 @@ impl Connection {
         max_rows: i32,
     ) -> Result<std::result::Result<(), usize>> {
         let types = &statement.param_types;
+        if let Some(written) = self.write_binary_bind(statement, params, max_rows)? {
+            return Ok(written);
+        }
         // One format code for all parameters in the usual case: no allocation per query.
         let formats: std::borrow::Cow<'static, [i16]> = if (0..params.len())
             .all(|i| matches!(params.get(i).encode_format(&types[i]), Format::Binary))
@@ -456,6 +462,79 @@ impl Connection {
         frontend::execute(buf, "", max_rows)?;
         self.stats.binds += 1;
         Ok(Ok(()))
+    }
+
+    /// The usual case of [`Connection::write_cached_bind`], written byte by byte: every value
+    /// in binary, unnamed portal, binary results, and Execute without a row limit. Returns
+    /// `None` (having written nothing) when the query is not that case.
+    ///
+    /// ```text
+    /// 'B' len '\0' name '\0' 1 1 n (len value)… 1 1 | 'E' 9 '\0' 0
+    /// ```
+    fn write_binary_bind(
+        &mut self,
+        statement: &Statement,
+        params: &dyn Params,
+        max_rows: i32,
+    ) -> Result<Option<std::result::Result<(), usize>>> {
+        /// Execute of the unnamed portal without a row limit.
+        const EXECUTE_ALL: [u8; 10] = [b'E', 0, 0, 0, 9, 0, 0, 0, 0, 0];
+        let types = &statement.param_types;
+        let Ok(count) = i16::try_from(params.len()) else {
+            return Ok(None);
+        };
+        let all_binary = (0..params.len())
+            .all(|i| matches!(params.get(i).encode_format(&types[i]), Format::Binary));
+        if max_rows != 0 || !all_binary {
+            return Ok(None);
+        }
+        let buf = &mut self.stream.write_buf;
+        let start = buf.len();
+        // Statement names are ours (`pge_<n>` or empty): no NUL can hide in one.
+        let name = statement.name.as_bytes();
+        buf.reserve(17 + name.len() + 8 * params.len() + EXECUTE_ALL.len());
+        buf.extend_from_slice(&[b'B', 0, 0, 0, 0, 0]);
+        buf.extend_from_slice(name);
+        buf.extend_from_slice(&[0, 0, 1, 0, 1]);
+        buf.extend_from_slice(&count.to_be_bytes());
+        for i in 0..params.len() {
+            let len_at = buf.len();
+            buf.extend_from_slice(&[0; 4]);
+            let len = match encode_param(params.get(i), &types[i], i, buf) {
+                Ok(true) => -1,
+                Ok(false) => match i32::try_from(buf.len() - len_at - 4) {
+                    Ok(len) => len,
+                    Err(_) => {
+                        buf.truncate(start);
+                        return Err(Error::conversion(format!(
+                            "parameter ${} is too large",
+                            i + 1
+                        )));
+                    }
+                },
+                Err(EncodeError::WrongType) => {
+                    buf.truncate(start);
+                    return Ok(Some(Err(i)));
+                }
+                Err(EncodeError::Failed(e)) => {
+                    buf.truncate(start);
+                    return Err(e);
+                }
+            };
+            if len < 0 {
+                buf.truncate(len_at + 4);
+            }
+            buf[len_at..len_at + 4].copy_from_slice(&len.to_be_bytes());
+        }
+        buf.extend_from_slice(&[0, 1, 0, 1]);
+        let Ok(len) = i32::try_from(buf.len() - start - 1) else {
+            buf.truncate(start);
+            return Err(Error::protocol("a Bind message too large to send"));
+        };
+        buf[start + 1..start + 5].copy_from_slice(&len.to_be_bytes());
+        buf.extend_from_slice(&EXECUTE_ALL);
+        self.stats.binds += 1;
+        Ok(Some(Ok(())))
     }
 
     /// Writes Parse, Describe, Bind and Execute for a statement not prepared yet,
@@ -650,7 +729,9 @@ impl Connection {
                 }
             }
         };
-        self.restore_closes(closes.into_iter().skip(confirmed).collect());
+        if confirmed < closes.len() {
+            self.restore_closes(closes.into_iter().skip(confirmed).collect());
+        }
 
         // A new statement that the server parsed and described is worth keeping, even if its
         // Bind failed (a bad value does not make the statement bad).
@@ -1050,22 +1131,20 @@ impl Connection {
     }
 }
 
-/// What [`Connection::send_each`] sent: how to read each query's answer.
-pub(crate) struct SentEach {
-    plans: Vec<Result<Plan>>,
-}
+/// One query written by [`Connection::send_each`]: what reading its answer needs.
+pub(crate) struct SentQuery(Result<Plan>);
 
 /// Many independent requests in one write (for the engine's pipelined mode).
 impl Connection {
     /// Writes every query with a Sync of its own and sends them in one write, without reading:
     /// one query's error does not touch the others (each Sync ends its own implicit
     /// transaction). Several such sends may be in flight — the server answers them in order —
-    /// and each must be read with [`read_each`](Self::read_each), oldest first. The caller
-    /// makes the connection ready (`finish_pending`) before the first. A query the pipeline
-    /// cannot carry (its statement must be described by the server first) is not sent; its
-    /// answer is an error saying to run it on its own.
-    pub(crate) async fn send_each(&mut self, queries: &[&dyn ToQuery]) -> Result<SentEach> {
-        let mut plans = Vec::with_capacity(queries.len());
+    /// and each query's answer must be read with [`read_answer`](Self::read_answer), oldest
+    /// first. The caller makes the connection ready (`finish_pending`) before the first. A
+    /// query the pipeline cannot carry (its statement must be described by the server first)
+    /// is not sent; its answer is an error saying to run it on its own.
+    pub(crate) async fn send_each(&mut self, queries: &[&dyn ToQuery]) -> Result<Vec<SentQuery>> {
+        let mut sent = Vec::with_capacity(queries.len());
         let mut syncs = 0;
         for q in queries {
             let mark = self.stream.write_buf.len();
@@ -1073,61 +1152,54 @@ impl Connection {
                 Ok(Written::Plan(plan)) => {
                     frontend::sync(&mut self.stream.write_buf);
                     syncs += 1;
-                    plans.push(Ok(plan));
+                    sent.push(SentQuery(Ok(plan)));
                 }
                 Ok(Written::NeedsDescribe) => {
                     self.stream.write_buf.truncate(mark);
-                    plans.push(Err(Error::needs_own_run()));
+                    sent.push(SentQuery(Err(Error::needs_own_run())));
                 }
                 Err(e) => {
                     self.stream.write_buf.truncate(mark);
-                    plans.push(Err(e));
+                    sent.push(SentQuery(Err(e)));
                 }
             }
         }
         if syncs > 0 {
             self.send(syncs).await?;
         }
-        Ok(SentEach { plans })
+        Ok(sent)
     }
 
-    /// Reads the answers to one [`send_each`](Self::send_each) (given the same `queries`),
-    /// handing each to `done` as soon as it is complete. The outer error is the connection's:
-    /// after it nothing more can be read.
-    pub(crate) async fn read_each(
+    /// Reads the answer to the oldest query of [`send_each`](Self::send_each) not read yet
+    /// (given that query again). The outer error is the connection's: after it nothing more
+    /// can be read.
+    pub(crate) async fn read_answer(
         &mut self,
-        queries: &[&dyn ToQuery],
-        sent: SentEach,
-        mut done: impl FnMut(usize, Result<(Vec<Row>, u64)>),
-    ) -> Result<()> {
-        for (i, (q, plan)) in queries.iter().zip(sent.plans).enumerate() {
-            let plan = match plan {
-                Ok(plan) => plan,
-                Err(e) => {
-                    done(i, Err(e));
-                    continue;
-                }
-            };
-            let outcome = match self.read_query_start(q.sql(), plan).await {
-                Ok(columns) => self.read_rows(columns).await,
-                Err(QueryStartError { error, .. }) => Err(error),
-            };
-            if self.is_broken() {
-                return Err(outcome
-                    .err()
-                    .unwrap_or_else(|| Error::closed("the connection broke")));
-            }
-            let outcome = match outcome {
-                Ok(r) => self.finish_request(None).await.map(|()| r),
-                Err(e) => self.finish_request(Some(e)).await.map(|()| unreachable!()),
-            };
-            if self.is_broken() {
-                return Err(outcome
-                    .err()
-                    .unwrap_or_else(|| Error::closed("the connection broke")));
-            }
-            done(i, outcome);
+        query: &dyn ToQuery,
+        sent: SentQuery,
+    ) -> Result<Result<(Vec<Row>, u64)>> {
+        let plan = match sent.0 {
+            Ok(plan) => plan,
+            Err(e) => return Ok(Err(e)),
+        };
+        let outcome = match self.read_query_start(query.sql(), plan).await {
+            Ok(columns) => self.read_rows(columns).await,
+            Err(QueryStartError { error, .. }) => Err(error),
+        };
+        if self.is_broken() {
+            return Err(outcome
+                .err()
+                .unwrap_or_else(|| Error::closed("the connection broke")));
         }
-        Ok(())
+        let outcome = match outcome {
+            Ok(r) => self.finish_request(None).await.map(|()| r),
+            Err(e) => self.finish_request(Some(e)).await.map(|()| unreachable!()),
+        };
+        if self.is_broken() {
+            return Err(outcome
+                .err()
+                .unwrap_or_else(|| Error::closed("the connection broke")));
+        }
+        Ok(outcome)
     }
 }

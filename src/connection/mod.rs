@@ -47,7 +47,7 @@ use stream::MessageStream;
 
 pub use copy::{BinaryCopyInWriter, CopyInSink, CopyOutStream};
 pub use extended::RowStream;
-pub(crate) use extended::SentEach;
+pub(crate) use extended::SentQuery;
 pub use stream::Transport;
 
 pub use crate::protocol::TransactionStatus;

@@ -5,11 +5,11 @@
 //! statement would choose for them — no connection state needed), then handed to one of a few
 //! driver tasks. A driver borrows a connection from the pool, takes every request waiting in
 //! its queue, writes them all — each with a Sync of its own, so one query's error touches no
-//! other — in one write, and replies to each task as its answer is read. Up to two such
-//! batches are in flight: the next is sent before the answers to the last are read, so the
-//! server always has work while the client reads and replies. When its queue is empty and
-//! nothing is in flight it gives the connection back to the pool, so transactions and
-//! batches, which keep a connection to themselves, are never starved.
+//! other — in one write, and replies to each task as its answer is read. Between two answers
+//! it sends whatever has arrived meanwhile, so the server always has work while the client
+//! reads and replies. When its queue is empty and nothing is in flight it gives the
+//! connection back to the pool, so transactions and batches, which keep a connection to
+//! themselves, are never starved.
 
 use std::collections::VecDeque;
 use std::sync::Arc;
@@ -18,7 +18,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use tokio::sync::{mpsc, oneshot};
 
 use super::{ConnectionManager, Pool};
-use crate::connection::SentEach;
+use crate::connection::SentQuery;
 use crate::error::{Error, Result};
 use crate::query::{EncodedParam, ToQuery};
 use crate::row::Row;
@@ -100,23 +100,22 @@ impl Pipeline {
     }
 }
 
-/// How many batches a driver keeps in flight on its connection: while it reads the answers to
-/// one, the next is already with the server, so the server does not sit idle while the
-/// client replies to tasks and gathers their next queries.
-const IN_FLIGHT: usize = 2;
+/// The most queries a driver keeps in flight on its connection.
+const MAX_IN_FLIGHT: usize = 256;
 
 type Reply = oneshot::Sender<Result<(Vec<Row>, u64)>>;
 
-/// A batch sent and not yet read: the queries (kept for reading their answers) and where each
-/// answer goes.
+/// A query sent and not yet answered: the query (kept for reading its answer), what reading
+/// it needs, and where its answer goes.
 struct InFlight {
-    requests: Vec<Request>,
-    replies: Vec<Option<Reply>>,
-    sent: SentEach,
+    request: Request,
+    sent: SentQuery,
+    reply: Option<Reply>,
 }
 
-/// A driver: borrows a connection while there is work and sends its queue in batches, up to
-/// [`IN_FLIGHT`] at a time, replying to each task as soon as its answer is read.
+/// A driver: borrows a connection while there is work. Between two answers it sends, in one
+/// write, every query that has arrived meanwhile, so the server finds the next queries waiting
+/// as it finishes one and never sits idle while the client reads and replies.
 async fn drive(pool: Pool<ConnectionManager>, mut queue: mpsc::UnboundedReceiver<Request>) {
     while let Some(first) = queue.recv().await {
         let mut conn = match pool.acquire().await {
@@ -132,67 +131,64 @@ async fn drive(pool: Pool<ConnectionManager>, mut queue: mpsc::UnboundedReceiver
         }
         let mut inflight: VecDeque<InFlight> = VecDeque::new();
         let mut first = Some(first);
-        let failure = 'work: loop {
-            // Send what is queued, while there is room in flight.
-            while inflight.len() < IN_FLIGHT {
-                let mut requests: Vec<Request> = first.take().into_iter().collect();
-                while requests.len() < MAX_BATCH {
-                    match queue.try_recv() {
-                        Ok(r) => requests.push(r),
-                        Err(_) => break,
-                    }
+        let failure = loop {
+            // Send what has arrived, while there is room in flight.
+            let mut requests: Vec<Request> = first.take().into_iter().collect();
+            while requests.len() < MAX_BATCH && inflight.len() + requests.len() < MAX_IN_FLIGHT {
+                match queue.try_recv() {
+                    Ok(r) => requests.push(r),
+                    Err(_) => break,
                 }
-                // A request whose task gave up before it was sent need not run at all.
-                requests.retain(|r| r.reply.as_ref().is_some_and(|tx| !tx.is_closed()));
-                if requests.is_empty() {
-                    break;
-                }
+            }
+            // A request whose task gave up before it was sent need not run at all.
+            requests.retain(|r| r.reply.as_ref().is_some_and(|tx| !tx.is_closed()));
+            if !requests.is_empty() {
                 let queries: Vec<&dyn ToQuery> =
                     requests.iter().map(|r| r as &dyn ToQuery).collect();
                 let sent = conn.send_each(&queries).await;
                 drop(queries);
-                let replies: Vec<Option<Reply>> =
-                    requests.iter_mut().map(|r| r.reply.take()).collect();
                 match sent {
-                    Ok(sent) => inflight.push_back(InFlight {
-                        requests,
-                        replies,
-                        sent,
-                    }),
+                    Ok(sent) => {
+                        for (mut request, sent) in requests.into_iter().zip(sent) {
+                            let reply = request.reply.take();
+                            inflight.push_back(InFlight {
+                                request,
+                                sent,
+                                reply,
+                            });
+                        }
+                    }
                     Err(e) => {
-                        fail_all(replies, &e);
-                        break 'work Some(e);
+                        fail_all(requests.into_iter().map(|r| r.reply), &e);
+                        break Some(e);
                     }
                 }
             }
-            // Read the oldest batch, replying as each answer arrives.
+            // Read the oldest answer and hand it over.
             let Some(InFlight {
-                requests,
-                mut replies,
+                request,
                 sent,
+                reply,
             }) = inflight.pop_front()
             else {
                 break None;
             };
-            let queries: Vec<&dyn ToQuery> = requests.iter().map(|r| r as &dyn ToQuery).collect();
-            let read = conn
-                .read_each(&queries, sent, |i, result| {
-                    if let Some(tx) = replies[i].take() {
+            match conn.read_answer(&request, sent).await {
+                Ok(result) => {
+                    if let Some(tx) = reply {
                         let _ = tx.send(result);
                     }
-                })
-                .await;
-            if let Err(e) = read {
-                fail_all(replies, &e);
-                break Some(e);
+                }
+                Err(e) => {
+                    fail_all([reply], &e);
+                    break Some(e);
+                }
             }
         };
         if let Some(e) = failure {
             // The connection broke: every request still in flight learns it (the pool
             // discards the connection when it comes back).
-            for batch in inflight.drain(..) {
-                fail_all(batch.replies, &e);
-            }
+            fail_all(inflight.drain(..).map(|q| q.reply), &e);
         }
         drop(conn);
     }
@@ -205,7 +201,7 @@ fn reply(request: Request, result: Result<(Vec<Row>, u64)>) {
 }
 
 /// Tells every request still waiting that the connection failed with `e`.
-fn fail_all(replies: Vec<Option<Reply>>, e: &Error) {
+fn fail_all(replies: impl IntoIterator<Item = Option<Reply>>, e: &Error) {
     for tx in replies.into_iter().flatten() {
         let _ = tx.send(Err(Error::closed(format!(
             "the pipelined connection failed: {e}"

@@ -282,6 +282,16 @@ pub enum BackendMessage {
 impl BackendMessage {
     /// Decodes the body of one message whose type byte is `tag`.
     pub fn decode(tag: u8, body: Bytes) -> Result<BackendMessage> {
+        if tag == b'C'
+            && let Some((&0, text)) = body.split_last()
+            && !text.contains(&0)
+        {
+            // One per statement: the tag keeps the body's own handle on the buffer, cut
+            // before its NUL. Anything else takes the general path and its errors.
+            let mut text = body;
+            text.truncate(text.len() - 1);
+            return Ok(BackendMessage::CommandComplete(text));
+        }
         let mut r = Reader::new(&body, message_name(tag));
         let msg = match tag {
             b'R' => BackendMessage::Authentication(decode_authentication(&mut r)?),
