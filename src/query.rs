@@ -209,6 +209,14 @@ impl Bound {
         }
     }
 
+    fn text(&self) -> Option<&str> {
+        match self {
+            Bound::Str(v) => Some(v),
+            Bound::String(v) => Some(v),
+            _ => None,
+        }
+    }
+
     fn as_dyn(&self) -> &(dyn ToSql + Sync) {
         match self {
             Bound::Bool(v) => v,
@@ -224,12 +232,70 @@ impl Bound {
     }
 }
 
+/// Encodes as the value it holds. Text going to a built-in text type is written directly:
+/// postgres-types first compares the type's name with those of extension types (`ltree`, …),
+/// which would cost more than the copy.
+impl ToSql for Bound {
+    fn to_sql(
+        &self,
+        ty: &Type,
+        out: &mut bytes::BytesMut,
+    ) -> Result<postgres_types::IsNull, Box<dyn std::error::Error + Sync + Send>> {
+        match self.text() {
+            Some(text) if is_builtin_text(ty) => {
+                out.extend_from_slice(text.as_bytes());
+                Ok(postgres_types::IsNull::No)
+            }
+            // A trait object only offers the checked form.
+            _ => self.as_dyn().to_sql_checked(ty, out),
+        }
+    }
+
+    fn accepts(_: &Type) -> bool {
+        // Checked per value, in `to_sql_checked`.
+        true
+    }
+
+    fn to_sql_checked(
+        &self,
+        ty: &Type,
+        out: &mut bytes::BytesMut,
+    ) -> Result<postgres_types::IsNull, Box<dyn std::error::Error + Sync + Send>> {
+        match self.text() {
+            Some(text) if is_builtin_text(ty) => {
+                out.extend_from_slice(text.as_bytes());
+                Ok(postgres_types::IsNull::No)
+            }
+            _ => self.as_dyn().to_sql_checked(ty, out),
+        }
+    }
+
+    fn encode_format(&self, ty: &Type) -> postgres_types::Format {
+        self.as_dyn().encode_format(ty)
+    }
+}
+
+/// The built-in types a `&str` is sent to as its bytes (what postgres-types does for them).
+fn is_builtin_text(ty: &Type) -> bool {
+    matches!(
+        *ty,
+        Type::TEXT | Type::VARCHAR | Type::BPCHAR | Type::NAME | Type::UNKNOWN
+    )
+}
+
+impl fmt::Debug for Bound {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        // Values may be secrets.
+        f.write_str("Bound(..)")
+    }
+}
+
 impl Params for SmallVec<[Bound; INLINE_PARAMS]> {
     fn len(&self) -> usize {
         <[Bound]>::len(self)
     }
     fn get(&self, i: usize) -> &(dyn ToSql + Sync) {
-        self[i].as_dyn()
+        &self[i]
     }
 }
 
@@ -603,6 +669,11 @@ mod tests {
         both_ways(-0.5f64, Type::FLOAT8);
         both_ways("static ünïcode", Type::TEXT);
         both_ways(String::from("owned"), Type::VARCHAR);
+        both_ways(String::from("owned"), Type::TEXT);
+        both_ways("name", Type::NAME);
+        both_ways("bp", Type::BPCHAR);
+        both_ways("unknown", Type::UNKNOWN);
+        both_ways("{}", Type::JSON);
         // Boxed, NULL included.
         both_ways(Some(5i32), Type::INT4);
         both_ways(None::<i32>, Type::INT4);
