@@ -179,30 +179,14 @@ impl Bound {
         // The type tests are resolved at compile time: each `bind` keeps one branch.
         let mut slot = Some(value);
         let any: &mut dyn Any = &mut slot;
-        if let Some(v) = take(any) {
-            return Bound::Int4(v);
+        macro_rules! keep_in_place {
+            ($($variant:ident),*) => {$(
+                if let Some(v) = take(any) {
+                    return Bound::$variant(v);
+                }
+            )*};
         }
-        if let Some(v) = take(any) {
-            return Bound::Int8(v);
-        }
-        if let Some(v) = take(any) {
-            return Bound::String(v);
-        }
-        if let Some(v) = take(any) {
-            return Bound::Str(v);
-        }
-        if let Some(v) = take(any) {
-            return Bound::Bool(v);
-        }
-        if let Some(v) = take(any) {
-            return Bound::Int2(v);
-        }
-        if let Some(v) = take(any) {
-            return Bound::Float8(v);
-        }
-        if let Some(v) = take(any) {
-            return Bound::Float4(v);
-        }
+        keep_in_place!(Int4, Int8, String, Str, Bool, Int2, Float8, Float4);
         match slot {
             Some(value) => Bound::Boxed(Box::new(value)),
             None => unreachable!("each branch that takes the value returns"),
@@ -241,14 +225,8 @@ impl ToSql for Bound {
         ty: &Type,
         out: &mut bytes::BytesMut,
     ) -> Result<postgres_types::IsNull, Box<dyn std::error::Error + Sync + Send>> {
-        match self.text() {
-            Some(text) if is_builtin_text(ty) => {
-                out.extend_from_slice(text.as_bytes());
-                Ok(postgres_types::IsNull::No)
-            }
-            // A trait object only offers the checked form.
-            _ => self.as_dyn().to_sql_checked(ty, out),
-        }
+        // A trait object only offers the checked form.
+        self.to_sql_checked(ty, out)
     }
 
     fn accepts(_: &Type) -> bool {
