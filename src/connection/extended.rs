@@ -42,6 +42,12 @@ enum EncodeError {
     Failed(Error),
 }
 
+impl From<Error> for EncodeError {
+    fn from(e: Error) -> EncodeError {
+        EncodeError::Failed(e)
+    }
+}
+
 fn encode_param(
     value: &(dyn ToSql + Sync),
     ty: &Type,
@@ -498,20 +504,10 @@ impl Connection {
         buf.extend_from_slice(&[0, 0, 1, 0, 1]);
         buf.extend_from_slice(&count.to_be_bytes());
         for i in 0..params.len() {
-            let len_at = buf.len();
-            buf.extend_from_slice(&[0; 4]);
-            let len = match encode_param(params.get(i), &types[i], i, buf) {
-                Ok(true) => -1,
-                Ok(false) => match i32::try_from(buf.len() - len_at - 4) {
-                    Ok(len) => len,
-                    Err(_) => {
-                        buf.truncate(start);
-                        return Err(Error::conversion(format!(
-                            "parameter ${} is too large",
-                            i + 1
-                        )));
-                    }
-                },
+            let written =
+                frontend::put_param(buf, i, |buf| encode_param(params.get(i), &types[i], i, buf));
+            match written {
+                Ok(()) => {}
                 Err(EncodeError::WrongType) => {
                     buf.truncate(start);
                     return Ok(Some(Err(i)));
@@ -520,11 +516,7 @@ impl Connection {
                     buf.truncate(start);
                     return Err(e);
                 }
-            };
-            if len < 0 {
-                buf.truncate(len_at + 4);
             }
-            buf[len_at..len_at + 4].copy_from_slice(&len.to_be_bytes());
         }
         buf.extend_from_slice(&[0, 1, 0, 1]);
         let Ok(len) = i32::try_from(buf.len() - start - 1) else {

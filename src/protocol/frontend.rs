@@ -197,17 +197,7 @@ where
         }
         buf.put_i16(count_i16(param_count, "parameters")?);
         for i in 0..param_count {
-            let len_at = buf.len();
-            buf.put_i32(0);
-            let is_null = write_param(i, buf)?;
-            let len = if is_null {
-                buf.truncate(len_at + 4);
-                -1
-            } else {
-                i32::try_from(buf.len() - len_at - 4)
-                    .map_err(|_| Error::conversion(format!("parameter ${} is too large", i + 1)))?
-            };
-            buf[len_at..len_at + 4].copy_from_slice(&len.to_be_bytes());
+            put_param(buf, i, |buf| write_param(i, buf))?;
         }
         buf.put_i16(count_i16(result_formats.len(), "result formats")?);
         for &f in result_formats {
@@ -215,6 +205,27 @@ where
         }
         Ok(())
     })
+}
+
+/// Writes parameter `i` of a Bind: its length, then what `write` puts after it, which says
+/// whether the value is NULL (length -1, nothing after it).
+pub(crate) fn put_param<E: From<Error>>(
+    buf: &mut BytesMut,
+    i: usize,
+    write: impl FnOnce(&mut BytesMut) -> std::result::Result<bool, E>,
+) -> std::result::Result<(), E> {
+    let len_at = buf.len();
+    buf.put_i32(0);
+    let is_null = write(buf)?;
+    let len = if is_null {
+        buf.truncate(len_at + 4);
+        -1
+    } else {
+        i32::try_from(buf.len() - len_at - 4)
+            .map_err(|_| Error::conversion(format!("parameter ${} is too large", i + 1)))?
+    };
+    buf[len_at..len_at + 4].copy_from_slice(&len.to_be_bytes());
+    Ok(())
 }
 
 /// Describe: asks for a statement's parameter and row description, or a portal's row
