@@ -65,6 +65,8 @@
 //!   size and for copy, whose measurements are large; 5 for pool).
 //! - `PGENGINE_BENCH_WARMUP`: warm-up size per contender instead of a tenth of the size; 0 skips
 //!   the warm-up (for instruction counts that scale exactly with the size).
+//! - `PGENGINE_BENCH_TCP`: when set, every contender reaches the throwaway cluster over TCP on
+//!   127.0.0.1 instead of its Unix socket (the transport line of the set-up says which).
 //! - `PGENGINE_BENCH_DRIVERS`: a comma-separated list of the contenders to run, e.g. to profile
 //!   one of them under `valgrind --tool=callgrind`.
 //! - `PGENGINE_LIBPQ18`: the path of a libpq 18 `libpq.so.5`, loaded at run time for the
@@ -438,7 +440,11 @@ fn run() -> BenchResult<()> {
         _ => {
             let cluster = TempCluster::start()
                 .map_err(|e| format!("could not start a throwaway PostgreSQL cluster: {e}"))?;
-            let conninfo = cluster.socket_conninfo(TempCluster::SUPERUSER);
+            let conninfo = if env::var_os("PGENGINE_BENCH_TCP").is_some() {
+                cluster.url(TempCluster::SUPERUSER)
+            } else {
+                cluster.socket_conninfo(TempCluster::SUPERUSER)
+            };
             let placement = settings.placement.unwrap_or(Placement::SameCore);
             (Some(cluster), conninfo, placement)
         }
