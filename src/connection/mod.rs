@@ -26,7 +26,6 @@ mod copy;
 mod extended;
 mod notify;
 mod simple;
-mod socket;
 mod startup;
 mod stream;
 mod tls;
