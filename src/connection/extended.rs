@@ -489,9 +489,10 @@ impl Connection {
         let Ok(count) = i16::try_from(params.len()) else {
             return Ok(None);
         };
-        let all_binary = (0..params.len())
-            .all(|i| matches!(params.get(i).encode_format(&types[i]), Format::Binary));
-        if max_rows != 0 || !all_binary {
+        if max_rows != 0
+            || !(0..params.len())
+                .all(|i| matches!(params.get(i).encode_format(&types[i]), Format::Binary))
+        {
             return Ok(None);
         }
         let buf = &mut self.stream.write_buf;
@@ -1178,12 +1179,9 @@ impl Connection {
             Ok(columns) => self.read_rows(columns).await,
             Err(QueryStartError { error, .. }) => Err(error),
         };
-        if self.is_broken() {
-            return Err(outcome
-                .err()
-                .unwrap_or_else(|| Error::closed("the connection broke")));
-        }
+        // Read on to the query's ReadyForQuery, unless the connection already broke.
         let outcome = match outcome {
+            _ if self.is_broken() => outcome,
             Ok(r) => self.finish_request(None).await.map(|()| r),
             Err(e) => self.finish_request(Some(e)).await.map(|()| unreachable!()),
         };

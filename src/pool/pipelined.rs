@@ -30,9 +30,7 @@ const MAX_BATCH: usize = 128;
 struct Request {
     sql: Arc<str>,
     params: Vec<EncodedParam>,
-    /// Taken when the request is sent, so the answer can be given while the query is still
-    /// borrowed for reading.
-    reply: Option<Reply>,
+    reply: Reply,
 }
 
 impl ToQuery for Request {
@@ -84,7 +82,7 @@ impl Pipeline {
         let request = Request {
             sql: Arc::from(query.sql()),
             params,
-            reply: Some(reply),
+            reply,
         };
         let i = self.next.fetch_add(1, Ordering::Relaxed) % self.drivers.len();
         self.drivers[i]
@@ -105,12 +103,11 @@ const MAX_IN_FLIGHT: usize = 256;
 
 type Reply = oneshot::Sender<Result<(Vec<Row>, u64)>>;
 
-/// A query sent and not yet answered: the query (kept for reading its answer), what reading
-/// it needs, and where its answer goes.
+/// A query sent and not yet answered: the query (kept for reading its answer, and holding
+/// where the answer goes) and what reading it needs.
 struct InFlight {
     request: Request,
     sent: SentQuery,
-    reply: Option<Reply>,
 }
 
 /// A driver: borrows a connection while there is work. Between two answers it sends, in one
@@ -141,7 +138,7 @@ async fn drive(pool: Pool<ConnectionManager>, mut queue: mpsc::UnboundedReceiver
                 }
             }
             // A request whose task gave up before it was sent need not run at all.
-            requests.retain(|r| r.reply.as_ref().is_some_and(|tx| !tx.is_closed()));
+            requests.retain(|r| !r.reply.is_closed());
             if !requests.is_empty() {
                 let queries: Vec<&dyn ToQuery> =
                     requests.iter().map(|r| r as &dyn ToQuery).collect();
@@ -149,13 +146,8 @@ async fn drive(pool: Pool<ConnectionManager>, mut queue: mpsc::UnboundedReceiver
                 drop(queries);
                 match sent {
                     Ok(sent) => {
-                        for (mut request, sent) in requests.into_iter().zip(sent) {
-                            let reply = request.reply.take();
-                            inflight.push_back(InFlight {
-                                request,
-                                sent,
-                                reply,
-                            });
+                        for (request, sent) in requests.into_iter().zip(sent) {
+                            inflight.push_back(InFlight { request, sent });
                         }
                     }
                     Err(e) => {
@@ -165,22 +157,13 @@ async fn drive(pool: Pool<ConnectionManager>, mut queue: mpsc::UnboundedReceiver
                 }
             }
             // Read the oldest answer and hand it over.
-            let Some(InFlight {
-                request,
-                sent,
-                reply,
-            }) = inflight.pop_front()
-            else {
+            let Some(InFlight { request, sent }) = inflight.pop_front() else {
                 break None;
             };
             match conn.read_answer(&request, sent).await {
-                Ok(result) => {
-                    if let Some(tx) = reply {
-                        let _ = tx.send(result);
-                    }
-                }
+                Ok(result) => reply(request, result),
                 Err(e) => {
-                    fail_all([reply], &e);
+                    fail_all([request.reply], &e);
                     break Some(e);
                 }
             }
@@ -188,21 +171,20 @@ async fn drive(pool: Pool<ConnectionManager>, mut queue: mpsc::UnboundedReceiver
         if let Some(e) = failure {
             // The connection broke: every request still in flight learns it (the pool
             // discards the connection when it comes back).
-            fail_all(inflight.drain(..).map(|q| q.reply), &e);
+            fail_all(inflight.drain(..).map(|q| q.request.reply), &e);
         }
         drop(conn);
     }
 }
 
 fn reply(request: Request, result: Result<(Vec<Row>, u64)>) {
-    if let Some(tx) = request.reply {
-        let _ = tx.send(result);
-    }
+    // A task that gave up no longer listens; nothing to do.
+    let _ = request.reply.send(result);
 }
 
 /// Tells every request still waiting that the connection failed with `e`.
-fn fail_all(replies: impl IntoIterator<Item = Option<Reply>>, e: &Error) {
-    for tx in replies.into_iter().flatten() {
+fn fail_all(replies: impl IntoIterator<Item = Reply>, e: &Error) {
+    for tx in replies {
         let _ = tx.send(Err(Error::closed(format!(
             "the pipelined connection failed: {e}"
         ))));
