@@ -2,10 +2,12 @@
 //! carrying many queries at once instead of one round trip at a time.
 //!
 //! A query outside a transaction is encoded by its own task (values with the types a new
-//! statement would choose for them — no connection state needed), then handed to one of a few
-//! driver tasks. A driver borrows a connection from the pool, takes every request waiting in
-//! its queue, writes them all — each with a Sync of its own, so one query's error touches no
-//! other — in one write, and replies to each task as its answer is read. Between two answers
+//! statement would choose for them — no connection state needed), then handed to the driver
+//! task with the fewest queries waiting or in flight (spread round robin, some connections
+//! would run dry, their server processes going to sleep, while others held a queue). A
+//! driver borrows a connection from the pool, takes every request waiting in its queue,
+//! writes them all — each with a Sync of its own, so one query's error touches no other — in
+//! one write, and replies to each task as its answer is read. Between two answers
 //! it sends whatever has arrived meanwhile, so the server always has work while the client
 //! reads and replies. When its queue is empty and nothing is in flight it gives the
 //! connection back to the pool, so transactions and batches, which keep a connection to
@@ -31,6 +33,29 @@ struct Request {
     sql: Arc<str>,
     params: Vec<EncodedParam>,
     reply: Reply,
+    /// Counts the query in its driver's load until it is answered or dropped.
+    _load: LoadTicket,
+}
+
+/// How many queries a driver has waiting or in flight.
+#[derive(Default)]
+struct Load(AtomicUsize);
+
+/// One query's share of a driver's [`Load`]: taken when the query is handed over, given back
+/// when it is dropped — answered, failed, or abandoned on any path.
+struct LoadTicket(Arc<Load>);
+
+impl LoadTicket {
+    fn take(load: &Arc<Load>) -> LoadTicket {
+        load.0.fetch_add(1, Ordering::Relaxed);
+        LoadTicket(Arc::clone(load))
+    }
+}
+
+impl Drop for LoadTicket {
+    fn drop(&mut self) {
+        self.0.0.fetch_sub(1, Ordering::Relaxed);
+    }
 }
 
 impl ToQuery for Request {
@@ -42,10 +67,17 @@ impl ToQuery for Request {
     }
 }
 
-/// Hands queries to the drivers, round robin.
+/// Hands each query to the least loaded driver.
 pub(crate) struct Pipeline {
-    drivers: Vec<mpsc::UnboundedSender<Request>>,
+    drivers: Vec<Driver>,
+    /// Where the search for the least loaded driver starts: drivers equally loaded take turns.
     next: AtomicUsize,
+}
+
+/// A driver task, seen from the pipeline.
+struct Driver {
+    queue: mpsc::UnboundedSender<Request>,
+    load: Arc<Load>,
 }
 
 impl Pipeline {
@@ -54,9 +86,12 @@ impl Pipeline {
     pub(crate) fn start(pool: Pool<ConnectionManager>, drivers: usize) -> Pipeline {
         let drivers = (0..drivers.max(1))
             .map(|_| {
-                let (tx, rx) = mpsc::unbounded_channel();
+                let (queue, rx) = mpsc::unbounded_channel();
                 tokio::spawn(drive(pool.clone(), rx));
-                tx
+                Driver {
+                    queue,
+                    load: Arc::default(),
+                }
             })
             .collect();
         Pipeline {
@@ -79,13 +114,15 @@ impl Pipeline {
             return Ok(None);
         };
         let (reply, answer) = oneshot::channel();
+        let driver = self.least_loaded();
         let request = Request {
             sql: Arc::from(query.sql()),
             params,
             reply,
+            _load: LoadTicket::take(&driver.load),
         };
-        let i = self.next.fetch_add(1, Ordering::Relaxed) % self.drivers.len();
-        self.drivers[i]
+        driver
+            .queue
             .send(request)
             .map_err(|_| Error::pool("the connection pool is closed").retry_safe())?;
         match answer.await {
@@ -95,6 +132,18 @@ impl Pipeline {
                 "the pipelined connection failed before answering",
             )),
         }
+    }
+
+    /// The driver with the fewest queries waiting or in flight. Keeping every connection's
+    /// share even keeps every server process busy: a connection whose queries have all been
+    /// answered sends its server process to sleep, and waking it costs more than the query.
+    fn least_loaded(&self) -> &Driver {
+        let n = self.drivers.len();
+        let start = self.next.fetch_add(1, Ordering::Relaxed);
+        (0..n)
+            .map(|k| &self.drivers[(start + k) % n])
+            .min_by_key(|d| d.load.0.load(Ordering::Relaxed))
+            .expect("a pipeline has at least one driver")
     }
 }
 
@@ -178,8 +227,14 @@ async fn drive(pool: Pool<ConnectionManager>, mut queue: mpsc::UnboundedReceiver
 }
 
 fn reply(request: Request, result: Result<(Vec<Row>, u64)>) {
+    let Request {
+        reply, _load: load, ..
+    } = request;
+    // The driver's load drops before the task learns its answer, so that the task's next
+    // query already sees it.
+    drop(load);
     // A task that gave up no longer listens; nothing to do.
-    let _ = request.reply.send(result);
+    let _ = reply.send(result);
 }
 
 /// Tells every request still waiting that the connection failed with `e`.
@@ -188,5 +243,88 @@ fn fail_all(replies: impl IntoIterator<Item = Reply>, e: &Error) {
         let _ = tx.send(Err(Error::closed(format!(
             "the pipelined connection failed: {e}"
         ))));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A pipeline whose drivers are bare queues (no driver tasks): enough to watch the choice.
+    fn pipeline(drivers: usize) -> (Pipeline, Vec<mpsc::UnboundedReceiver<Request>>) {
+        let (drivers, queues) = (0..drivers)
+            .map(|_| {
+                let (queue, rx) = mpsc::unbounded_channel();
+                let driver = Driver {
+                    queue,
+                    load: Arc::default(),
+                };
+                (driver, rx)
+            })
+            .unzip();
+        let pipeline = Pipeline {
+            drivers,
+            next: AtomicUsize::new(0),
+        };
+        (pipeline, queues)
+    }
+
+    fn index(p: &Pipeline, d: &Driver) -> usize {
+        p.drivers.iter().position(|x| std::ptr::eq(x, d)).unwrap()
+    }
+
+    #[test]
+    fn queries_go_to_the_least_loaded_driver_and_equal_ones_take_turns() {
+        let (p, _queues) = pipeline(3);
+        // All idle: turns.
+        let turns: Vec<usize> = (0..3).map(|_| index(&p, p.least_loaded())).collect();
+        assert_eq!(turns, [0, 1, 2]);
+        // Driver 0 carries two queries, driver 1 one: driver 2 is chosen whoever's turn it is.
+        let held = [
+            LoadTicket::take(&p.drivers[0].load),
+            LoadTicket::take(&p.drivers[0].load),
+            LoadTicket::take(&p.drivers[1].load),
+        ];
+        for _ in 0..3 {
+            assert_eq!(index(&p, p.least_loaded()), 2);
+        }
+        let third = LoadTicket::take(&p.drivers[2].load);
+        // Now 2, 1, 1: never driver 0.
+        let picks: Vec<usize> = (0..4).map(|_| index(&p, p.least_loaded())).collect();
+        assert!(picks.iter().all(|&i| i != 0), "{picks:?}");
+        assert!(picks.contains(&1) && picks.contains(&2), "{picks:?}");
+        // Answered queries give their share back.
+        drop(held);
+        drop(third);
+        assert!(
+            p.drivers
+                .iter()
+                .all(|d| d.load.0.load(Ordering::Relaxed) == 0)
+        );
+    }
+
+    #[test]
+    fn a_request_gives_its_share_back_however_it_ends() {
+        let (p, mut queues) = pipeline(1);
+        let load = &p.drivers[0].load;
+        let request = |reply| Request {
+            sql: Arc::from("SELECT 1"),
+            params: Vec::new(),
+            reply,
+            _load: LoadTicket::take(load),
+        };
+        let (tx, rx) = oneshot::channel();
+        reply(request(tx), Ok((Vec::new(), 0)));
+        assert!(matches!(rx.blocking_recv(), Ok(Ok(_))));
+        let (tx, _rx) = oneshot::channel();
+        fail_all(
+            [request(tx)].into_iter().map(|r| r.reply),
+            &Error::closed("gone"),
+        );
+        let (tx, _rx) = oneshot::channel();
+        p.drivers[0].queue.send(request(tx)).ok().unwrap();
+        assert_eq!(load.0.load(Ordering::Relaxed), 1, "queued, not answered");
+        drop(queues.pop());
+        assert_eq!(load.0.load(Ordering::Relaxed), 0, "dropped with its queue");
     }
 }
