@@ -93,7 +93,10 @@ pub struct PoolOptions {
     pub health_check_after: Option<Duration>,
     /// With `PostgresEngine`: how many connections carry pipelined queries (queries outside a
     /// transaction from many tasks, many in flight per connection); 0 turns pipelining off, so
-    /// every query checks a connection out for itself.
+    /// every query checks a connection out for itself. Each query goes to the connection with
+    /// the fewest queries waiting or in flight. Fewer, deeper connections cost the server less
+    /// than many shallow ones: on a 2-core server, 64 tasks ran about 10% faster over 2 or 4
+    /// pipelined connections than over 8.
     pub pipeline: usize,
 }
 
