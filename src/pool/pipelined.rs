@@ -37,24 +37,20 @@ struct Request {
     _load: LoadTicket,
 }
 
-/// How many queries a driver has waiting or in flight.
-#[derive(Default)]
-struct Load(AtomicUsize);
-
-/// One query's share of a driver's [`Load`]: taken when the query is handed over, given back
+/// One query's share of its driver's load: counted when the query is handed over, given back
 /// when it is dropped — answered, failed, or abandoned on any path.
-struct LoadTicket(Arc<Load>);
+struct LoadTicket(Arc<AtomicUsize>);
 
 impl LoadTicket {
-    fn take(load: &Arc<Load>) -> LoadTicket {
-        load.0.fetch_add(1, Ordering::Relaxed);
+    fn take(load: &Arc<AtomicUsize>) -> LoadTicket {
+        load.fetch_add(1, Ordering::Relaxed);
         LoadTicket(Arc::clone(load))
     }
 }
 
 impl Drop for LoadTicket {
     fn drop(&mut self) {
-        self.0.0.fetch_sub(1, Ordering::Relaxed);
+        self.0.fetch_sub(1, Ordering::Relaxed);
     }
 }
 
@@ -77,7 +73,8 @@ pub(crate) struct Pipeline {
 /// A driver task, seen from the pipeline.
 struct Driver {
     queue: mpsc::UnboundedSender<Request>,
-    load: Arc<Load>,
+    /// How many queries it has waiting or in flight.
+    load: Arc<AtomicUsize>,
 }
 
 impl Pipeline {
@@ -142,7 +139,7 @@ impl Pipeline {
         let start = self.next.fetch_add(1, Ordering::Relaxed);
         (0..n)
             .map(|k| &self.drivers[(start + k) % n])
-            .min_by_key(|d| d.load.0.load(Ordering::Relaxed))
+            .min_by_key(|d| d.load.load(Ordering::Relaxed))
             .expect("a pipeline has at least one driver")
     }
 }
@@ -299,7 +296,7 @@ mod tests {
         assert!(
             p.drivers
                 .iter()
-                .all(|d| d.load.0.load(Ordering::Relaxed) == 0)
+                .all(|d| d.load.load(Ordering::Relaxed) == 0)
         );
     }
 
@@ -323,8 +320,8 @@ mod tests {
         );
         let (tx, _rx) = oneshot::channel();
         p.drivers[0].queue.send(request(tx)).ok().unwrap();
-        assert_eq!(load.0.load(Ordering::Relaxed), 1, "queued, not answered");
+        assert_eq!(load.load(Ordering::Relaxed), 1, "queued, not answered");
         drop(queues.pop());
-        assert_eq!(load.0.load(Ordering::Relaxed), 0, "dropped with its queue");
+        assert_eq!(load.load(Ordering::Relaxed), 0, "dropped with its queue");
     }
 }
