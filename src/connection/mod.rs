@@ -26,6 +26,7 @@ mod copy;
 mod extended;
 mod notify;
 mod simple;
+mod socket;
 mod startup;
 mod stream;
 mod tls;

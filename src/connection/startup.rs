@@ -6,6 +6,7 @@ use std::time::Duration;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpStream, UnixStream};
 
+use super::socket::ReadWatchedSocket;
 use super::stream::{MessageStream, Socket};
 use super::tls::TlsConnector;
 use crate::config::{
@@ -222,6 +223,10 @@ pub(crate) async fn open_socket(target: &Target, config: Option<&Config>) -> Res
             if let Some(config) = config {
                 set_keepalives(&stream, config)?;
             }
+            let stream = stream
+                .into_std()
+                .and_then(ReadWatchedSocket::new)
+                .map_err(|e| Error::io("could not register the socket", e))?;
             Ok(Socket::Tcp(stream))
         }
         Host::Unix(dir) => {
@@ -229,6 +234,10 @@ pub(crate) async fn open_socket(target: &Target, config: Option<&Config>) -> Res
             let stream = UnixStream::connect(&path)
                 .await
                 .map_err(|e| Error::io(&format!("could not connect to {}", path.display()), e))?;
+            let stream = stream
+                .into_std()
+                .and_then(ReadWatchedSocket::new)
+                .map_err(|e| Error::io("could not register the socket", e))?;
             Ok(Socket::Unix(stream))
         }
     }

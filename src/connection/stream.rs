@@ -13,8 +13,8 @@ use std::task::{Context, Poll, ready};
 
 use bytes::{BufMut, BytesMut};
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, ReadBuf};
-use tokio::net::{TcpStream, UnixStream};
 
+use super::socket::ReadWatchedSocket;
 use crate::error::{Error, Result};
 use crate::protocol::{self, BackendMessage};
 
@@ -32,8 +32,8 @@ impl<T: AsyncRead + AsyncWrite + Unpin + Send + 'static> Transport for T {}
 
 /// A TCP or Unix-domain socket, or another transport.
 pub(crate) enum Socket {
-    Tcp(TcpStream),
-    Unix(UnixStream),
+    Tcp(ReadWatchedSocket<std::net::TcpStream>),
+    Unix(ReadWatchedSocket<std::os::unix::net::UnixStream>),
     /// TLS over TCP (boxed: the session state is large, and plain sockets should stay small).
     Tls(Box<tokio_rustls::client::TlsStream<Socket>>),
     Other(Box<dyn Transport>),

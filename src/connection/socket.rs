@@ -1,0 +1,316 @@
+//! A TCP or Unix socket that the runtime watches for readability only.
+//!
+//! tokio's own `TcpStream` and `UnixStream` register every socket for reading *and* writing,
+//! edge-triggered. For a database client that costs a wake-up per request: when the server
+//! reads our request, room opens in the socket's send buffer, the kernel reports the socket
+//! writable, and the thread sleeping in `epoll_wait` wakes up for nothing, only to sleep again
+//! until the answer comes. With client and server on one core that wake-up also preempts the
+//! server in the middle of the query (measured: two context switches per round trip instead of
+//! libpq's one, which polls for input alone).
+//!
+//! So the socket is registered for readability only, and a write is tried directly: a
+//! non-blocking write into a socket buffer with room never needs the runtime. Only when the
+//! buffer is full (a large COPY, a server that stopped reading) is a duplicate of the
+//! descriptor registered for writability, for as long as the write waits, and deregistered as
+//! soon as it goes through.
+
+use std::io::{self, Read, Write};
+use std::os::fd::{AsFd, AsRawFd, OwnedFd};
+use std::pin::Pin;
+use std::task::{Context, Poll, ready};
+
+use tokio::io::unix::AsyncFd;
+use tokio::io::{AsyncRead, AsyncWrite, Interest, ReadBuf};
+
+/// What a [`ReadWatchedSocket`] can be built on: std's `TcpStream` and `UnixStream`, whose
+/// shared references read and write.
+pub(crate) trait StdSocket: AsFd + AsRawFd + Send + Sync + Unpin + 'static
+where
+    for<'a> &'a Self: Read + Write,
+{
+    fn shutdown_write(&self) -> io::Result<()>;
+}
+
+impl StdSocket for std::net::TcpStream {
+    fn shutdown_write(&self) -> io::Result<()> {
+        self.shutdown(std::net::Shutdown::Write)
+    }
+}
+
+impl StdSocket for std::os::unix::net::UnixStream {
+    fn shutdown_write(&self) -> io::Result<()> {
+        self.shutdown(std::net::Shutdown::Write)
+    }
+}
+
+/// A non-blocking socket registered with the runtime for readability only (see the module
+/// documentation).
+pub(crate) struct ReadWatchedSocket<S: StdSocket>
+where
+    for<'a> &'a S: Read + Write,
+{
+    socket: AsyncFd<S>,
+    /// A duplicate of the descriptor, registered for writability while a write waits for room.
+    writable: Option<AsyncFd<OwnedFd>>,
+}
+
+impl<S: StdSocket> ReadWatchedSocket<S>
+where
+    for<'a> &'a S: Read + Write,
+{
+    /// Registers `socket` (already non-blocking) with the current runtime.
+    pub(crate) fn new(socket: S) -> io::Result<ReadWatchedSocket<S>> {
+        Ok(ReadWatchedSocket {
+            socket: register(socket, Interest::READABLE)?,
+            writable: None,
+        })
+    }
+
+    /// Waits until the socket may take more bytes, registering the duplicate descriptor first
+    /// if it is not registered yet (registration reports a socket that is writable already,
+    /// so no edge is missed).
+    fn poll_writable(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        let watcher = match &mut self.writable {
+            Some(w) => w,
+            None => {
+                let dup = self.socket.get_ref().as_fd().try_clone_to_owned()?;
+                self.writable.insert(register(dup, Interest::WRITABLE)?)
+            }
+        };
+        let mut guard = ready!(watcher.poll_write_ready(cx))?;
+        // The next write finds out whether there is room; until it fails, assume there is.
+        guard.clear_ready();
+        Poll::Ready(Ok(()))
+    }
+}
+
+/// Registers a descriptor that `fd` owns with the current runtime.
+fn register<T: AsRawFd>(fd: T, interest: Interest) -> io::Result<AsyncFd<T>> {
+    // SAFETY: `fd` owns its descriptor (a std socket or an `OwnedFd`), so the descriptor stays
+    // open, and the same, until the `AsyncFd` that takes `fd` is dropped.
+    Ok(unsafe { AsyncFd::register_with_interest(fd, interest) }?)
+}
+
+impl<S: StdSocket + std::fmt::Debug> std::fmt::Debug for ReadWatchedSocket<S>
+where
+    for<'a> &'a S: Read + Write,
+{
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        self.socket.get_ref().fmt(f)
+    }
+}
+
+impl<S: StdSocket> AsyncRead for ReadWatchedSocket<S>
+where
+    for<'a> &'a S: Read + Write,
+{
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        let this = self.get_mut();
+        loop {
+            let mut guard = ready!(this.socket.poll_read_ready(cx))?;
+            // SAFETY: `read` only writes into the slice it is given; the bytes it reports are
+            // marked initialised and filled below, and no others.
+            let unfilled = unsafe { &mut *(buf.unfilled_mut() as *mut [_] as *mut [u8]) };
+            match guard.try_io(|socket| socket.get_ref().read(unfilled)) {
+                Ok(Ok(n)) => {
+                    if n > 0 && n < unfilled.len() {
+                        // A short read emptied the socket (epoll is edge-triggered, and bytes
+                        // arriving after this read raise a new edge): wait for that edge
+                        // instead of asking the socket again only to hear "would block".
+                        guard.clear_ready();
+                    }
+                    // SAFETY: the socket wrote `n` bytes into the unfilled part.
+                    unsafe { buf.assume_init(n) };
+                    buf.advance(n);
+                    return Poll::Ready(Ok(()));
+                }
+                Ok(Err(e)) => return Poll::Ready(Err(e)),
+                // Not readable after all: the readiness was cleared; wait for the next edge.
+                Err(_would_block) => continue,
+            }
+        }
+    }
+}
+
+impl<S: StdSocket> AsyncWrite for ReadWatchedSocket<S>
+where
+    for<'a> &'a S: Read + Write,
+{
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        let this = self.get_mut();
+        loop {
+            match this.socket.get_ref().write(buf) {
+                Ok(n) => {
+                    // Room again: stop watching for it (no wake-up per answer from now on).
+                    this.writable = None;
+                    return Poll::Ready(Ok(n));
+                }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                    ready!(this.poll_writable(cx))?;
+                }
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) => return Poll::Ready(Err(e)),
+            }
+        }
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, _cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        // Writes go straight to the kernel.
+        Poll::Ready(Ok(()))
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, _cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Poll::Ready(self.socket.get_ref().shutdown_write())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::os::unix::net::UnixStream;
+
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    use super::*;
+
+    /// One end of a socket pair, watched for readability only; the other end as a tokio stream.
+    fn pair() -> (ReadWatchedSocket<UnixStream>, tokio::net::UnixStream) {
+        let (ours, theirs) = UnixStream::pair().unwrap();
+        ours.set_nonblocking(true).unwrap();
+        theirs.set_nonblocking(true).unwrap();
+        (
+            ReadWatchedSocket::new(ours).unwrap(),
+            tokio::net::UnixStream::from_std(theirs).unwrap(),
+        )
+    }
+
+    /// Bytes that tell their position: a write that lost, doubled or reordered a chunk shows.
+    fn pattern(len: usize) -> Vec<u8> {
+        (0..len).map(|i| (i % 251) as u8).collect()
+    }
+
+    /// Times out a test that would otherwise hang on a lost wake-up.
+    async fn within<T>(f: impl std::future::Future<Output = T>) -> T {
+        tokio::time::timeout(std::time::Duration::from_secs(60), f)
+            .await
+            .expect("the socket never woke up")
+    }
+
+    /// This thread's count of voluntary context switches (the times it slept).
+    fn sleeps() -> u64 {
+        let status = std::fs::read_to_string("/proc/thread-self/status").unwrap();
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix("voluntary_ctxt_switches:"))
+            .unwrap()
+            .trim()
+            .parse()
+            .unwrap()
+    }
+
+    #[test]
+    fn waiting_for_an_answer_sleeps_once_per_round_trip() {
+        // The peer reads each request once we are asleep (which frees room in our send buffer:
+        // the event that would wake a socket watched for writability) and answers 5 ms later.
+        let (ours, mut theirs) = UnixStream::pair().unwrap();
+        ours.set_nonblocking(true).unwrap();
+        const ROUND_TRIPS: u64 = 20;
+        let server = std::thread::spawn(move || {
+            use std::io::{Read, Write};
+            let mut request = [0; 4];
+            for _ in 0..ROUND_TRIPS {
+                std::thread::sleep(std::time::Duration::from_millis(5));
+                theirs.read_exact(&mut request).unwrap();
+                std::thread::sleep(std::time::Duration::from_millis(5));
+                theirs.write_all(b"pong").unwrap();
+            }
+        });
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        let slept = runtime.block_on(async {
+            let mut ours = ReadWatchedSocket::new(ours).unwrap();
+            let before = sleeps();
+            for _ in 0..ROUND_TRIPS {
+                ours.write_all(b"ping").await.unwrap();
+                let mut answer = [0; 4];
+                within(ours.read_exact(&mut answer)).await.unwrap();
+                assert_eq!(&answer, b"pong");
+            }
+            sleeps() - before
+        });
+        server.join().unwrap();
+        // One sleep per round trip, waiting for the answer; a socket watched for writability
+        // too sleeps twice (it is woken when the peer reads the request).
+        assert!(
+            slept < ROUND_TRIPS + ROUND_TRIPS / 2,
+            "{slept} sleeps for {ROUND_TRIPS} round trips"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_write_larger_than_the_socket_buffer_waits_for_room_and_then_stops_watching() {
+        let (mut ours, mut theirs) = pair();
+        // Far more than a Unix socket buffers, so the write must wait for the reader.
+        let sent = pattern(8 << 20);
+        let expected = sent.clone();
+        let reader = tokio::spawn(async move {
+            // Let the writer fill the buffer and wait before anything is read.
+            tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+            let mut got = vec![0; expected.len()];
+            theirs.read_exact(&mut got).await.unwrap();
+            assert!(got == expected, "the bytes arrived changed");
+            theirs
+        });
+        within(ours.write_all(&sent)).await.unwrap();
+        let mut theirs = reader.await.unwrap();
+        assert!(
+            ours.writable.is_none(),
+            "write readiness is still watched after the write went through"
+        );
+        // Still a working socket both ways.
+        ours.write_all(b"ping").await.unwrap();
+        let mut got = [0; 4];
+        theirs.read_exact(&mut got).await.unwrap();
+        assert_eq!(&got, b"ping");
+        theirs.write_all(b"pong").await.unwrap();
+        ours.read_exact(&mut got).await.unwrap();
+        assert_eq!(&got, b"pong");
+    }
+
+    #[tokio::test]
+    async fn reads_wait_for_data_and_see_the_end_of_the_stream() {
+        let (mut ours, mut theirs) = pair();
+        let sent = pattern(300_000);
+        let to_send = sent.clone();
+        let writer = tokio::spawn(async move {
+            // In pieces with pauses, so some reads find the socket empty and must wait.
+            for piece in to_send.chunks(70_000) {
+                tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+                theirs.write_all(piece).await.unwrap();
+            }
+        });
+        let mut got = Vec::new();
+        within(ours.read_to_end(&mut got)).await.unwrap();
+        writer.await.unwrap();
+        assert!(got == sent, "the bytes read differ from those sent");
+    }
+
+    #[tokio::test]
+    async fn shutdown_ends_what_the_peer_reads() {
+        let (mut ours, mut theirs) = pair();
+        ours.write_all(b"last").await.unwrap();
+        ours.shutdown().await.unwrap();
+        let mut got = Vec::new();
+        theirs.read_to_end(&mut got).await.unwrap();
+        assert_eq!(got, b"last");
+    }
+}
