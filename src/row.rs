@@ -18,6 +18,9 @@ pub struct Column {
     table_oid: u32,
     column_id: i16,
     type_: Type,
+    /// Which header check the column's values need before decoding, worked out once from the
+    /// type rather than for every value read.
+    container: Container,
 }
 
 impl Column {
@@ -30,12 +33,17 @@ impl Column {
             name: field.name.clone(),
             table_oid: field.table_oid,
             column_id: field.column_id,
+            container: Container::of(&type_),
             type_,
         }
     }
 
     pub(crate) fn retyped(self, type_: Type) -> Column {
-        Column { type_, ..self }
+        Column {
+            container: Container::of(&type_),
+            type_,
+            ..self
+        }
     }
 
     /// The column's name (`?column?` for an unnamed expression).
@@ -180,8 +188,10 @@ impl Row {
             )));
         }
         let raw = self.data.value(i);
-        if let Some(raw) = raw {
-            check_claimed_sizes(&column.type_, raw).map_err(|why| {
+        if let Some(raw) = raw
+            && column.container != Container::None
+        {
+            check_claimed_sizes(column.container, raw).map_err(|why| {
                 Error::conversion(format!("column {:?} cannot be decoded: {why}", column.name))
             })?;
         }
@@ -246,13 +256,13 @@ impl fmt::Debug for DebugValue<'_> {
 /// before reading a single element; a hostile server claiming 2^31 elements in a 20-byte value
 /// would make the process abort on a huge allocation (found by fuzzing). Every array element
 /// takes at least its 4-byte length, and every hstore pair at least 8 bytes.
-fn check_claimed_sizes(ty: &Type, raw: &[u8]) -> std::result::Result<(), String> {
+fn check_claimed_sizes(container: Container, raw: &[u8]) -> std::result::Result<(), String> {
     let word = |at: usize| -> Option<i32> {
         raw.get(at..at + 4)
             .map(|b| i32::from_be_bytes([b[0], b[1], b[2], b[3]]))
     };
-    match ty.kind() {
-        postgres_types::Kind::Array(_) => {
+    match container {
+        Container::Array => {
             // ndim, has_nulls, element type, then (length, lower bound) per dimension.
             let Some(ndim) = word(0) else { return Ok(()) }; // too short: FromSql says so
             // PostgreSQL's MAXDIM is 6.
@@ -270,7 +280,7 @@ fn check_claimed_sizes(ty: &Type, raw: &[u8]) -> std::result::Result<(), String>
                 return Err(format!("the array claims {count} elements in {left} bytes"));
             }
         }
-        _ if ty.name() == "hstore" => {
+        Container::Hstore => {
             let Some(n) = word(0) else { return Ok(()) };
             let n = u64::try_from(n).map_err(|_| format!("hstore claims {n} pairs"))?;
             let left = raw.len().saturating_sub(4) as u64;
@@ -278,9 +288,27 @@ fn check_claimed_sizes(ty: &Type, raw: &[u8]) -> std::result::Result<(), String>
                 return Err(format!("hstore claims {n} pairs in {left} bytes"));
             }
         }
-        _ => {}
+        Container::None => {}
     }
     Ok(())
+}
+
+/// The kinds of value whose header claims an element count (see [`check_claimed_sizes`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Container {
+    None,
+    Array,
+    Hstore,
+}
+
+impl Container {
+    fn of(ty: &Type) -> Container {
+        match ty.kind() {
+            postgres_types::Kind::Array(_) => Container::Array,
+            _ if ty.name() == "hstore" => Container::Hstore,
+            _ => Container::None,
+        }
+    }
 }
 
 /// One row of a simple-protocol result: every value in the text format.
@@ -447,22 +475,26 @@ mod tests {
         for w in [1i32, 0, 23, i32::MAX, 1] {
             raw.extend_from_slice(&w.to_be_bytes());
         }
-        assert!(super::check_claimed_sizes(&Type::INT4_ARRAY, &raw).is_err());
+        let array = super::Container::of(&Type::INT4_ARRAY);
+        assert!(super::check_claimed_sizes(array, &raw).is_err());
         // The same header with its one element really there is fine.
         let mut ok = Vec::new();
         for w in [1i32, 0, 23, 1, 1, 4, 7] {
             ok.extend_from_slice(&w.to_be_bytes());
         }
-        assert!(super::check_claimed_sizes(&Type::INT4_ARRAY, &ok).is_ok());
-        assert!(super::check_claimed_sizes(&Type::INT4_ARRAY, &7i32.to_be_bytes()).is_err());
+        assert!(super::check_claimed_sizes(array, &ok).is_ok());
+        assert!(super::check_claimed_sizes(array, &7i32.to_be_bytes()).is_err());
         let hstore = Type::new(
             "hstore".into(),
             99999,
             postgres_types::Kind::Simple,
             "public".into(),
         );
-        assert!(super::check_claimed_sizes(&hstore, &i32::MAX.to_be_bytes()).is_err());
-        assert!(super::check_claimed_sizes(&hstore, &0i32.to_be_bytes()).is_ok());
+        let hstore = super::Container::of(&hstore);
+        assert!(super::check_claimed_sizes(hstore, &i32::MAX.to_be_bytes()).is_err());
+        assert!(super::check_claimed_sizes(hstore, &0i32.to_be_bytes()).is_ok());
+        // Values of other types are not looked at.
+        assert_eq!(super::Container::of(&Type::INT4), super::Container::None);
     }
 
     #[test]

@@ -903,11 +903,30 @@ impl Connection {
         }
     }
 
+    /// Adds to `rows` every DataRow already whole in the read buffer (see
+    /// [`MessageStream::take_data_row`]); a malformed one breaks the connection, as on the
+    /// general read path.
+    pub(super) fn take_buffered_rows(
+        &mut self,
+        columns: &Arc<[Column]>,
+        rows: &mut Vec<Row>,
+    ) -> Result<()> {
+        loop {
+            let data = match self.stream.take_data_row() {
+                Ok(Some(data)) => data,
+                Ok(None) => return Ok(()),
+                Err(e) => return Err(self.fail(e)),
+            };
+            rows.push(Row::new(columns.clone(), data).map_err(|e| self.fail(e))?);
+        }
+    }
+
     /// Reads one query's rows up to its CommandComplete (or EmptyQueryResponse); a server
     /// error is returned without reading on.
     pub(super) async fn read_rows(&mut self, columns: Arc<[Column]>) -> Result<(Vec<Row>, u64)> {
         let mut rows = Vec::new();
         loop {
+            self.take_buffered_rows(&columns, &mut rows)?;
             match self.read().await? {
                 BackendMessage::DataRow(data) => {
                     rows.push(Row::new(columns.clone(), data).map_err(|e| self.fail(e))?);
@@ -989,7 +1008,21 @@ impl RowStream<'_> {
                         }
                     });
                 }
-                StreamState::Rows | StreamState::Draining(_) => {}
+                // Rows whole in the buffer already are taken without the general read path.
+                StreamState::Rows => {
+                    let row = self.conn.stream.take_data_row().and_then(|data| {
+                        data.map(|d| Row::new(self.columns.clone(), d)).transpose()
+                    });
+                    match row {
+                        Ok(Some(row)) => return Poll::Ready(Some(Ok(row))),
+                        Ok(None) => {}
+                        Err(e) => {
+                            self.state = StreamState::Done;
+                            return Poll::Ready(Some(Err(self.conn.fail(e))));
+                        }
+                    }
+                }
+                StreamState::Draining(_) => {}
             }
             let msg = match ready!(self.conn.poll_read(cx)) {
                 Ok(msg) => msg,
@@ -1097,6 +1130,7 @@ impl Connection {
     ) -> Result<(Vec<Row>, bool)> {
         let mut rows = Vec::with_capacity(capacity);
         let more = loop {
+            self.take_buffered_rows(columns, &mut rows)?;
             match self.read().await? {
                 BackendMessage::DataRow(data) => {
                     rows.push(Row::new(columns.clone(), data).map_err(|e| self.fail(e))?);

@@ -16,7 +16,7 @@ use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, ReadBuf};
 
 use super::socket::ReadWatchedSocket;
 use crate::error::{Error, Result};
-use crate::protocol::{self, BackendMessage};
+use crate::protocol::{self, BackendMessage, DataRow};
 
 /// How much free room the read buffer has before each read.
 const READ_CHUNK: usize = 64 * 1024;
@@ -145,6 +145,19 @@ impl MessageStream {
                 return Poll::Ready(Ok(msg));
             }
             ready!(self.poll_fill(cx))?;
+        }
+    }
+
+    /// Takes the next message if it is a DataRow that is whole in the buffer already. The rows
+    /// of a result arrive back to back, and taking them here spares each one the general read
+    /// path, which must look out for notices, status reports and ReadyForQuery.
+    pub(crate) fn take_data_row(&mut self) -> Result<Option<DataRow>> {
+        if self.read_buf.first() != Some(&b'D') {
+            return Ok(None);
+        }
+        match protocol::split_frame(&mut self.read_buf, self.max_message_len)? {
+            Some((_, body)) => DataRow::decode(body).map(Some),
+            None => Ok(None),
         }
     }
 

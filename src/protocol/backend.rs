@@ -98,28 +98,44 @@ pub struct DataRow {
 }
 
 impl DataRow {
-    fn decode(body: Bytes) -> Result<DataRow> {
-        let mut r = Reader::new(&body, "DataRow");
-        let columns = r.count16("column count")?;
+    pub(crate) fn decode(mut body: Bytes) -> Result<DataRow> {
+        // Every value of every row passes here: the length words are walked by hand rather
+        // than through `Reader`, checking that each value is there and nothing follows.
+        let truncated = || Error::protocol("DataRow message is truncated");
+        let b: &[u8] = &body;
+        let count = match b {
+            [hi, lo, ..] => i16::from_be_bytes([*hi, *lo]),
+            _ => return Err(truncated()),
+        };
+        let columns = u16::try_from(count).map_err(|_| {
+            Error::protocol(format!("DataRow has a negative column count: {count}"))
+        })?;
+        let mut pos = 2;
         for _ in 0..columns {
-            let len = r.i32()?;
-            match len {
-                -1 => {}
-                len if len >= 0 => r.skip(len as usize)?,
-                len => {
+            let Some(word) = b.get(pos..pos + 4) else {
+                return Err(truncated());
+            };
+            let len = i32::from_be_bytes([word[0], word[1], word[2], word[3]]);
+            pos += 4;
+            match usize::try_from(len) {
+                Ok(len) if len <= b.len() - pos => pos += len,
+                Ok(_) => return Err(truncated()),
+                Err(_) if len == -1 => {}
+                Err(_) => {
                     return Err(Error::protocol(format!(
                         "DataRow has a column length of {len}"
                     )));
                 }
             }
         }
-        r.finish()?;
-        let mut body = body;
+        if pos != b.len() {
+            return Err(Error::protocol(format!(
+                "DataRow message has {} unexpected trailing bytes",
+                b.len() - pos
+            )));
+        }
         body.advance(2); // the column count; advancing an owned Bytes touches no counter
-        Ok(DataRow {
-            body,
-            columns: columns as u16,
-        })
+        Ok(DataRow { body, columns })
     }
 
     /// The number of columns.
@@ -148,7 +164,22 @@ impl DataRow {
 
     /// The value of column `idx` (`None` for NULL or out of range).
     pub fn value(&self, idx: usize) -> Option<&[u8]> {
-        self.ranges().nth(idx).flatten().map(|r| &self.body[r])
+        if idx >= usize::from(self.columns) {
+            return None;
+        }
+        // Hop over the columns before it by their length words alone. The layout was checked
+        // in DataRow::decode; the checked splits keep even a broken one in bounds.
+        let mut rest: &[u8] = &self.body;
+        for _ in 0..idx {
+            let (word, tail) = rest.split_first_chunk::<4>()?;
+            rest = match usize::try_from(i32::from_be_bytes(*word)) {
+                Ok(len) => tail.get(len..)?,
+                Err(_) => tail,
+            };
+        }
+        let (word, tail) = rest.split_first_chunk::<4>()?;
+        let len = usize::try_from(i32::from_be_bytes(*word)).ok()?;
+        tail.get(..len)
     }
 }
 
@@ -731,6 +762,31 @@ mod tests {
         assert_eq!(row.len(), 2);
         assert_eq!(row.value(0), Some(&b"abc"[..]));
         assert_eq!(row.value(1), None);
+    }
+
+    #[test]
+    fn data_row_values_past_nulls_and_empty_values() {
+        // "abc", NULL, "", "xy".
+        let msg =
+            decode(b"D\0\0\0\x1b\0\x04\0\0\0\x03abc\xff\xff\xff\xff\0\0\0\0\0\0\0\x02xy").unwrap();
+        let BackendMessage::DataRow(row) = msg else {
+            panic!("not a DataRow: {msg:?}")
+        };
+        let values: Vec<Option<&[u8]>> = (0..5).map(|i| row.value(i)).collect();
+        assert_eq!(
+            values,
+            [
+                Some(&b"abc"[..]),
+                None,
+                Some(&b""[..]),
+                Some(&b"xy"[..]),
+                None
+            ]
+        );
+        // The same as the ranges say.
+        let ranges: Vec<Option<&[u8]>> =
+            row.ranges().map(|r| r.map(|r| &row.buffer()[r])).collect();
+        assert_eq!(values[..4], ranges[..]);
     }
 
     #[test]

@@ -64,16 +64,6 @@ impl<'a> Reader<'a> {
             .map_err(|_| Error::protocol(format!("{} has a negative {field}: {n}", self.what)))
     }
 
-    /// Skips `n` bytes (checking they are there) without making a `Bytes` of them: no
-    /// reference-count traffic, which matters once per column of every row.
-    pub(crate) fn skip(&mut self, n: usize) -> Result<()> {
-        if n > self.remaining() {
-            return Err(self.short());
-        }
-        self.pos += n;
-        Ok(())
-    }
-
     /// `n` bytes, shared with the message buffer (no copy).
     pub(crate) fn bytes(&mut self, n: usize) -> Result<Bytes> {
         if n > self.remaining() {
