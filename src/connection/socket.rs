@@ -66,6 +66,31 @@ where
         })
     }
 
+    /// Reads what the socket holds now, without the runtime: `Ok(false)` if it holds nothing
+    /// yet (see [`MessageStream`](super::stream::MessageStream)'s wait for streamed rows).
+    pub(crate) fn read_now(&self, buf: &mut ReadBuf<'_>) -> io::Result<bool> {
+        // SAFETY: `read` only writes into the slice it is given; the bytes it reports are
+        // marked initialised and filled below, and no others.
+        let unfilled = unsafe { &mut *(buf.unfilled_mut() as *mut [_] as *mut [u8]) };
+        match self.socket.get_ref().read(unfilled) {
+            Ok(n) => {
+                // SAFETY: the socket wrote `n` bytes into the unfilled part.
+                unsafe { buf.assume_init(n) };
+                buf.advance(n);
+                Ok(true)
+            }
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    io::ErrorKind::WouldBlock | io::ErrorKind::Interrupted
+                ) =>
+            {
+                Ok(false)
+            }
+            Err(e) => Err(e),
+        }
+    }
+
     /// Waits until the socket may take more bytes, registering the duplicate descriptor first
     /// if it is not registered yet (registration reports a socket that is writable already,
     /// so no edge is missed).
