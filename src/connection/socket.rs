@@ -69,16 +69,8 @@ where
     /// Reads what the socket holds now, without the runtime: `Ok(false)` if it holds nothing
     /// yet (see [`MessageStream`](super::stream::MessageStream)'s wait for streamed rows).
     pub(crate) fn read_now(&self, buf: &mut ReadBuf<'_>) -> io::Result<bool> {
-        // SAFETY: `read` only writes into the slice it is given; the bytes it reports are
-        // marked initialised and filled below, and no others.
-        let unfilled = unsafe { &mut *(buf.unfilled_mut() as *mut [_] as *mut [u8]) };
-        match self.socket.get_ref().read(unfilled) {
-            Ok(n) => {
-                // SAFETY: the socket wrote `n` bytes into the unfilled part.
-                unsafe { buf.assume_init(n) };
-                buf.advance(n);
-                Ok(true)
-            }
+        match read_into(self.socket.get_ref(), buf) {
+            Ok(_) => Ok(true),
             Err(e)
                 if matches!(
                     e.kind(),
@@ -109,6 +101,21 @@ where
     }
 }
 
+/// Reads from `socket` into the unfilled part of `buf`; returns how many bytes came.
+fn read_into<S>(mut socket: &S, buf: &mut ReadBuf<'_>) -> io::Result<usize>
+where
+    for<'a> &'a S: Read,
+{
+    // SAFETY: `read` only writes into the slice it is given; the bytes it reports are marked
+    // initialised and filled below, and no others.
+    let unfilled = unsafe { &mut *(buf.unfilled_mut() as *mut [_] as *mut [u8]) };
+    let n = socket.read(unfilled)?;
+    // SAFETY: the socket wrote `n` bytes into the unfilled part.
+    unsafe { buf.assume_init(n) };
+    buf.advance(n);
+    Ok(n)
+}
+
 /// Registers a descriptor that `fd` owns with the current runtime.
 fn register<T: AsRawFd>(fd: T, interest: Interest) -> io::Result<AsyncFd<T>> {
     // SAFETY: `fd` owns its descriptor (a std socket or an `OwnedFd`), so the descriptor stays
@@ -137,20 +144,15 @@ where
         let this = self.get_mut();
         loop {
             let mut guard = ready!(this.socket.poll_read_ready(cx))?;
-            // SAFETY: `read` only writes into the slice it is given; the bytes it reports are
-            // marked initialised and filled below, and no others.
-            let unfilled = unsafe { &mut *(buf.unfilled_mut() as *mut [_] as *mut [u8]) };
-            match guard.try_io(|socket| socket.get_ref().read(unfilled)) {
+            let room = buf.remaining();
+            match guard.try_io(|socket| read_into(socket.get_ref(), buf)) {
                 Ok(Ok(n)) => {
-                    if n > 0 && n < unfilled.len() {
+                    if n > 0 && n < room {
                         // A short read emptied the socket (epoll is edge-triggered, and bytes
                         // arriving after this read raise a new edge): wait for that edge
                         // instead of asking the socket again only to hear "would block".
                         guard.clear_ready();
                     }
-                    // SAFETY: the socket wrote `n` bytes into the unfilled part.
-                    unsafe { buf.assume_init(n) };
-                    buf.advance(n);
                     return Poll::Ready(Ok(()));
                 }
                 Ok(Err(e)) => return Poll::Ready(Err(e)),
