@@ -687,6 +687,14 @@ impl Connection {
         plan: Plan,
     ) -> std::result::Result<Arc<[Column]>, QueryStartError> {
         let Plan { kind, closes } = plan;
+        // The usual answer of a cached statement, whole in the buffer already: BindComplete
+        // alone, taken without the general read path.
+        if let PlanKind::Cached { statement } = &kind
+            && closes.is_empty()
+            && self.stream.take_bind_complete()
+        {
+            return Ok(Arc::clone(&statement.columns));
+        }
         let mut confirmed = 0;
         let mut parsed = false;
         let mut param_types: Option<Arc<[Type]>> = None;
@@ -927,6 +935,9 @@ impl Connection {
         let mut rows = Vec::new();
         loop {
             self.take_buffered_rows(&columns, &mut rows)?;
+            if let Some(count) = self.stream.take_command_complete() {
+                return Ok((rows, count));
+            }
             match self.read().await? {
                 BackendMessage::DataRow(data) => {
                     rows.push(Row::new(columns.clone(), data).map_err(|e| self.fail(e))?);

@@ -16,7 +16,7 @@ use std::pin::Pin;
 use std::task::{Context, Poll, ready};
 use std::time::{Duration, Instant};
 
-use bytes::{BufMut, BytesMut};
+use bytes::{Buf, BufMut, BytesMut};
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, ReadBuf};
 
 use super::socket::ReadWatchedSocket;
@@ -259,6 +259,41 @@ impl MessageStream {
         }
     }
 
+    /// Takes a BindComplete if it is next in the buffer (a cached statement's answer starts
+    /// with one).
+    pub(crate) fn take_bind_complete(&mut self) -> bool {
+        if !self.read_buf.starts_with(&[b'2', 0, 0, 0, 4]) {
+            return false;
+        }
+        self.read_buf.advance(5);
+        self.streaming = false;
+        true
+    }
+
+    /// Takes a CommandComplete if it is next in the buffer and well formed, and returns the
+    /// row count of its tag. Anything unusual is left for the general read path and its
+    /// errors.
+    pub(crate) fn take_command_complete(&mut self) -> Option<u64> {
+        let [b'C', l0, l1, l2, l3, ..] = self.read_buf[..] else {
+            return None;
+        };
+        let len = u32::from_be_bytes([l0, l1, l2, l3]) as usize;
+        if len > self.max_message_len {
+            return None;
+        }
+        let body = self.read_buf.get(5..1 + len)?;
+        let (&0, tag) = body.split_last()? else {
+            return None;
+        };
+        if tag.contains(&0) {
+            return None;
+        }
+        let count = crate::row::rows_affected(tag);
+        self.read_buf.advance(1 + len);
+        self.streaming = false;
+        Some(count)
+    }
+
     /// Reads one byte outside the message framing: the server's answer to SSLRequest.
     #[allow(dead_code)]
     pub(crate) async fn read_byte(&mut self) -> Result<u8> {
@@ -367,6 +402,40 @@ mod tests {
         assert!(ask.allowed());
         ask.record(false);
         assert!(ask.allowed(), "the pause starts a fresh count");
+    }
+
+    /// Puts `bytes` in the read buffer as if they had just been read.
+    fn put(stream: &mut MessageStream, bytes: &[u8]) {
+        stream.read_buf.clear();
+        stream.read_buf.extend_from_slice(bytes);
+    }
+
+    #[tokio::test]
+    async fn bind_and_command_complete_are_taken_in_place_only_when_well_formed() {
+        let (mut stream, _server) = pair();
+        put(&mut stream, b"2\0\0\0\x04C");
+        assert!(stream.take_bind_complete());
+        assert_eq!(&stream.read_buf[..], b"C", "only the BindComplete is taken");
+        put(&mut stream, b"2\0\0\0\x05x");
+        assert!(
+            !stream.take_bind_complete(),
+            "a BindComplete with a body is malformed"
+        );
+
+        put(&mut stream, b"C\0\0\0\x10INSERT 0 12\0Z");
+        assert_eq!(stream.take_command_complete(), Some(12));
+        assert_eq!(&stream.read_buf[..], b"Z");
+        for malformed in [
+            &b"C\0\0\0\x10INSERT 0 12x"[..], // no NUL
+            b"C\0\0\0\x10INSE\0T 0 12\0",    // a NUL inside
+            b"C\0\0\0\x10INSERT 0",          // not all here yet
+            b"C\0\0\0\x03",                  // a length shorter than itself
+            b"C\x7f\0\0\0",                  // a length past the limit
+        ] {
+            put(&mut stream, malformed);
+            assert_eq!(stream.take_command_complete(), None, "{malformed:?}");
+            assert_eq!(&stream.read_buf[..], malformed, "left for the general path");
+        }
     }
 
     #[tokio::test]
