@@ -67,6 +67,8 @@
 //!   the warm-up (for instruction counts that scale exactly with the size).
 //! - `PGENGINE_BENCH_TCP`: when set, every contender reaches the throwaway cluster over TCP on
 //!   127.0.0.1 instead of its Unix socket (the transport line of the set-up says which).
+//! - `PGENGINE_BENCH_PIPELINE`: how many of the pool's 8 connections `pgengine-pipelined`
+//!   pipelines over in the pool workload (default 8, as many as its peers use).
 //! - `PGENGINE_BENCH_DRIVERS`: a comma-separated list of the contenders to run, e.g. to profile
 //!   one of them under `valgrind --tool=callgrind`.
 //! - `PGENGINE_LIBPQ18`: the path of a libpq 18 `libpq.so.5`, loaded at run time for the

@@ -98,8 +98,19 @@ pub fn contenders() -> Vec<Contender> {
         Contender::new("deadpool-postgres", deadpool_postgres),
         Contender::new("tokio-postgres-shared", tokio_postgres_shared),
         Contender::new("pgengine", |b, n| pgengine(b, n, 0)),
-        Contender::new("pgengine-pipelined", |b, n| pgengine(b, n, CONNECTIONS)),
+        Contender::new("pgengine-pipelined", |b, n| {
+            pgengine(b, n, pipelined_connections())
+        }),
     ]
+}
+
+/// How many of the pool's 8 connections `pgengine-pipelined` pipelines over: 8 unless
+/// `PGENGINE_BENCH_PIPELINE` says otherwise (for trying fewer, deeper pipelines).
+fn pipelined_connections() -> usize {
+    std::env::var("PGENGINE_BENCH_PIPELINE")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(CONNECTIONS)
 }
 
 /// `pgbench -S -M prepared -c 8 -j 2`, each client running size/8 transactions.
