@@ -62,14 +62,9 @@ impl Socket {
     /// first yield gave our core away, or nothing came in time.
     fn wait_for_rows(&self, buf: &mut ReadBuf<'_>) -> (Poll<io::Result<()>>, bool) {
         let started = Instant::now();
-        let mut first = true;
-        let mut shared = false;
+        std::thread::yield_now();
+        let shared = started.elapsed() > CORE_SHARED;
         loop {
-            std::thread::yield_now();
-            if first {
-                shared = started.elapsed() > CORE_SHARED;
-                first = false;
-            }
             let read = match self {
                 Socket::Tcp(s) => s.read_now(buf),
                 Socket::Unix(s) => s.read_now(buf),
@@ -77,7 +72,10 @@ impl Socket {
             };
             return match read {
                 Ok(true) => (Poll::Ready(Ok(())), shared),
-                Ok(false) if started.elapsed() < STREAM_SPIN => continue,
+                Ok(false) if started.elapsed() < STREAM_SPIN => {
+                    std::thread::yield_now();
+                    continue;
+                }
                 Ok(false) => (Poll::Pending, true),
                 Err(e) => (Poll::Ready(Err(e)), shared),
             };
@@ -274,21 +272,12 @@ impl MessageStream {
     /// row count of its tag. Anything unusual is left for the general read path and its
     /// errors.
     pub(crate) fn take_command_complete(&mut self) -> Option<u64> {
-        let [b'C', l0, l1, l2, l3, ..] = self.read_buf[..] else {
-            return None;
-        };
-        let len = u32::from_be_bytes([l0, l1, l2, l3]) as usize;
-        if len > self.max_message_len {
+        if self.read_buf.first() != Some(&b'C') {
             return None;
         }
+        let len = protocol::frame_len(&self.read_buf, self.max_message_len).ok()??;
         let body = self.read_buf.get(5..1 + len)?;
-        let (&0, tag) = body.split_last()? else {
-            return None;
-        };
-        if tag.contains(&0) {
-            return None;
-        }
-        let count = crate::row::rows_affected(tag);
+        let count = crate::row::rows_affected(protocol::command_tag(body)?);
         self.read_buf.advance(1 + len);
         self.streaming = false;
         Some(count)

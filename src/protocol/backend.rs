@@ -310,17 +310,25 @@ pub enum BackendMessage {
     RowDescription(Vec<FieldDescription>),
 }
 
+/// The tag of a well-formed CommandComplete body: its text before the one NUL that ends it.
+pub(crate) fn command_tag(body: &[u8]) -> Option<&[u8]> {
+    let (&0, text) = body.split_last()? else {
+        return None;
+    };
+    (!text.contains(&0)).then_some(text)
+}
+
 impl BackendMessage {
     /// Decodes the body of one message whose type byte is `tag`.
     pub fn decode(tag: u8, body: Bytes) -> Result<BackendMessage> {
         if tag == b'C'
-            && let Some((&0, text)) = body.split_last()
-            && !text.contains(&0)
+            && let Some(text) = command_tag(&body)
         {
             // One per statement: the tag keeps the body's own handle on the buffer, cut
             // before its NUL. Anything else takes the general path and its errors.
+            let len = text.len();
             let mut text = body;
-            text.truncate(text.len() - 1);
+            text.truncate(len);
             return Ok(BackendMessage::CommandComplete(text));
         }
         let mut r = Reader::new(&body, message_name(tag));

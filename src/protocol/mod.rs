@@ -18,6 +18,7 @@ pub mod scram;
 
 use bytes::{Buf, Bytes, BytesMut};
 
+pub(crate) use backend::command_tag;
 pub use backend::{
     Authentication, BackendMessage, CopyFormat, DataRow, FieldDescription, TransactionStatus,
 };
