@@ -68,7 +68,9 @@
 //! - `PGENGINE_BENCH_TCP`: when set, every contender reaches the throwaway cluster over TCP on
 //!   127.0.0.1 instead of its Unix socket (the transport line of the set-up says which).
 //! - `PGENGINE_BENCH_PIPELINE`: how many of the pool's 8 connections `pgengine-pipelined`
-//!   pipelines over in the pool workload (default 8, as many as its peers use).
+//!   pipelines over in the pool workload (default 8, as many as its peers use), and
+//!   `PGENGINE_BENCH_PIPELINE_DEPTH` how many queries each carries before the next is brought
+//!   in (default: `PoolOptions`'s, 16).
 //! - `PGENGINE_BENCH_DRIVERS`: a comma-separated list of the contenders to run, e.g. to profile
 //!   one of them under `valgrind --tool=callgrind`.
 //! - `PGENGINE_LIBPQ18`: the path of a libpq 18 `libpq.so.5`, loaded at run time for the

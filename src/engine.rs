@@ -421,9 +421,10 @@ impl PostgresEngine {
             tracing::warn!(target: "pgengine::engine", "a connection pool is already running");
             return Ok(());
         }
-        let pipelines = options.pipeline;
+        let (pipelines, depth) = (options.pipeline, options.pipeline_depth);
         let pool = Pool::new(self.manager(), options);
-        let pipeline = (pipelines > 0).then(|| Arc::new(Pipeline::start(pool.clone(), pipelines)));
+        let pipeline =
+            (pipelines > 0).then(|| Arc::new(Pipeline::start(pool.clone(), pipelines, depth)));
         *slot = Some((pool, pipeline));
         Ok(())
     }

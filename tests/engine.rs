@@ -391,7 +391,11 @@ fn engine_without_logs() -> PostgresEngine {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn pipelined_queries_from_many_tasks_share_connections() {
     let engine = engine();
-    let options = PoolOptions::default().max_size(4).pipeline(2);
+    // Shallow pipelines, so that 500 tasks fill the first one and spill onto the others.
+    let options = PoolOptions::default()
+        .max_size(4)
+        .pipeline(3)
+        .pipeline_depth(4);
     engine.start_connection_pool(options).await.unwrap();
     let tasks: Vec<_> = (0..500i64)
         .map(|i| {

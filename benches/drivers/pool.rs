@@ -12,9 +12,11 @@
 //!   8 tasks of a client pipeline their requests on its connection.
 //! - `pgengine`: `engine.query_one` on an engine whose pool has `max_size(8)`: each query
 //!   checks a connection out for itself.
-//! - `pgengine-pipelined`: the same with `pipeline(8)`: queries are handed to 8 driver tasks,
-//!   each writing every query waiting for it in one write on a pooled connection (the
-//!   counterpart of `tokio-postgres-shared`).
+//! - `pgengine-pipelined`: the same with `pipeline(8)`: queries are handed to up to 8 driver
+//!   tasks, each writing every query waiting for it in one write on a pooled connection (the
+//!   counterpart of `tokio-postgres-shared`). With the default `pipeline_depth` of 16, one
+//!   driver takes 16 queries before the next is brought in, so 64 tasks keep about 4 of the
+//!   connections busy.
 //!
 //! The async contenders run 64 tasks on a multi-thread runtime with 2 workers, each task doing
 //! its share of the queries in turn, with its own sequence of aids (the same for every
@@ -105,12 +107,14 @@ pub fn contenders() -> Vec<Contender> {
 }
 
 /// How many of the pool's 8 connections `pgengine-pipelined` pipelines over: 8 unless
-/// `PGENGINE_BENCH_PIPELINE` says otherwise (for trying fewer, deeper pipelines).
+/// `PGENGINE_BENCH_PIPELINE` says otherwise.
 fn pipelined_connections() -> usize {
-    std::env::var("PGENGINE_BENCH_PIPELINE")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(CONNECTIONS)
+    knob("PGENGINE_BENCH_PIPELINE").unwrap_or(CONNECTIONS)
+}
+
+/// A number from the environment, if set.
+fn knob(name: &str) -> Option<usize> {
+    std::env::var(name).ok().and_then(|v| v.parse().ok())
 }
 
 /// `pgbench -S -M prepared -c 8 -j 2`, each client running size/8 transactions.
@@ -284,9 +288,12 @@ fn tokio_postgres_shared(bench: &Bench, n: u64) -> BenchResult<Measurement> {
 fn pgengine(bench: &Bench, n: u64, pipeline: usize) -> BenchResult<Measurement> {
     bench.multi_runtime.block_on(async {
         let engine = pgengine::PostgresEngine::new(bench.config.clone());
-        let options = PoolOptions::default()
+        let mut options = PoolOptions::default()
             .max_size(CONNECTIONS)
             .pipeline(pipeline);
+        if let Some(depth) = knob("PGENGINE_BENCH_PIPELINE_DEPTH") {
+            options = options.pipeline_depth(depth);
+        }
         engine.start_connection_pool(options).await?;
         let query = {
             let engine = engine.clone();

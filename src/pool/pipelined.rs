@@ -2,9 +2,12 @@
 //! carrying many queries at once instead of one round trip at a time.
 //!
 //! A query outside a transaction is encoded by its own task (values with the types a new
-//! statement would choose for them — no connection state needed), then handed to the driver
-//! task with the fewest queries waiting or in flight (spread round robin, some connections
-//! would run dry, their server processes going to sleep, while others held a queue). A
+//! statement would choose for them — no connection state needed), then handed to a driver
+//! task: the first one carrying fewer than the pipeline's depth of queries (waiting or in
+//! flight), else the least loaded. Work is concentrated on as few connections as keep up:
+//! a server process finds queries waiting whenever it finishes one, and sleeps (to be woken
+//! at a cost greater than a point query's) once per many queries instead of once per query,
+//! as it did when every query went to the least loaded of all the connections. A
 //! driver borrows a connection from the pool, takes every request waiting in its queue,
 //! writes them all — each with a Sync of its own, so one query's error touches no other — in
 //! one write, and replies to each task as its answer is read. Between two answers
@@ -68,6 +71,9 @@ pub(crate) struct Pipeline {
     drivers: Vec<Driver>,
     /// Where the search for the least loaded driver starts: drivers equally loaded take turns.
     next: AtomicUsize,
+    /// How many queries a driver carries before the next one is brought in
+    /// ([`PoolOptions::pipeline_depth`](super::PoolOptions::pipeline_depth)).
+    depth: usize,
 }
 
 /// A driver task, seen from the pipeline.
@@ -78,9 +84,9 @@ struct Driver {
 }
 
 impl Pipeline {
-    /// Starts `drivers` driver tasks over `pool` (needs a tokio runtime). They end when the
-    /// pipeline is dropped.
-    pub(crate) fn start(pool: Pool<ConnectionManager>, drivers: usize) -> Pipeline {
+    /// Starts `drivers` driver tasks over `pool` (needs a tokio runtime), each carrying up to
+    /// `depth` queries before the next is used. They end when the pipeline is dropped.
+    pub(crate) fn start(pool: Pool<ConnectionManager>, drivers: usize, depth: usize) -> Pipeline {
         let drivers = (0..drivers.max(1))
             .map(|_| {
                 let (queue, rx) = mpsc::unbounded_channel();
@@ -94,6 +100,7 @@ impl Pipeline {
         Pipeline {
             drivers,
             next: AtomicUsize::new(0),
+            depth,
         }
     }
 
@@ -111,7 +118,7 @@ impl Pipeline {
             return Ok(None);
         };
         let (reply, answer) = oneshot::channel();
-        let driver = self.least_loaded();
+        let driver = self.driver_for_next();
         let request = Request {
             sql: Arc::from(query.sql()),
             params,
@@ -131,10 +138,16 @@ impl Pipeline {
         }
     }
 
-    /// The driver with the fewest queries waiting or in flight. Keeping every connection's
-    /// share even keeps every server process busy: a connection whose queries have all been
-    /// answered sends its server process to sleep, and waking it costs more than the query.
-    fn least_loaded(&self) -> &Driver {
+    /// The driver that takes the next query: the first carrying fewer than `depth` queries
+    /// (waiting or in flight), else the one with the fewest, equally loaded ones taking turns.
+    fn driver_for_next(&self) -> &Driver {
+        if let Some(d) = self
+            .drivers
+            .iter()
+            .find(|d| d.load.load(Ordering::Relaxed) < self.depth)
+        {
+            return d;
+        }
         let n = self.drivers.len();
         let start = self.next.fetch_add(1, Ordering::Relaxed);
         (0..n)
@@ -248,7 +261,7 @@ mod tests {
     use super::*;
 
     /// A pipeline whose drivers are bare queues (no driver tasks): enough to watch the choice.
-    fn pipeline(drivers: usize) -> (Pipeline, Vec<mpsc::UnboundedReceiver<Request>>) {
+    fn pipeline(drivers: usize, depth: usize) -> (Pipeline, Vec<mpsc::UnboundedReceiver<Request>>) {
         let (drivers, queues) = (0..drivers)
             .map(|_| {
                 let (queue, rx) = mpsc::unbounded_channel();
@@ -262,6 +275,7 @@ mod tests {
         let pipeline = Pipeline {
             drivers,
             next: AtomicUsize::new(0),
+            depth,
         };
         (pipeline, queues)
     }
@@ -271,23 +285,23 @@ mod tests {
     }
 
     #[test]
-    fn queries_go_to_the_least_loaded_driver_and_equal_ones_take_turns() {
-        let (p, _queues) = pipeline(3);
-        // All idle: turns.
-        let turns: Vec<usize> = (0..3).map(|_| index(&p, p.least_loaded())).collect();
-        assert_eq!(turns, [0, 1, 2]);
-        // Driver 0 carries two queries, driver 1 one: driver 2 is chosen whoever's turn it is.
+    fn with_depth_one_queries_go_to_an_idle_driver_else_the_least_loaded_in_turns() {
+        let (p, _queues) = pipeline(3, 1);
+        // All idle: the first.
+        let picks: Vec<usize> = (0..3).map(|_| index(&p, p.driver_for_next())).collect();
+        assert_eq!(picks, [0, 0, 0]);
+        // Driver 0 carries two queries, driver 1 one: driver 2 is the idle one.
         let held = [
             LoadTicket::take(&p.drivers[0].load),
             LoadTicket::take(&p.drivers[0].load),
             LoadTicket::take(&p.drivers[1].load),
         ];
         for _ in 0..3 {
-            assert_eq!(index(&p, p.least_loaded()), 2);
+            assert_eq!(index(&p, p.driver_for_next()), 2);
         }
         let third = LoadTicket::take(&p.drivers[2].load);
         // Now 2, 1, 1: never driver 0.
-        let picks: Vec<usize> = (0..4).map(|_| index(&p, p.least_loaded())).collect();
+        let picks: Vec<usize> = (0..4).map(|_| index(&p, p.driver_for_next())).collect();
         assert!(picks.iter().all(|&i| i != 0), "{picks:?}");
         assert!(picks.contains(&1) && picks.contains(&2), "{picks:?}");
         // Answered queries give their share back.
@@ -301,8 +315,29 @@ mod tests {
     }
 
     #[test]
+    fn queries_fill_one_driver_to_the_depth_before_the_next_is_used() {
+        let (p, _queues) = pipeline(3, 2);
+        let mut held = Vec::new();
+        let mut take = |p: &Pipeline| {
+            let i = index(p, p.driver_for_next());
+            held.push(LoadTicket::take(&p.drivers[i].load));
+            i
+        };
+        let picks: Vec<usize> = (0..6).map(|_| take(&p)).collect();
+        assert_eq!(picks, [0, 0, 1, 1, 2, 2]);
+        // All full: the least loaded, in turns; never past an even share.
+        let picks: Vec<usize> = (0..3).map(|_| take(&p)).collect();
+        let mut sorted = picks.clone();
+        sorted.sort();
+        assert_eq!(sorted, [0, 1, 2], "{picks:?}");
+        // The first driver's queries are answered: it is the first to take more again.
+        held.retain(|t| !Arc::ptr_eq(&t.0, &p.drivers[0].load));
+        assert_eq!(index(&p, p.driver_for_next()), 0);
+    }
+
+    #[test]
     fn a_request_gives_its_share_back_however_it_ends() {
-        let (p, mut queues) = pipeline(1);
+        let (p, mut queues) = pipeline(1, 16);
         let load = &p.drivers[0].load;
         let request = |reply| Request {
             sql: Arc::from("SELECT 1"),
