@@ -128,6 +128,14 @@ pub trait Params: Sync {
     fn is_empty(&self) -> bool {
         self.len() == 0
     }
+    /// Whether the value at `i` can be sent as `ty`, when that is known without encoding it;
+    /// `None` if only encoding can tell. When the engine chooses a type for a value it tries
+    /// built-in types in turn, and through `dyn ToSql` each refusal is an allocated error:
+    /// with this answer it skips the types a value refuses for free.
+    #[doc(hidden)]
+    fn accepts(&self, _i: usize, _ty: &Type) -> Option<bool> {
+        None
+    }
 }
 
 impl Params for [&(dyn ToSql + Sync)] {
@@ -275,6 +283,19 @@ impl Params for SmallVec<[Bound; INLINE_PARAMS]> {
     fn get(&self, i: usize) -> &(dyn ToSql + Sync) {
         &self[i]
     }
+    fn accepts(&self, i: usize, ty: &Type) -> Option<bool> {
+        let accepts = match &self[i] {
+            Bound::Bool(_) => bool::accepts(ty),
+            Bound::Int2(_) => i16::accepts(ty),
+            Bound::Int4(_) => i32::accepts(ty),
+            Bound::Int8(_) => i64::accepts(ty),
+            Bound::Float4(_) => f32::accepts(ty),
+            Bound::Float8(_) => f64::accepts(ty),
+            Bound::Str(_) | Bound::String(_) => <&str>::accepts(ty),
+            Bound::Boxed(_) => return None,
+        };
+        Some(accepts)
+    }
 }
 
 impl<P: Params + ?Sized> Params for &P {
@@ -283,6 +304,9 @@ impl<P: Params + ?Sized> Params for &P {
     }
     fn get(&self, i: usize) -> &(dyn ToSql + Sync) {
         P::get(self, i)
+    }
+    fn accepts(&self, i: usize, ty: &Type) -> Option<bool> {
+        P::accepts(self, i, ty)
     }
 }
 
@@ -305,6 +329,12 @@ macro_rules! tuple_params {
                 match i {
                     $($i => &self.$i,)+
                     _ => panic!("parameter index {i} out of range for {} values", $n),
+                }
+            }
+            fn accepts(&self, i: usize, ty: &Type) -> Option<bool> {
+                match i {
+                    $($i => Some(<$T as ToSql>::accepts(ty)),)+
+                    _ => None,
                 }
             }
         }
@@ -692,6 +722,49 @@ mod tests {
         assert!(!format!("{owned:?}").contains('3'));
     }
 
+    /// Checks that wherever `params` says without encoding whether a value takes a type, the
+    /// value's own encoding agrees, for every type the engine may choose; returns how many
+    /// answers it gave.
+    fn accepts_agrees_with_encoding(params: &dyn Params) -> usize {
+        let mut answered = 0;
+        for i in 0..params.len() {
+            for ty in CANDIDATE_TYPES {
+                let Some(said) = params.accepts(i, ty) else {
+                    continue;
+                };
+                answered += 1;
+                let mut buf = bytes::BytesMut::new();
+                let refused = matches!(
+                    params.get(i).to_sql_checked(ty, &mut buf),
+                    Err(e) if e.is::<postgres_types::WrongType>()
+                );
+                assert_eq!(said, !refused, "value {i} as {ty}");
+            }
+        }
+        answered
+    }
+
+    #[test]
+    fn what_params_say_they_accept_is_what_they_encode() {
+        let tuple = (true, 1i16, 2i32, 3i64, 1.5f32, 2.5f64, "s", String::from("t"));
+        let n = CANDIDATE_TYPES.len();
+        assert_eq!(accepts_agrees_with_encoding(&tuple), 8 * n);
+        let tuple = (Some(1i32), vec![1u8], vec![1i64, 2]);
+        assert_eq!(accepts_agrees_with_encoding(&tuple), 3 * n);
+        let bound = Query::new("SELECT $1, $2, $3, $4, $5")
+            .bind(true)
+            .bind(7i64)
+            .bind("x")
+            .bind(String::from("y"))
+            .bind(0.5f32);
+        assert_eq!(accepts_agrees_with_encoding(&bound.params), 5 * n);
+        // Boxed values can only be asked by encoding them.
+        let boxed = Query::new("SELECT $1").bind(Some(1i32));
+        assert_eq!(accepts_agrees_with_encoding(&boxed.params), 0);
+        let encoded = encode_params(&tuple).unwrap().unwrap();
+        assert_eq!(accepts_agrees_with_encoding(&encoded), 3 * n);
+    }
+
     proptest::proptest! {
         #[test]
         fn counting_never_panics(sql in "\\PC{0,64}") {
@@ -813,6 +886,9 @@ fn encode_params_with(
     'values: for i in 0..params.len() {
         let value = params.get(i);
         for ty in CANDIDATE_TYPES {
+            if params.accepts(i, ty) == Some(false) {
+                continue;
+            }
             buf.clear();
             match value.to_sql_checked(ty, buf) {
                 Ok(null) => {
@@ -847,5 +923,8 @@ impl Params for Vec<EncodedParam> {
     }
     fn get(&self, i: usize) -> &(dyn ToSql + Sync) {
         &self[i]
+    }
+    fn accepts(&self, i: usize, ty: &Type) -> Option<bool> {
+        Some(self[i].ty == *ty)
     }
 }

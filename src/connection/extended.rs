@@ -562,6 +562,9 @@ impl Connection {
                 let value = params.get(i);
                 let mark = buf.len();
                 for ty in CANDIDATE_TYPES {
+                    if params.accepts(i, ty) == Some(false) {
+                        continue;
+                    }
                     match encode_param(value, ty, i, buf) {
                         Ok(null) => {
                             types.push(ty.clone());

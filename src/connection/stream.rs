@@ -1,7 +1,8 @@
 //! The socket under one connection, with its read and write buffers.
 //!
-//! Reads are large: the buffer asks the socket for everything it has (at least 64 KiB of room)
-//! instead of one message at a time, because a reader that wakes for every 8 KiB packet makes
+//! Reads are large: the buffer asks the socket for everything it has (with at least 64 KiB of
+//! room while the server sends more than the last read could take) instead of one message at
+//! a time, because a reader that wakes for every 8 KiB packet makes
 //! the server pay a wake-up per packet (measured: it made a client that only counted rows
 //! slower than one that decoded them). Writes are batched: callers encode a whole pipeline into
 //! `write_buf` and [`MessageStream::flush`] sends it with one `write_all`.
@@ -23,8 +24,13 @@ use super::socket::ReadWatchedSocket;
 use crate::error::{Error, Result};
 use crate::protocol::{self, BackendMessage, DataRow};
 
-/// How much free room the read buffer has before each read.
+/// How much free room the read buffer has before a read that follows a read which filled
+/// all the room it had (the server is sending a lot).
 const READ_CHUNK: usize = 64 * 1024;
+/// How much free room is enough after a read that emptied the socket: rows handed out share
+/// the buffer, so asking for a full chunk of room after every small answer would allocate a
+/// new buffer per read.
+const MIN_READ_ROOM: usize = 8 * 1024;
 /// The most a single read reserves for a long message; the rest is reserved as it arrives, so a
 /// length prefix alone (up to the configured limit) never makes us allocate.
 const MAX_RESERVE: usize = 1 << 20;
@@ -196,6 +202,8 @@ pub(crate) struct MessageStream {
     streaming: bool,
     /// Whether a wait for rows asks the socket again before sleeping.
     ask_again: AskAgain,
+    /// The last read filled all the room it was given: the next gets a full chunk.
+    last_read_full: bool,
 }
 
 impl MessageStream {
@@ -207,6 +215,7 @@ impl MessageStream {
             max_message_len,
             streaming: false,
             ask_again: AskAgain::default(),
+            last_read_full: true,
         }
     }
 
@@ -303,7 +312,12 @@ impl MessageStream {
                 .min(MAX_RESERVE),
             None => 0,
         };
-        self.read_buf.reserve(want.max(READ_CHUNK));
+        let room = if self.last_read_full {
+            READ_CHUNK
+        } else {
+            MIN_READ_ROOM
+        };
+        self.read_buf.reserve(want.max(room));
         let dst = self.read_buf.chunk_mut();
         // SAFETY: `chunk_mut` is the buffer's spare capacity; ReadBuf only hands it to the
         // socket to write into and tracks how much was initialised and filled.
@@ -319,6 +333,7 @@ impl MessageStream {
         }
         ready!(polled).map_err(|e| Error::io("could not read from the server", e))?;
         let n = rb.filled().len();
+        self.last_read_full = n == rb.capacity();
         if n == 0 {
             return Poll::Ready(Err(Error::closed(if self.read_buf.is_empty() {
                 "the server closed the connection"
