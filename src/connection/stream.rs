@@ -312,6 +312,11 @@ impl MessageStream {
                 .min(MAX_RESERVE),
             None => 0,
         };
+        if self.read_buf.is_empty() {
+            // Nothing buffered: go back to the front of the buffer (unless rows handed out
+            // still share it), so every read lands in the same memory, still in cache.
+            let _ = self.read_buf.try_reclaim(self.read_buf.capacity() + 1);
+        }
         let room = if self.last_read_full {
             READ_CHUNK
         } else {
