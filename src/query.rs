@@ -746,7 +746,16 @@ mod tests {
 
     #[test]
     fn what_params_say_they_accept_is_what_they_encode() {
-        let tuple = (true, 1i16, 2i32, 3i64, 1.5f32, 2.5f64, "s", String::from("t"));
+        let tuple = (
+            true,
+            1i16,
+            2i32,
+            3i64,
+            1.5f32,
+            2.5f64,
+            "s",
+            String::from("t"),
+        );
         let n = CANDIDATE_TYPES.len();
         assert_eq!(accepts_agrees_with_encoding(&tuple), 8 * n);
         let tuple = (Some(1i32), vec![1u8], vec![1i64, 2]);

@@ -446,6 +446,47 @@ async fn pipelined_queries_from_many_tasks_share_connections() {
     engine.close_connection_pool().await.unwrap();
 }
 
+/// The backend a pipelined query ran on, after `secs` seconds of sleep.
+async fn backend_after_sleep(engine: PostgresEngine, secs: f64) -> i32 {
+    engine
+        .query_one(("SELECT pg_backend_pid() FROM pg_sleep($1)", (secs,)))
+        .await
+        .unwrap()
+        .get(0)
+}
+
+// One thread: each query's choice of connection is made before the next task runs.
+#[tokio::test(flavor = "current_thread")]
+async fn pipelined_queries_are_not_queued_behind_slow_ones() {
+    let engine = engine();
+    let options = PoolOptions::default().max_size(4).pipeline(4);
+    engine.start_connection_pool(options).await.unwrap();
+    // Nothing is known of how long queries take: four at once go to four connections.
+    let tasks: Vec<_> = (0..4)
+        .map(|_| tokio::spawn(backend_after_sleep(engine.clone(), 0.2)))
+        .collect();
+    let mut pids = Vec::new();
+    for t in tasks {
+        pids.push(t.await.unwrap());
+    }
+    pids.sort();
+    pids.dedup();
+    assert_eq!(pids.len(), 4, "slow queries shared a connection: {pids:?}");
+
+    // Fast answers teach the first connection that its queries are quick...
+    for _ in 0..50 {
+        backend_after_sleep(engine.clone(), 0.0).await;
+    }
+    // ...then one of its queries turns out slow: a query sent while it runs goes elsewhere
+    // instead of waiting behind it.
+    let slow = tokio::spawn(backend_after_sleep(engine.clone(), 1.0));
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    let fast = backend_after_sleep(engine.clone(), 0.0).await;
+    let slow = slow.await.unwrap();
+    assert_ne!(fast, slow, "the quick query waited behind the slow one");
+    engine.close_connection_pool().await.unwrap();
+}
+
 #[tokio::test]
 async fn pipelined_mode_falls_back_for_queries_it_cannot_carry() {
     let engine = engine();

@@ -101,10 +101,11 @@ pub struct PoolOptions {
     /// pipelined connection carries before the next is brought in; once every one carries
     /// that many, each query goes to the least loaded. Fewer, deeper pipelines cost the
     /// server less than many shallow ones: its process is woken once per many queries
-    /// instead of once per query. Measured with 64 tasks over up to 8 connections to a
-    /// 2-core server, the default of 16 ran 1.15–1.2× faster than spreading every query to
-    /// the least loaded connection. 1 spreads the queries over all the connections at once
-    /// (more server processes at work, for a server with many idle cores).
+    /// instead of once per query. A connection also stops taking queries while those it has
+    /// would keep a new one waiting more than a few milliseconds (judged from how long its
+    /// answers have lately taken, and how long its oldest query has been out), so slow
+    /// queries are spread over the connections and quick ones are not queued behind them.
+    /// 1 spreads the queries over all the connections at once.
     pub pipeline_depth: usize,
 }
 

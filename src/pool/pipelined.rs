@@ -3,12 +3,17 @@
 //!
 //! A query outside a transaction is encoded by its own task (values with the types a new
 //! statement would choose for them — no connection state needed), then handed to a driver
-//! task: the first one carrying fewer than the pipeline's depth of queries (waiting or in
-//! flight), else the least loaded. Work is concentrated on as few connections as keep up:
-//! a server process finds queries waiting whenever it finishes one, and sleeps (to be woken
-//! at a cost greater than a point query's) once per many queries instead of once per query,
-//! as it did when every query went to the least loaded of all the connections. A
-//! driver borrows a connection from the pool, takes every request waiting in its queue,
+//! task. Work is concentrated on as few connections as keep up: a server process that finds
+//! queries waiting whenever it finishes one sleeps (to be woken at a cost greater than a
+//! point query's) once per many queries, where spreading every query to the least loaded of
+//! all the connections woke one per query. So a query goes to the first driver that has
+//! fewer than the pipeline's depth of queries waiting or in flight — unless those would keep
+//! it waiting past a budget of a few milliseconds, judged from how long the driver's answers
+//! have lately taken and how long its oldest query has been out, so that quick queries are
+//! not queued behind a slow one while another connection could run them. When every driver
+//! is full, the least loaded takes it.
+//!
+//! A driver borrows a connection from the pool, takes every request waiting in its queue,
 //! writes them all — each with a Sync of its own, so one query's error touches no other — in
 //! one write, and replies to each task as its answer is read. Between two answers
 //! it sends whatever has arrived meanwhile, so the server always has work while the client
@@ -18,7 +23,8 @@
 
 use std::collections::VecDeque;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::time::Instant;
 
 use tokio::sync::{mpsc, oneshot};
 
@@ -42,18 +48,84 @@ struct Request {
 
 /// One query's share of its driver's load: counted when the query is handed over, given back
 /// when it is dropped — answered, failed, or abandoned on any path.
-struct LoadTicket(Arc<AtomicUsize>);
+struct LoadTicket(Arc<Gauge>);
 
 impl LoadTicket {
-    fn take(load: &Arc<AtomicUsize>) -> LoadTicket {
-        load.fetch_add(1, Ordering::Relaxed);
-        LoadTicket(Arc::clone(load))
+    fn take(gauge: &Arc<Gauge>) -> LoadTicket {
+        gauge.load.fetch_add(1, Ordering::Relaxed);
+        LoadTicket(Arc::clone(gauge))
     }
 }
 
 impl Drop for LoadTicket {
     fn drop(&mut self) {
-        self.0.fetch_sub(1, Ordering::Relaxed);
+        self.0.load.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+/// The most work, by the time it is expected to take, that queues on one pipelined connection
+/// before the next connection is brought in: a query should not wait behind others for much
+/// longer than this while another connection could run it.
+const QUEUE_BUDGET_NS: u64 = 5_000_000;
+
+/// What the pipeline knows of one driver's work, kept up to date by the driver.
+struct Gauge {
+    /// Queries waiting or in flight.
+    load: AtomicUsize,
+    /// How long each answer has lately taken to come (a moving average, in nanoseconds):
+    /// the server's time per query on this connection, as seen from here. Until answers have
+    /// been timed it is the whole budget, so that a burst of queries of unknown cost is
+    /// spread, not queued on one connection.
+    per_answer: AtomicU64,
+    /// When the oldest query in flight was sent ([`Clock::now`]), 0 when none is.
+    oldest_sent: AtomicU64,
+}
+
+impl Gauge {
+    fn new() -> Gauge {
+        Gauge {
+            load: AtomicUsize::new(0),
+            per_answer: AtomicU64::new(QUEUE_BUDGET_NS),
+            oldest_sent: AtomicU64::new(0),
+        }
+    }
+
+    /// Whether the driver should take the next query: it is idle, or it carries fewer than
+    /// `depth` queries, all of them expected within the budget, and its oldest one has not
+    /// been waiting longer than that (a slow query holds the connection).
+    fn takes_more(&self, now: u64, depth: usize) -> bool {
+        let load = self.load.load(Ordering::Relaxed);
+        if load == 0 {
+            return true;
+        }
+        if load >= depth {
+            return false;
+        }
+        let expected = (load as u64).saturating_mul(self.per_answer.load(Ordering::Relaxed));
+        let oldest = self.oldest_sent.load(Ordering::Relaxed);
+        let waited = if oldest == 0 {
+            0
+        } else {
+            now.saturating_sub(oldest)
+        };
+        expected < QUEUE_BUDGET_NS && waited < QUEUE_BUDGET_NS
+    }
+
+    /// Takes one answer's time into the moving average (each new one counts for a quarter).
+    fn record_answer(&self, took: u64) {
+        let old = self.per_answer.load(Ordering::Relaxed);
+        let new = (old - old / 4).saturating_add(took / 4);
+        self.per_answer.store(new, Ordering::Relaxed);
+    }
+}
+
+/// Nanoseconds since the pipeline started, never 0 (0 stands for "no time").
+#[derive(Clone, Copy)]
+struct Clock(Instant);
+
+impl Clock {
+    fn now(&self) -> u64 {
+        u64::try_from(self.0.elapsed().as_nanos()).unwrap_or(u64::MAX) | 1
     }
 }
 
@@ -74,33 +146,33 @@ pub(crate) struct Pipeline {
     /// How many queries a driver carries before the next one is brought in
     /// ([`PoolOptions::pipeline_depth`](super::PoolOptions::pipeline_depth)).
     depth: usize,
+    clock: Clock,
 }
 
 /// A driver task, seen from the pipeline.
 struct Driver {
     queue: mpsc::UnboundedSender<Request>,
-    /// How many queries it has waiting or in flight.
-    load: Arc<AtomicUsize>,
+    gauge: Arc<Gauge>,
 }
 
 impl Pipeline {
     /// Starts `drivers` driver tasks over `pool` (needs a tokio runtime), each carrying up to
     /// `depth` queries before the next is used. They end when the pipeline is dropped.
     pub(crate) fn start(pool: Pool<ConnectionManager>, drivers: usize, depth: usize) -> Pipeline {
+        let clock = Clock(Instant::now());
         let drivers = (0..drivers.max(1))
             .map(|_| {
                 let (queue, rx) = mpsc::unbounded_channel();
-                tokio::spawn(drive(pool.clone(), rx));
-                Driver {
-                    queue,
-                    load: Arc::default(),
-                }
+                let gauge = Arc::new(Gauge::new());
+                tokio::spawn(drive(pool.clone(), rx, gauge.clone(), clock));
+                Driver { queue, gauge }
             })
             .collect();
         Pipeline {
             drivers,
             next: AtomicUsize::new(0),
             depth,
+            clock,
         }
     }
 
@@ -123,7 +195,7 @@ impl Pipeline {
             sql: Arc::from(query.sql()),
             params,
             reply,
-            _load: LoadTicket::take(&driver.load),
+            _load: LoadTicket::take(&driver.gauge),
         };
         driver
             .queue
@@ -138,13 +210,15 @@ impl Pipeline {
         }
     }
 
-    /// The driver that takes the next query: the first carrying fewer than `depth` queries
-    /// (waiting or in flight), else the one with the fewest, equally loaded ones taking turns.
+    /// The driver that takes the next query: the first that [takes more](Gauge::takes_more),
+    /// else the one with the fewest queries waiting or in flight, equally loaded ones taking
+    /// turns.
     fn driver_for_next(&self) -> &Driver {
+        let now = self.clock.now();
         if let Some(d) = self
             .drivers
             .iter()
-            .find(|d| d.load.load(Ordering::Relaxed) < self.depth)
+            .find(|d| d.gauge.takes_more(now, self.depth))
         {
             return d;
         }
@@ -152,7 +226,7 @@ impl Pipeline {
         let start = self.next.fetch_add(1, Ordering::Relaxed);
         (0..n)
             .map(|k| &self.drivers[(start + k) % n])
-            .min_by_key(|d| d.load.load(Ordering::Relaxed))
+            .min_by_key(|d| d.gauge.load.load(Ordering::Relaxed))
             .expect("a pipeline has at least one driver")
     }
 }
@@ -167,12 +241,19 @@ type Reply = oneshot::Sender<Result<(Vec<Row>, u64)>>;
 struct InFlight {
     request: Request,
     sent: SentQuery,
+    /// When it was written ([`Clock::now`]).
+    sent_at: u64,
 }
 
 /// A driver: borrows a connection while there is work. Between two answers it sends, in one
 /// write, every query that has arrived meanwhile, so the server finds the next queries waiting
 /// as it finishes one and never sits idle while the client reads and replies.
-async fn drive(pool: Pool<ConnectionManager>, mut queue: mpsc::UnboundedReceiver<Request>) {
+async fn drive(
+    pool: Pool<ConnectionManager>,
+    mut queue: mpsc::UnboundedReceiver<Request>,
+    gauge: Arc<Gauge>,
+    clock: Clock,
+) {
     while let Some(first) = queue.recv().await {
         let mut conn = match pool.acquire().await {
             Ok(conn) => conn,
@@ -187,6 +268,9 @@ async fn drive(pool: Pool<ConnectionManager>, mut queue: mpsc::UnboundedReceiver
         }
         let mut inflight: VecDeque<InFlight> = VecDeque::new();
         let mut first = Some(first);
+        // When the last answer came: the next one's time counts from it, or from when its
+        // query was sent if that was later.
+        let mut last_answer = 0;
         let failure = loop {
             // Send what has arrived, while there is room in flight.
             let mut requests: Vec<Request> = first.take().into_iter().collect();
@@ -205,8 +289,16 @@ async fn drive(pool: Pool<ConnectionManager>, mut queue: mpsc::UnboundedReceiver
                 drop(queries);
                 match sent {
                     Ok(sent) => {
+                        let sent_at = clock.now();
+                        if inflight.is_empty() {
+                            gauge.oldest_sent.store(sent_at, Ordering::Relaxed);
+                        }
                         for (request, sent) in requests.into_iter().zip(sent) {
-                            inflight.push_back(InFlight { request, sent });
+                            inflight.push_back(InFlight {
+                                request,
+                                sent,
+                                sent_at,
+                            });
                         }
                     }
                     Err(e) => {
@@ -216,10 +308,21 @@ async fn drive(pool: Pool<ConnectionManager>, mut queue: mpsc::UnboundedReceiver
                 }
             }
             // Read the oldest answer and hand it over.
-            let Some(InFlight { request, sent }) = inflight.pop_front() else {
+            let Some(InFlight {
+                request,
+                sent,
+                sent_at,
+            }) = inflight.pop_front()
+            else {
                 break None;
             };
-            match conn.read_answer(&request, sent).await {
+            let answer = conn.read_answer(&request, sent).await;
+            let now = clock.now();
+            gauge.record_answer(now.saturating_sub(sent_at.max(last_answer)));
+            last_answer = now;
+            let oldest = inflight.front().map_or(0, |q| q.sent_at);
+            gauge.oldest_sent.store(oldest, Ordering::Relaxed);
+            match answer {
                 Ok(result) => reply(request, result),
                 Err(e) => {
                     fail_all([request.reply], &e);
@@ -231,6 +334,7 @@ async fn drive(pool: Pool<ConnectionManager>, mut queue: mpsc::UnboundedReceiver
             // The connection broke: every request still in flight learns it (the pool
             // discards the connection when it comes back).
             fail_all(inflight.drain(..).map(|q| q.request.reply), &e);
+            gauge.oldest_sent.store(0, Ordering::Relaxed);
         }
         drop(conn);
     }
@@ -259,47 +363,72 @@ fn fail_all(replies: impl IntoIterator<Item = Reply>, e: &Error) {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::time::Duration;
+
+    /// Answers this fast leave the depth as the only limit.
+    const FAST: u64 = 1_000;
 
     /// A pipeline whose drivers are bare queues (no driver tasks): enough to watch the choice.
-    fn pipeline(drivers: usize, depth: usize) -> (Pipeline, Vec<mpsc::UnboundedReceiver<Request>>) {
+    /// Its clock started `age` ago; each driver's answers have lately taken `per_answer`.
+    fn pipeline_aged(
+        drivers: usize,
+        depth: usize,
+        per_answer: u64,
+        age: Duration,
+    ) -> (Pipeline, Vec<mpsc::UnboundedReceiver<Request>>) {
         let (drivers, queues) = (0..drivers)
             .map(|_| {
                 let (queue, rx) = mpsc::unbounded_channel();
-                let driver = Driver {
-                    queue,
-                    load: Arc::default(),
-                };
-                (driver, rx)
+                let gauge = Arc::new(Gauge::new());
+                gauge.per_answer.store(per_answer, Ordering::Relaxed);
+                (Driver { queue, gauge }, rx)
             })
             .unzip();
+        let started = Instant::now().checked_sub(age).unwrap();
         let pipeline = Pipeline {
             drivers,
             next: AtomicUsize::new(0),
             depth,
+            clock: Clock(started),
         };
         (pipeline, queues)
+    }
+
+    fn pipeline(
+        drivers: usize,
+        depth: usize,
+        per_answer: u64,
+    ) -> (Pipeline, Vec<mpsc::UnboundedReceiver<Request>>) {
+        pipeline_aged(drivers, depth, per_answer, Duration::ZERO)
     }
 
     fn index(p: &Pipeline, d: &Driver) -> usize {
         p.drivers.iter().position(|x| std::ptr::eq(x, d)).unwrap()
     }
 
+    /// Picks a driver and counts a query on it, as `run` does.
+    fn take(p: &Pipeline, held: &mut Vec<LoadTicket>) -> usize {
+        let i = index(p, p.driver_for_next());
+        held.push(LoadTicket::take(&p.drivers[i].gauge));
+        i
+    }
+
     #[test]
     fn with_depth_one_queries_go_to_an_idle_driver_else_the_least_loaded_in_turns() {
-        let (p, _queues) = pipeline(3, 1);
+        let (p, _queues) = pipeline(3, 1, FAST);
         // All idle: the first.
         let picks: Vec<usize> = (0..3).map(|_| index(&p, p.driver_for_next())).collect();
         assert_eq!(picks, [0, 0, 0]);
         // Driver 0 carries two queries, driver 1 one: driver 2 is the idle one.
         let held = [
-            LoadTicket::take(&p.drivers[0].load),
-            LoadTicket::take(&p.drivers[0].load),
-            LoadTicket::take(&p.drivers[1].load),
+            LoadTicket::take(&p.drivers[0].gauge),
+            LoadTicket::take(&p.drivers[0].gauge),
+            LoadTicket::take(&p.drivers[1].gauge),
         ];
         for _ in 0..3 {
             assert_eq!(index(&p, p.driver_for_next()), 2);
         }
-        let third = LoadTicket::take(&p.drivers[2].load);
+        let third = LoadTicket::take(&p.drivers[2].gauge);
         // Now 2, 1, 1: never driver 0.
         let picks: Vec<usize> = (0..4).map(|_| index(&p, p.driver_for_next())).collect();
         assert!(picks.iter().all(|&i| i != 0), "{picks:?}");
@@ -310,40 +439,70 @@ mod tests {
         assert!(
             p.drivers
                 .iter()
-                .all(|d| d.load.load(Ordering::Relaxed) == 0)
+                .all(|d| d.gauge.load.load(Ordering::Relaxed) == 0)
         );
     }
 
     #[test]
-    fn queries_fill_one_driver_to_the_depth_before_the_next_is_used() {
-        let (p, _queues) = pipeline(3, 2);
+    fn fast_queries_fill_one_driver_to_the_depth_before_the_next_is_used() {
+        let (p, _queues) = pipeline(3, 2, FAST);
         let mut held = Vec::new();
-        let mut take = |p: &Pipeline| {
-            let i = index(p, p.driver_for_next());
-            held.push(LoadTicket::take(&p.drivers[i].load));
-            i
-        };
-        let picks: Vec<usize> = (0..6).map(|_| take(&p)).collect();
+        let picks: Vec<usize> = (0..6).map(|_| take(&p, &mut held)).collect();
         assert_eq!(picks, [0, 0, 1, 1, 2, 2]);
         // All full: the least loaded, in turns; never past an even share.
-        let picks: Vec<usize> = (0..3).map(|_| take(&p)).collect();
-        let mut sorted = picks.clone();
-        sorted.sort();
-        assert_eq!(sorted, [0, 1, 2], "{picks:?}");
+        let mut picks: Vec<usize> = (0..3).map(|_| take(&p, &mut held)).collect();
+        picks.sort();
+        assert_eq!(picks, [0, 1, 2]);
         // The first driver's queries are answered: it is the first to take more again.
-        held.retain(|t| !Arc::ptr_eq(&t.0, &p.drivers[0].load));
+        held.retain(|t| !Arc::ptr_eq(&t.0, &p.drivers[0].gauge));
         assert_eq!(index(&p, p.driver_for_next()), 0);
     }
 
     #[test]
+    fn queries_of_unknown_or_slow_cost_are_spread_until_answers_show_them_fast() {
+        // Nothing timed yet: one query per driver, then the least loaded.
+        let (p, _queues) = pipeline(3, 16, QUEUE_BUDGET_NS);
+        let mut held = Vec::new();
+        let picks: Vec<usize> = (0..3).map(|_| take(&p, &mut held)).collect();
+        assert_eq!(picks, [0, 1, 2]);
+        // Driver 0's answers come in 10 µs: it takes queries up to the depth.
+        for _ in 0..40 {
+            p.drivers[0].gauge.record_answer(10_000);
+        }
+        let per_answer = p.drivers[0].gauge.per_answer.load(Ordering::Relaxed);
+        assert!((10_000..20_000).contains(&per_answer), "{per_answer}");
+        let picks: Vec<usize> = (0..15).map(|_| take(&p, &mut held)).collect();
+        assert_eq!(picks, [0; 15]);
+        // Queries of 1.5 ms: a driver takes four (the last expected to wait 4.5 ms, under the
+        // 5 ms budget), then the next driver is brought in.
+        let (p, _queues) = pipeline(2, 16, 1_500_000);
+        let mut held = Vec::new();
+        let picks: Vec<usize> = (0..8).map(|_| take(&p, &mut held)).collect();
+        assert_eq!(picks, [0, 0, 0, 0, 1, 1, 1, 1]);
+    }
+
+    #[test]
+    fn a_driver_whose_oldest_query_waits_past_the_budget_is_passed_over() {
+        let (p, _queues) = pipeline_aged(2, 16, FAST, Duration::from_millis(50));
+        let mut held = vec![LoadTicket::take(&p.drivers[0].gauge)];
+        // Its one query was sent 50 ms ago, at the clock's start: driver 1 takes the next.
+        p.drivers[0].gauge.oldest_sent.store(1, Ordering::Relaxed);
+        assert_eq!(take(&p, &mut held), 1);
+        // Sent just now: driver 0 takes it again.
+        let now = p.clock.now();
+        p.drivers[0].gauge.oldest_sent.store(now, Ordering::Relaxed);
+        assert_eq!(take(&p, &mut held), 0);
+    }
+
+    #[test]
     fn a_request_gives_its_share_back_however_it_ends() {
-        let (p, mut queues) = pipeline(1, 16);
-        let load = &p.drivers[0].load;
+        let (p, mut queues) = pipeline(1, 16, FAST);
+        let gauge = &p.drivers[0].gauge;
         let request = |reply| Request {
             sql: Arc::from("SELECT 1"),
             params: Vec::new(),
             reply,
-            _load: LoadTicket::take(load),
+            _load: LoadTicket::take(gauge),
         };
         let (tx, rx) = oneshot::channel();
         reply(request(tx), Ok((Vec::new(), 0)));
@@ -355,8 +514,9 @@ mod tests {
         );
         let (tx, _rx) = oneshot::channel();
         p.drivers[0].queue.send(request(tx)).ok().unwrap();
-        assert_eq!(load.load(Ordering::Relaxed), 1, "queued, not answered");
+        let load = || gauge.load.load(Ordering::Relaxed);
+        assert_eq!(load(), 1, "queued, not answered");
         drop(queues.pop());
-        assert_eq!(load.load(Ordering::Relaxed), 0, "dropped with its queue");
+        assert_eq!(load(), 0, "dropped with its queue");
     }
 }
