@@ -88,7 +88,7 @@ impl Atomic {
                     // The failure left the transaction block open and aborted: end it, so the
                     // connection is clean and nothing is committed.
                     if !conn.is_broken() && conn.transaction_status() != TransactionStatus::Idle {
-                        conn.simple_query("ROLLBACK").await?;
+                        conn.command(&["ROLLBACK"]).await?;
                     }
                     // A cached statement invalidated by DDL: nothing was committed, so the
                     // whole run can go again once (the statement is prepared afresh).

@@ -75,7 +75,7 @@ impl BatchBuilder {
             None => (BatchConn::Own(Box::new(engine.acquire().await?)), true),
         };
         if own {
-            conn.simple_query("BEGIN READ ONLY").await?;
+            conn.command(&["BEGIN READ ONLY"]).await?;
         }
         let started = conn
             .start_portal(self.query.sql(), self.query.params(), batch_size)
@@ -84,7 +84,7 @@ impl BatchBuilder {
             Ok(columns) => columns,
             Err(e) => {
                 if own && !conn.is_broken() {
-                    let _ = conn.simple_query("ROLLBACK").await;
+                    let _ = conn.command(&["ROLLBACK"]).await;
                 }
                 return Err(e);
             }
@@ -230,7 +230,7 @@ impl Inner {
     async fn finish(&mut self) -> Result<()> {
         if self.own {
             self.own = false;
-            self.conn().simple_query("COMMIT").await?;
+            self.conn().command(&["COMMIT"]).await?;
         }
         Ok(())
     }
@@ -242,7 +242,7 @@ impl Inner {
         if self.own && !self.conn().is_broken() {
             self.own = false;
             let _ = self.conn().finish_pending().await;
-            let _ = self.conn().simple_query("ROLLBACK").await;
+            let _ = self.conn().command(&["ROLLBACK"]).await;
         }
     }
 }
@@ -343,7 +343,7 @@ impl Drop for Inner {
             handle.spawn(async move {
                 let clean = async {
                     conn.finish_pending().await?;
-                    conn.simple_query("ROLLBACK").await
+                    conn.command(&["ROLLBACK"]).await
                 };
                 let _ = tokio::time::timeout(std::time::Duration::from_secs(5), clean).await;
                 drop(conn);

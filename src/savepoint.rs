@@ -72,9 +72,11 @@ pub(crate) fn check_savepoint_name(name: &str) -> Result<()> {
     }
 }
 
-/// The identifier quoted for SQL.
-pub(crate) fn quote(name: &str) -> String {
-    postgres_protocol::escape::escape_identifier(name)
+/// The SQL text `verb "name"`, in parts for `Connection::command`. A name that passed
+/// [`check_savepoint_name`] holds no double quote, so quoting it is putting it between two.
+pub(crate) fn savepoint_command<'a>(verb: &'a str, name: &'a str) -> [&'a str; 4] {
+    debug_assert!(check_savepoint_name(name).is_ok(), "{name:?}");
+    [verb, " \"", name, "\""]
 }
 
 #[cfg(test)]
@@ -101,6 +103,11 @@ mod tests {
                 Some(TransactionError::InvalidSavepointName)
             );
         }
-        assert_eq!(quote("Sp"), "\"Sp\"");
+        // The same text as quoting the name as an identifier.
+        for name in ["Sp", "savepoint_12", "a$b", "Ünïcode"] {
+            let quoted = postgres_protocol::escape::escape_identifier(name);
+            let sql = savepoint_command("RELEASE SAVEPOINT", name).concat();
+            assert_eq!(sql, format!("RELEASE SAVEPOINT {quoted}"));
+        }
     }
 }

@@ -52,7 +52,7 @@ use crate::engine::{EngineConnection, PostgresEngine};
 use crate::error::{Error, Result, TransactionError};
 use crate::query::ToQuery;
 use crate::row::{Row, SimpleQueryResult};
-use crate::savepoint::{Savepoint, check_savepoint_name, quote};
+use crate::savepoint::{Savepoint, check_savepoint_name, savepoint_command};
 
 tokio::task_local! {
     /// The transaction of the current task, set by [`TransactionBuilder::run`]
@@ -208,7 +208,7 @@ impl TransactionBuilder {
             });
         }
         let mut conn = self.engine.acquire().await?;
-        conn.simple_query(&self.begin_sql()).await?;
+        conn.command(&[&self.begin_sql()]).await?;
         let state = TxState::Active.after_reply(conn.transaction_status());
         Ok(PostgresTransaction {
             shared: Arc::new(Shared {
@@ -402,10 +402,10 @@ impl PostgresTransaction {
             drop(c);
             return Err(self.rollback_failed().await);
         }
-        let result = c.conn.simple_query("COMMIT").await;
+        let result = c.conn.command(&["COMMIT"]).await;
         c.after_reply();
         match result {
-            Ok(r) if r.first().is_some_and(|r| r.tag() == "ROLLBACK") => {
+            Ok(Some(tag)) if tag == "ROLLBACK" => {
                 // The server answers COMMIT with ROLLBACK when the block had failed.
                 c.state = TxState::RolledBack;
                 Err(Error::transaction(
@@ -429,7 +429,7 @@ impl PostgresTransaction {
     /// Rolls back. On a nested handle this rolls back the whole (outer) transaction.
     pub async fn rollback(&self) -> Result<()> {
         let mut c = self.lock(true).await?;
-        let result = c.conn.simple_query("ROLLBACK").await;
+        let result = c.conn.command(&["ROLLBACK"]).await;
         c.after_reply();
         result?;
         c.state = TxState::RolledBack;
@@ -464,10 +464,7 @@ impl PostgresTransaction {
             None => format!("savepoint_{}", self.get_savepoint_id()),
         };
         let mut c = self.lock(false).await?;
-        let result = c
-            .conn
-            .simple_query(&format!("SAVEPOINT {}", quote(&name)))
-            .await;
+        let result = c.conn.command(&savepoint_command("SAVEPOINT", &name)).await;
         c.after_reply();
         result?;
         c.savepoints.push(name.clone());
@@ -482,7 +479,7 @@ impl PostgresTransaction {
         let at = c.live_savepoint(name)?;
         let result = c
             .conn
-            .simple_query(&format!("ROLLBACK TO SAVEPOINT {}", quote(name)))
+            .command(&savepoint_command("ROLLBACK TO SAVEPOINT", name))
             .await;
         c.after_reply();
         result?;
@@ -497,7 +494,7 @@ impl PostgresTransaction {
         let at = c.live_savepoint(name)?;
         let result = c
             .conn
-            .simple_query(&format!("RELEASE SAVEPOINT {}", quote(name)))
+            .command(&savepoint_command("RELEASE SAVEPOINT", name))
             .await;
         c.after_reply();
         result?;

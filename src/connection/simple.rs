@@ -99,4 +99,37 @@ impl Connection {
             None => Ok(results),
         }
     }
+
+    /// Runs one statement that returns no rows (`BEGIN`, `SAVEPOINT "s"`, `COMMIT`, …) whose
+    /// SQL text is `parts` one after the other, with the simple query protocol: the lean
+    /// path of the transaction and savepoint commands, which builds no string and no result.
+    /// Returns the command tag; the server's error, if it sent one, is returned once the
+    /// connection is ready again.
+    pub(crate) async fn command(&mut self, parts: &[&str]) -> Result<Option<bytes::Bytes>> {
+        self.prepare_request().await?;
+        frontend::query_parts(&mut self.stream.write_buf, parts)?;
+        self.send(1).await?;
+        let mut error = None;
+        let mut answered = false;
+        let mut tag = None;
+        loop {
+            match self.read().await? {
+                BackendMessage::CommandComplete(t) => {
+                    answered = true;
+                    tag = Some(t);
+                }
+                BackendMessage::EmptyQueryResponse => answered = true,
+                BackendMessage::ErrorResponse(db) => {
+                    answered = true;
+                    error.get_or_insert(Error::db(db));
+                }
+                BackendMessage::ReadyForQuery(_) if answered => break,
+                other => return Err(self.unexpected(&other, "a command")),
+            }
+        }
+        match error {
+            Some(e) => Err(e),
+            None => Ok(tag),
+        }
+    }
 }

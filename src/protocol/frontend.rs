@@ -140,8 +140,20 @@ pub fn sasl_response(buf: &mut BytesMut, data: &[u8]) -> Result<()> {
 /// 'Q' | length:i32 | sql:cstr
 /// ```
 pub fn query(buf: &mut BytesMut, sql: &str) -> Result<()> {
+    query_parts(buf, &[sql])
+}
+
+/// Query whose SQL text is `parts` one after the other: no string to build first.
+pub(crate) fn query_parts(buf: &mut BytesMut, parts: &[&str]) -> Result<()> {
     write_message(buf, Some(b'Q'), |buf| {
-        put_cstr(buf, sql.as_bytes(), "SQL text")
+        for part in parts {
+            if part.as_bytes().contains(&0) {
+                return Err(Error::conversion("SQL text must not contain a NUL byte"));
+            }
+            buf.put_slice(part.as_bytes());
+        }
+        buf.put_u8(0);
+        Ok(())
     })
 }
 
