@@ -473,14 +473,21 @@ async fn pipelined_queries_are_not_queued_behind_slow_ones() {
     pids.dedup();
     assert_eq!(pids.len(), 4, "slow queries shared a connection: {pids:?}");
 
-    // Fast answers teach the first connection that its queries are quick...
-    for _ in 0..50 {
-        backend_after_sleep(engine.clone(), 0.0).await;
+    // Quick answers, pipelined on every connection, teach the pipeline that queries are
+    // quick (answers to queries that found a connection idle teach it nothing)...
+    for _ in 0..20 {
+        let burst: Vec<_> = (0..16)
+            .map(|_| tokio::spawn(backend_after_sleep(engine.clone(), 0.0)))
+            .collect();
+        for t in burst {
+            t.await.unwrap();
+        }
     }
     // ...then one of its queries turns out slow: a query sent while it runs goes elsewhere
     // instead of waiting behind it.
     let slow = tokio::spawn(backend_after_sleep(engine.clone(), 1.0));
-    tokio::time::sleep(Duration::from_millis(50)).await;
+    // Longer than the 50 ms a query may wait behind others.
+    tokio::time::sleep(Duration::from_millis(150)).await;
     let fast = backend_after_sleep(engine.clone(), 0.0).await;
     let slow = slow.await.unwrap();
     assert_ne!(fast, slow, "the quick query waited behind the slow one");

@@ -102,9 +102,11 @@ pub struct PoolOptions {
     /// that many, each query goes to the least loaded. Fewer, deeper pipelines cost the
     /// server less than many shallow ones: its process is woken once per many queries
     /// instead of once per query. A connection also stops taking queries while those it has
-    /// would keep a new one waiting more than a few milliseconds (judged from how long its
-    /// answers have lately taken, and how long its oldest query has been out), so slow
-    /// queries are spread over the connections and quick ones are not queued behind them.
+    /// would keep a new one waiting more than 50 ms (judged from how long its answers have
+    /// lately taken, and how long its oldest query has been out), so slow queries are spread
+    /// over the connections and new quick ones are not queued behind them. Queries already
+    /// queued behind a slow one still wait for it: run long queries with a time limit (never
+    /// pipelined) or on a connection of their own.
     /// 1 spreads the queries over all the connections at once.
     pub pipeline_depth: usize,
 }
