@@ -370,6 +370,11 @@ impl Connection {
         self.pending > 0 || self.writing || self.copy_in
     }
 
+    /// Whether the next answer is already whole in the read buffer.
+    pub(crate) fn has_buffered_message(&self) -> bool {
+        self.stream.has_whole_message()
+    }
+
     /// Checks, without waiting, that an idle connection has not been closed by the server
     /// (restart, `pg_terminate_backend`, idle timeout): reads whatever already arrived — a
     /// notification is kept, a FATAL error or end of stream marks the connection broken.

@@ -292,6 +292,14 @@ impl MessageStream {
         Some(count)
     }
 
+    /// Whether a whole message is waiting in the read buffer (reading it needs no socket).
+    pub(crate) fn has_whole_message(&self) -> bool {
+        matches!(
+            protocol::frame_len(&self.read_buf, self.max_message_len),
+            Ok(Some(len)) if self.read_buf.len() > len
+        )
+    }
+
     /// Reads one byte outside the message framing: the server's answer to SSLRequest.
     #[allow(dead_code)]
     pub(crate) async fn read_byte(&mut self) -> Result<u8> {
@@ -417,6 +425,22 @@ mod tests {
     fn put(stream: &mut MessageStream, bytes: &[u8]) {
         stream.read_buf.clear();
         stream.read_buf.extend_from_slice(bytes);
+    }
+
+    #[tokio::test]
+    async fn a_message_is_buffered_only_when_whole() {
+        let (mut stream, _server) = pair();
+        assert!(!stream.has_whole_message(), "empty");
+        let complete = [b'C', 0, 0, 0, 11, b'S', b'E', b'L', b'E', b'C', b'T', 0];
+        for cut in 0..complete.len() {
+            put(&mut stream, &complete[..cut]);
+            assert!(!stream.has_whole_message(), "{cut} bytes");
+        }
+        put(&mut stream, &complete);
+        assert!(stream.has_whole_message());
+        // A bad length is not a message (reading it reports the error).
+        put(&mut stream, &[b'C', 0, 0, 0, 1, 0]);
+        assert!(!stream.has_whole_message());
     }
 
     #[tokio::test]
