@@ -2,9 +2,9 @@
 //!
 //! Reads are large: the buffer asks the socket for everything it has (with at least 64 KiB of
 //! room while the server sends more than the last read could take) instead of one message at
-//! a time, because a reader that wakes for every 8 KiB packet makes
-//! the server pay a wake-up per packet (measured: it made a client that only counted rows
-//! slower than one that decoded them). Writes are batched: callers encode a whole pipeline into
+//! a time, because a reader that wakes for every 8 KiB packet makes the server pay a wake-up
+//! per packet (measured: it made a client that only counted rows slower than one that
+//! decoded them). Writes are batched: callers encode a whole pipeline into
 //! `write_buf` and [`MessageStream::flush`] sends it with one `write_all`.
 //!
 //! While a result's rows stream in, an empty socket is asked again for a few tens of

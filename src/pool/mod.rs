@@ -106,8 +106,8 @@ pub struct PoolOptions {
     /// lately taken, and how long its oldest query has been out), so slow queries are spread
     /// over the connections and new quick ones are not queued behind them. Queries already
     /// queued behind a slow one still wait for it: run long queries with a time limit (never
-    /// pipelined) or on a connection of their own.
-    /// 1 spreads the queries over all the connections at once.
+    /// pipelined) or on a connection of their own. A depth of 1 spreads the queries over all
+    /// the connections at once.
     pub pipeline_depth: usize,
 }
 

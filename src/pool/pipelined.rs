@@ -8,18 +8,18 @@
 //! point query's) once per many queries, where spreading every query to the least loaded of
 //! all the connections woke one per query. So a query goes to the first driver that has
 //! fewer than the pipeline's depth of queries waiting or in flight — unless those would keep
-//! it waiting past a budget of 50 ms, judged from how long the driver's answers
-//! have lately taken and how long its oldest query has been out, so that quick queries are
-//! not queued behind a slow one while another connection could run them. When every driver
-//! is full, the least loaded takes it.
+//! it waiting past a budget of 50 ms, judged from how long the driver's answers have lately
+//! taken and how long its oldest query has been out, so that quick queries are not queued
+//! behind a slow one while another connection could run them. When every driver is full, the
+//! least loaded takes it.
 //!
 //! A driver borrows a connection from the pool, takes every request waiting in its queue,
 //! writes them all — each with a Sync of its own, so one query's error touches no other — in
 //! one write, and replies to each task as its answer is read. Whenever it has handed over
 //! every answer received so far, it sends whatever has arrived meanwhile, so the server
-//! always has work while the client reads and replies. When its queue is empty and nothing is in flight it gives the
-//! connection back to the pool, so transactions and batches, which keep a connection to
-//! themselves, are never starved.
+//! always has work while the client reads and replies. When its queue is empty and nothing
+//! is in flight it gives the connection back to the pool, so transactions and batches, which
+//! keep a connection to themselves, are never starved.
 
 use std::collections::VecDeque;
 use std::sync::Arc;
@@ -271,8 +271,7 @@ async fn drive(
         }
         let mut inflight: VecDeque<InFlight> = VecDeque::new();
         let mut first = Some(first);
-        // When the last answer came: the next one's time counts from it, or from when its
-        // query was sent if that was later.
+        // When the last answer on this connection came (0: none yet).
         let mut last_answer = 0;
         let failure = loop {
             // Send what has arrived, while there is room in flight — once the answers already
@@ -332,7 +331,7 @@ async fn drive(
                 // what the server took for this one. (An answer to a query sent to an idle
                 // connection also holds the wake-up of its server process, and the wait for
                 // a CPU on a busy server: it says nothing of the query.)
-                gauge.record_answer(now - last_answer);
+                gauge.record_answer(now.saturating_sub(last_answer));
             }
             last_answer = now;
             let oldest = inflight.front().map_or(0, |q| q.sent_at);
