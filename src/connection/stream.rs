@@ -422,6 +422,18 @@ mod tests {
     }
 
     /// Puts `bytes` in the read buffer as if they had just been read.
+    /// Reads the rows `data_row` made of each number in `numbers`, in order.
+    async fn expect_rows(stream: &mut MessageStream, numbers: std::ops::Range<i32>) {
+        for n in numbers {
+            match next(stream).await {
+                BackendMessage::DataRow(row) => {
+                    assert_eq!(row.value(0), Some(&n.to_be_bytes()[..]));
+                }
+                other => panic!("expected row {n}, got {other:?}"),
+            }
+        }
+    }
+
     fn put(stream: &mut MessageStream, bytes: &[u8]) {
         stream.read_buf.clear();
         stream.read_buf.extend_from_slice(bytes);
@@ -484,14 +496,7 @@ mod tests {
             server.write_all(b"C\0\0\0\x0eSELECT 20\0").unwrap();
             server
         });
-        for n in 0..ROWS {
-            match next(&mut stream).await {
-                BackendMessage::DataRow(row) => {
-                    assert_eq!(row.value(0), Some(&n.to_be_bytes()[..]));
-                }
-                other => panic!("expected row {n}, got {other:?}"),
-            }
-        }
+        expect_rows(&mut stream, 0..ROWS).await;
         assert!(matches!(
             next(&mut stream).await,
             BackendMessage::CommandComplete(_)
@@ -515,14 +520,7 @@ mod tests {
             }
             server
         });
-        for n in 1..200i32 {
-            match next(&mut stream).await {
-                BackendMessage::DataRow(row) => {
-                    assert_eq!(row.value(0), Some(&n.to_be_bytes()[..]));
-                }
-                other => panic!("expected row {n}, got {other:?}"),
-            }
-        }
+        expect_rows(&mut stream, 1..200).await;
         drop(sender.join().unwrap());
     }
 }
