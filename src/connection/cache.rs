@@ -12,15 +12,42 @@ use postgres_types::Type;
 
 use crate::row::Column;
 
-/// A statement the server has parsed and described.
+/// A statement the server has parsed and described: a shared handle, so that taking one from
+/// the cache for every query costs one reference count, not one per part.
 #[derive(Debug, Clone)]
-pub(crate) struct Statement {
+pub(crate) struct Statement(Arc<Described>);
+
+#[derive(Debug)]
+pub(crate) struct Described {
     /// The server-side name; `""` for the unnamed statement.
     pub(crate) name: Arc<str>,
     /// The parameter types from ParameterDescription.
     pub(crate) param_types: Arc<[Type]>,
     /// The result columns from RowDescription (empty for NoData).
     pub(crate) columns: Arc<[Column]>,
+}
+
+impl Statement {
+    pub(crate) fn new(name: Arc<str>, param_types: Arc<[Type]>, columns: Arc<[Column]>) -> Self {
+        Statement(Arc::new(Described {
+            name,
+            param_types,
+            columns,
+        }))
+    }
+
+    /// The same statement with other result columns.
+    pub(crate) fn with_columns(&self, columns: Arc<[Column]>) -> Self {
+        Statement::new(self.name.clone(), self.param_types.clone(), columns)
+    }
+}
+
+impl std::ops::Deref for Statement {
+    type Target = Described;
+
+    fn deref(&self) -> &Described {
+        &self.0
+    }
 }
 
 struct Entry {
@@ -106,7 +133,8 @@ impl StatementCache {
             },
         );
         // Another statement for the same SQL is replaced: its name must be Closed.
-        old.map(|e| e.statement.name).filter(|old| *old != name)
+        old.map(|e| e.statement.name.clone())
+            .filter(|old| *old != name)
     }
 
     /// Forgets the statement for `sql` and returns it (so its name can be Closed).
@@ -122,7 +150,7 @@ impl StatementCache {
             return self
                 .entries
                 .drain()
-                .map(|(_, e)| e.statement.name)
+                .map(|(_, e)| e.statement.name.clone())
                 .collect();
         }
         let mut evicted = Vec::new();
@@ -138,7 +166,9 @@ impl StatementCache {
             .iter()
             .min_by_key(|(_, e)| e.last_used)
             .map(|(k, _)| k.clone())?;
-        self.entries.remove(&oldest).map(|e| e.statement.name)
+        self.entries
+            .remove(&oldest)
+            .map(|e| e.statement.name.clone())
     }
 
     /// Forgets everything (e.g. after `DISCARD ALL` or `DEALLOCATE ALL` dropped the statements
@@ -177,11 +207,7 @@ mod tests {
     use super::*;
 
     fn stmt(cache: &mut StatementCache) -> Statement {
-        Statement {
-            name: cache.next_name(),
-            param_types: Arc::from([]),
-            columns: Arc::from([]),
-        }
+        Statement::new(cache.next_name(), Arc::from([]), Arc::from([]))
     }
 
     #[test]

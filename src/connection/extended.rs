@@ -223,14 +223,8 @@ impl Connection {
         }
         let columns: Arc<[Column]> = self.resolve_columns(&columns).await?.into();
         if let Some(statement) = self.statements.get(sql).cloned() {
-            let columns = columns.clone();
-            self.statements.insert(
-                sql,
-                Statement {
-                    columns,
-                    ..statement
-                },
-            );
+            self.statements
+                .insert(sql, statement.with_columns(columns.clone()));
         }
         Ok(RowStream {
             conn: self,
@@ -669,11 +663,11 @@ impl Connection {
         param_types: Option<Arc<[Type]>>,
         columns: Arc<[Column]>,
     ) -> Statement {
-        let statement = Statement {
-            name: name.clone(),
-            param_types: param_types.unwrap_or_else(|| Arc::from([])),
+        let statement = Statement::new(
+            name.clone(),
+            param_types.unwrap_or_else(|| Arc::from([])),
             columns,
-        };
+        );
         if let Some(replaced) = self.statements.insert(sql, statement.clone()) {
             // The same SQL was prepared twice in one pipeline: keep one.
             self.closes_due.push(replaced);
@@ -751,7 +745,7 @@ impl Connection {
         }
         match outcome {
             Ok(()) => match kind {
-                PlanKind::Cached { statement } => Ok(statement.columns),
+                PlanKind::Cached { statement } => Ok(statement.columns.clone()),
                 PlanKind::New { .. } => columns.ok_or_else(|| QueryStartError {
                     error: self.protocol_error("BindComplete before the statement's description"),
                     stale: false,
