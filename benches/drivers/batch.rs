@@ -26,6 +26,9 @@
 //! - `raw`: the raw client, **frames only**: it counts the DataRows (checking each one's
 //!   column count) and decodes nothing. It is not doing the work the others do; it is the bound
 //!   set by the server and the socket, the rate no client can beat.
+//! - `server-copy` (on the throwaway cluster only): no client at all: the server runs `COPY (query) TO '/dev/null'` in the
+//!   binary format, producing and encoding every row and writing it nowhere. The rate at which
+//!   this server can make these rows, whoever reads them.
 //!
 //! Every contender asks for binary results, sends the same SQL text, and is timed from its first
 //! request to the last row (transaction control included); connecting and preparing are not
@@ -142,6 +145,13 @@ pub fn contenders(bench: &Bench, batch_size: usize) -> Vec<Contender> {
         Contender::new("pgengine", move |b, n| pgengine_batch(b, n, batch_size)),
         Contender::new("pgengine-stream", pgengine_stream),
     ]);
+    if bench.own_cluster {
+        contenders.push(Contender::new("server-copy", server_copy));
+    } else {
+        println!(
+            "# server-copy skipped: writing a server file needs the throwaway cluster's superuser"
+        );
+    }
     contenders
 }
 
@@ -444,6 +454,30 @@ fn raw_frames(bench: &Bench, n: u64) -> BenchResult<Measurement> {
         return Err(format!("raw: {rows} rows, expected {n}").into());
     }
     Ok(Measurement::new(n, elapsed))
+}
+
+/// The server alone: `COPY (query) TO '/dev/null'` in the binary format, so the rows are
+/// produced and encoded but go to no client.
+fn server_copy(bench: &Bench, n: u64) -> BenchResult<Measurement> {
+    bench.runtime.block_on(async {
+        let (client, connection) = tokio_postgres::connect(&bench.conninfo, NoTls).await?;
+        let connection = tokio::spawn(connection);
+        let copy = format!("COPY ({}) TO '/dev/null' (FORMAT binary)", query(n));
+
+        let start = Instant::now();
+        let messages = client.simple_query(&copy).await?;
+        let elapsed = start.elapsed();
+        let copied = messages.iter().find_map(|m| match m {
+            tokio_postgres::SimpleQueryMessage::CommandComplete(rows) => Some(*rows),
+            _ => None,
+        });
+        if copied != Some(n) {
+            return Err(format!("server-copy: copied {copied:?} rows, expected {n}").into());
+        }
+        drop(client);
+        connection.await??;
+        Ok(Measurement::new(n, elapsed))
+    })
 }
 
 fn raw_decoded(bench: &Bench, n: u64) -> BenchResult<Measurement> {

@@ -6,6 +6,12 @@
 //! - `pgbench`: `pgbench -n -S -M prepared -c 8 -j 2 -t <size/8>` as a child process (8
 //!   connections, 2 threads, no tasks beyond the connections): the reference, in C. Its rate
 //!   is the `tps` it reports without initial connection time.
+//! - `pgbench-pipeline`: pipelining in C, with the same semantics as `pgengine-pipelined`.
+//!   pgbench 17+ (found beside `PGENGINE_LIBPQ18`; skipped without it) in its pipeline mode,
+//!   with a script of 8 of the same selects, each followed by its own Sync (`\syncpipeline`):
+//!   every query is still its own implicit transaction with its own ReadyForQuery, so the
+//!   server does the same work per query as for pgengine-pipelined. 8 connections, up to 8
+//!   queries in flight on each, from a client that does little besides.
 //! - `deadpool-postgres`: a pool of 8 tokio-postgres clients (fast recycling, no query on
 //!   return); each query checks one out, uses its `prepare_cached` statement, returns it.
 //! - `tokio-postgres-shared`: 8 clients shared without a pool, task k on client k % 8; the
@@ -35,7 +41,7 @@ use pgengine::pool::PoolOptions;
 use tokio_postgres::NoTls;
 use tokio_postgres::types::Type;
 
-use crate::{Bench, BenchResult, Contender, Measurement};
+use crate::{Bench, BenchResult, Contender, Measurement, Pg18};
 
 /// The same SQL text as pgbench's built-in select-only script.
 const SQL: &str = "SELECT abalance FROM pgbench_accounts WHERE aid = $1";
@@ -94,16 +100,29 @@ pub fn setup(bench: &Bench, _size: u64) -> BenchResult<()> {
     Ok(())
 }
 
-pub fn contenders() -> Vec<Contender> {
-    vec![
-        Contender::new("pgbench", pgbench),
+pub fn contenders(bench: &Bench) -> Vec<Contender> {
+    let mut contenders = vec![Contender::new("pgbench", pgbench)];
+    match &bench.pg18 {
+        Some(pg18) => {
+            let pg18 = pg18.clone();
+            contenders.push(Contender::new("pgbench-pipeline", move |b, n| {
+                pgbench_pipeline(b, &pg18, n)
+            }))
+        }
+        None => println!(
+            "# pgbench-pipeline skipped: it needs pgbench 17+ (\\syncpipeline), looked for beside \
+             PGENGINE_LIBPQ18"
+        ),
+    }
+    contenders.extend([
         Contender::new("deadpool-postgres", deadpool_postgres),
         Contender::new("tokio-postgres-shared", tokio_postgres_shared),
         Contender::new("pgengine", |b, n| pgengine(b, n, 0)),
         Contender::new("pgengine-pipelined", |b, n| {
             pgengine(b, n, pipelined_connections())
         }),
-    ]
+    ]);
+    contenders
 }
 
 /// How many of the pool's 8 connections `pgengine-pipelined` pipelines over: 8 unless
@@ -120,10 +139,60 @@ fn knob(name: &str) -> Option<usize> {
 /// `pgbench -S -M prepared -c 8 -j 2`, each client running size/8 transactions.
 fn pgbench(bench: &Bench, n: u64) -> BenchResult<Measurement> {
     let per_client = (n / CONNECTIONS as u64).max(1);
-    let output = Command::new(&bench.pgbench)
+    let mut command = Command::new(&bench.pgbench);
+    command.args(["-S"]);
+    let tps = run_pgbench(command, bench, per_client)?;
+    let rows = per_client * CONNECTIONS as u64;
+    Ok(Measurement::new(
+        rows,
+        Duration::from_secs_f64(rows as f64 / tps),
+    ))
+}
+
+/// Queries in one run of `pgbench-pipeline`'s script.
+const PIPELINE_DEPTH: u64 = 8;
+
+/// pgbench's pipeline mode: each run of the script sends 8 selects, each followed by a Sync,
+/// before it reads their answers.
+fn pgbench_pipeline(bench: &Bench, pg18: &Pg18, n: u64) -> BenchResult<Measurement> {
+    let mut script = String::from("\\startpipeline\n");
+    for i in 0..PIPELINE_DEPTH {
+        script.push_str(&format!(
+            "\\set aid random(1, {ACCOUNTS})\n{}\n",
+            SQL.replace("$1", ":aid")
+        ));
+        if i + 1 < PIPELINE_DEPTH {
+            // The last one's Sync is \endpipeline's.
+            script.push_str("\\syncpipeline\n");
+        }
+    }
+    script.push_str("\\endpipeline\n");
+    let path = std::env::temp_dir().join(format!("pgengine-bench-{}.pgbench", std::process::id()));
+    std::fs::write(&path, script)?;
+
+    let runs = (n / (CONNECTIONS as u64 * PIPELINE_DEPTH)).max(1);
+    let mut command = Command::new(&pg18.pgbench);
+    command
+        .env("LD_LIBRARY_PATH", &pg18.lib_dir)
+        .arg("-f")
+        .arg(&path);
+    let tps = run_pgbench(command, bench, runs);
+    let _ = std::fs::remove_file(&path);
+    let rows = runs * CONNECTIONS as u64 * PIPELINE_DEPTH;
+    Ok(Measurement::new(
+        rows,
+        Duration::from_secs_f64(rows as f64 / (tps? * PIPELINE_DEPTH as f64)),
+    ))
+}
+
+/// Runs `command` (a pgbench, its script already chosen) with 8 clients on 2 threads, each
+/// running its script `per_client` times with prepared statements; returns the scripts run
+/// per second, without the time spent connecting.
+fn run_pgbench(mut command: Command, bench: &Bench, per_client: u64) -> BenchResult<f64> {
+    let program = command.get_program().to_string_lossy().into_owned();
+    let output = command
         .args([
             "-n",
-            "-S",
             "-M",
             "prepared",
             "-c",
@@ -136,7 +205,7 @@ fn pgbench(bench: &Bench, n: u64) -> BenchResult<Measurement> {
         ])
         .stdin(Stdio::null())
         .output()
-        .map_err(|e| format!("could not run {}: {e}", bench.pgbench.display()))?;
+        .map_err(|e| format!("could not run {program}: {e}"))?;
     let stdout = String::from_utf8_lossy(&output.stdout);
     if !output.status.success() {
         return Err(format!(
@@ -147,23 +216,19 @@ fn pgbench(bench: &Bench, n: u64) -> BenchResult<Measurement> {
         )
         .into());
     }
-    let rows = per_client * CONNECTIONS as u64;
-    let processed = format!("number of transactions actually processed: {rows}/{rows}");
+    let runs = per_client * CONNECTIONS as u64;
+    let processed = format!("number of transactions actually processed: {runs}/{runs}");
     if !stdout.contains(&processed) {
-        return Err(format!("pgbench did not process {rows} transactions: {stdout}").into());
+        return Err(format!("pgbench did not process {runs} transactions: {stdout}").into());
     }
-    let tps: f64 = stdout
+    stdout
         .lines()
         .find_map(|l| {
             l.strip_prefix("tps = ")?
                 .strip_suffix(" (without initial connection time)")
         })
         .and_then(|tps| tps.parse().ok())
-        .ok_or_else(|| format!("no tps in pgbench's output: {stdout}"))?;
-    Ok(Measurement::new(
-        rows,
-        Duration::from_secs_f64(rows as f64 / tps),
-    ))
+        .ok_or_else(|| format!("no tps in pgbench's output: {stdout}").into())
 }
 
 /// Task `task`'s aids: xorshift64*, seeded by the task, in 1..=ACCOUNTS.
