@@ -11,7 +11,9 @@
 //! that it heard about every change.
 //!
 //! Reconnecting waits between attempts, from [`ListenOptions::min_backoff`] doubling up to
-//! [`ListenOptions::max_backoff`], and keeps trying for as long as the failure can heal by
+//! [`ListenOptions::max_backoff`] (each wait drawn at random between half of that and all of
+//! it, so that many listeners that lost the same server do not all come back at the same
+//! instant), and keeps trying for as long as the failure can heal by
 //! itself: the server is down, starting up or shutting down, out of connection slots, or does
 //! not answer in time. A failure that retrying cannot cure — authentication refused, the
 //! database dropped, a setting or certificate wrong — is yielded as the stream's last item.
@@ -77,7 +79,8 @@ impl Default for ListenOptions {
 impl ListenOptions {
     /// Sets the wait after the first failed reconnect attempt (default
     /// [`DEFAULT_MIN_BACKOFF`]); each further failure doubles it, up to
-    /// [`max_backoff`](Self::max_backoff). The first attempt is made at once.
+    /// [`max_backoff`](Self::max_backoff). The first attempt is made at once, and each wait
+    /// actually taken is drawn at random between half of the backoff and all of it.
     ///
     /// ```
     /// # use std::time::Duration;
@@ -554,7 +557,7 @@ impl Reconnect {
                     "reconnect attempt failed: {e}"
                 ),
             }
-            tokio::time::sleep(wait).await;
+            tokio::time::sleep(jittered(wait)).await;
             wait = (wait * 2).min(self.options.get_max_backoff());
             attempt = attempt.saturating_add(1);
         }
@@ -645,9 +648,32 @@ impl fmt::Debug for Listener {
     }
 }
 
+/// A wait between half of `backoff` and all of it, at random ("equal jitter").
+fn jittered(backoff: Duration) -> Duration {
+    use std::hash::{BuildHasher, Hasher};
+    // A randomly keyed hasher: random enough to spread reconnects, without a dependency.
+    let random = std::collections::hash_map::RandomState::new()
+        .build_hasher()
+        .finish();
+    let half = backoff / 2;
+    let spread = u64::try_from(half.as_nanos()).unwrap_or(u64::MAX);
+    half + Duration::from_nanos(random % spread.saturating_add(1))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn waits_are_spread_between_half_and_all_of_the_backoff() {
+        let backoff = Duration::from_millis(800);
+        let waits: BTreeSet<Duration> = (0..64).map(|_| jittered(backoff)).collect();
+        assert!(waits.iter().all(|w| (backoff / 2..=backoff).contains(w)));
+        // 64 draws from 400 million nanoseconds: all alike would mean no jitter at all.
+        assert!(waits.len() > 32, "{waits:?}");
+        assert_eq!(jittered(Duration::ZERO), Duration::ZERO);
+        assert!(jittered(Duration::from_nanos(1)) <= Duration::from_nanos(1));
+    }
 
     #[test]
     fn channel_names_are_quoted_as_identifiers() {
