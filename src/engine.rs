@@ -96,6 +96,7 @@ struct Options {
     query_timeout: Option<Duration>,
     drain_timeout: Option<Duration>,
     keep_abandoned: bool,
+    keep_session: bool,
 }
 
 struct Inner {
@@ -189,6 +190,16 @@ impl EngineBuilder {
     /// gets it.
     pub fn cancel_on_drop(mut self, cancel: bool) -> Self {
         self.options.keep_abandoned = !cancel;
+        self
+    }
+
+    /// Sets whether a pooled connection on which a command changed the session (`SET`,
+    /// `LISTEN`, `DECLARE`) is put back as it began before the next user gets it (the
+    /// default: `true`, one more round trip only after such a command; see
+    /// [`Connection::reset_session`]) or handed on as it is. Settings meant for every
+    /// connection belong in the configuration (`options=-c …`), which a reset keeps.
+    pub fn reset_session(mut self, reset: bool) -> Self {
+        self.options.keep_session = !reset;
         self
     }
 
@@ -350,7 +361,9 @@ impl PostgresEngine {
         if let Some(limit) = options.drain_timeout {
             manager = manager.drain_timeout(limit);
         }
-        manager.cancel_abandoned(!options.keep_abandoned)
+        manager
+            .cancel_abandoned(!options.keep_abandoned)
+            .reset_session(!options.keep_session)
     }
 
     fn current_pool(&self) -> Option<Pool<ConnectionManager>> {

@@ -120,6 +120,86 @@ async fn a_connection_returned_mid_transaction_is_clean_for_the_next_user() {
     );
 }
 
+#[tokio::test]
+async fn session_changes_are_undone_before_the_next_user() {
+    for pipelined in [false, true] {
+        let engine = engine();
+        let mut options = PoolOptions::default()
+            .max_size(1)
+            .acquire_timeout(Duration::from_secs(10));
+        if pipelined {
+            options = options.pipeline(1);
+        }
+        engine.start_connection_pool(options).await.unwrap();
+        let before = engine
+            .query_one("SELECT pg_backend_pid(), current_setting('work_mem'), current_setting('application_name')")
+            .await
+            .unwrap();
+        let (pid, work_mem, app) = (
+            before.get::<_, i32>(0),
+            before.get::<_, String>(1),
+            before.get::<_, String>(2),
+        );
+        assert_ne!(work_mem, "77MB");
+        // One user changes the session: settings (one of them set at startup), a channel,
+        // and a notification waiting on it.
+        engine.execute("SET work_mem = '77MB'").await.unwrap();
+        engine
+            .execute("SET application_name = 'someone else'")
+            .await
+            .unwrap();
+        engine.execute("LISTEN pool_reset").await.unwrap();
+        engine.execute("NOTIFY pool_reset").await.unwrap();
+
+        let mut conn = engine.acquire().await.unwrap();
+        assert_eq!(
+            conn.process_id(),
+            pid,
+            "the same connection, cleaned and reused ({pipelined})"
+        );
+        assert!(!conn.session_changed());
+        assert!(
+            conn.take_notifications().is_empty(),
+            "the last user's notification is gone"
+        );
+        let after = conn
+            .query_one("SELECT current_setting('work_mem'), current_setting('application_name'), (SELECT count(*) FROM pg_listening_channels())")
+            .await
+            .unwrap();
+        assert_eq!(
+            after.get::<_, String>(0),
+            work_mem,
+            "pipelined: {pipelined}"
+        );
+        assert_eq!(
+            after.get::<_, String>(1),
+            app,
+            "the startup setting is kept"
+        );
+        assert_eq!(after.get::<_, i64>(2), 0, "no channel is listened to");
+        drop(conn);
+        assert_eq!(
+            engine.pool_stats().unwrap().opened,
+            1,
+            "nothing was discarded"
+        );
+        engine.close_connection_pool().await.unwrap();
+    }
+
+    // Told not to, the pool hands the session on as it is.
+    let engine = PostgresEngine::builder(common::tcp_config(TempCluster::SUPERUSER))
+        .reset_session(false)
+        .build();
+    engine
+        .start_connection_pool(PoolOptions::default().max_size(1))
+        .await
+        .unwrap();
+    engine.execute("SET work_mem = '77MB'").await.unwrap();
+    let row = engine.query_one("SHOW work_mem").await.unwrap();
+    assert_eq!(row.get::<_, &str>(0), "77MB");
+    engine.close_connection_pool().await.unwrap();
+}
+
 /// Polls a future at most `polls` times, then gives up on it (drops it): a cancellation at
 /// an exact point of its progress (tokio-postgres's `Cancellable` idea).
 struct Cancellable<F> {

@@ -697,8 +697,11 @@ async fn notifications_on_a_pipelined_pool_connection_are_not_query_results() {
     const SENT: usize = 200;
     const TASKS: i32 = 8;
     const PER_TASK: i32 = 60;
-    // One pooled connection carries every pipelined query, and it is the one that LISTENs.
-    let engine = engine();
+    // One pooled connection carries every pipelined query, and it is the one that LISTENs:
+    // kept listening when it goes back to the pool between batches.
+    let engine = PostgresEngine::builder(tcp_config(TempCluster::SUPERUSER))
+        .reset_session(false)
+        .build();
     engine
         .start_connection_pool(
             PoolOptions::default()

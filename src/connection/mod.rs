@@ -161,6 +161,12 @@ pub struct Connection {
 /// The default for [`Connection::set_drain_timeout`].
 pub const DEFAULT_DRAIN_TIMEOUT: Duration = Duration::from_secs(5);
 
+/// What [`Connection::reset_session`] runs after a command changed the session: the session's user and
+/// every setting back to where the connection began (`RESET ALL` keeps what the startup packet
+/// set), no channels, no cursors. Not `DISCARD ALL`, which would also drop the prepared
+/// statements the connection's cache holds.
+const SESSION_RESET: &str = "SET SESSION AUTHORIZATION DEFAULT; RESET ALL; UNLISTEN *; CLOSE ALL";
+
 /// Time limits on requests, and what happens to one that is abandoned.
 ///
 /// A request's clock starts when it is sent. When its limit passes, a CancelRequest goes to
@@ -450,6 +456,31 @@ impl Connection {
             self.simple_query("ROLLBACK").await?;
         }
         Ok(())
+    }
+
+    /// [`reset`](Self::reset), and then, if a command changed the session (`SET`, `LISTEN`,
+    /// `DECLARE`), puts the session back as it began: the session user and every setting as
+    /// the connection started (what the startup packet set is kept), no channels listened to
+    /// (and no notifications kept from them), no cursors. A pool of the engine's does this
+    /// before handing a returned connection to someone else, unless told not to.
+    ///
+    /// Prepared statements (ours and SQL `PREPARE`'s), temporary tables and advisory locks are
+    /// not undone.
+    pub async fn reset_session(&mut self) -> Result<()> {
+        self.reset().await?;
+        if self.session_changed() {
+            self.simple_query(SESSION_RESET).await?;
+            // The reset's own SET.
+            self.stream.take_session_changed();
+            self.notifications.clear();
+        }
+        Ok(())
+    }
+
+    /// Whether a command that changes the session (`SET`, `LISTEN`, `DECLARE`) has completed
+    /// since the connection opened or was last [reset](Self::reset_session).
+    pub fn session_changed(&self) -> bool {
+        self.stream.session_changed()
     }
 
     /// The most prepared statements this connection keeps.

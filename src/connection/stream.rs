@@ -204,6 +204,16 @@ pub(crate) struct MessageStream {
     ask_again: AskAgain,
     /// The last read filled all the room it was given: the next gets a full chunk.
     last_read_full: bool,
+    /// A command that outlives its transaction in the session (SET, LISTEN, DECLARE) has
+    /// completed since [`MessageStream::take_session_changed`].
+    session_changed: bool,
+}
+
+/// Whether a command with this tag changes the session for whoever uses the connection next:
+/// a setting (`SET`; `SET LOCAL` has the same tag and is harmless to undo), a channel listened
+/// to, or a cursor, which may be held past its transaction.
+fn changes_session(tag: &[u8]) -> bool {
+    matches!(tag, b"SET" | b"LISTEN" | b"DECLARE CURSOR")
 }
 
 impl MessageStream {
@@ -216,7 +226,19 @@ impl MessageStream {
             streaming: false,
             ask_again: AskAgain::default(),
             last_read_full: true,
+            session_changed: false,
         }
+    }
+
+    /// Whether a command that changes the session has completed since the last call.
+    pub(crate) fn take_session_changed(&mut self) -> bool {
+        std::mem::take(&mut self.session_changed)
+    }
+
+    /// Whether a command that changes the session has completed since
+    /// [`MessageStream::take_session_changed`] was last called.
+    pub(crate) fn session_changed(&self) -> bool {
+        self.session_changed
     }
 
     /// Sends everything in `write_buf`.
@@ -244,6 +266,9 @@ impl MessageStream {
         loop {
             if let Some(msg) = protocol::read_message(&mut self.read_buf, self.max_message_len)? {
                 self.streaming = matches!(msg, BackendMessage::DataRow(_));
+                if let BackendMessage::CommandComplete(tag) = &msg {
+                    self.session_changed |= changes_session(tag);
+                }
                 return Poll::Ready(Ok(msg));
             }
             ready!(self.poll_fill(cx))?;
@@ -286,7 +311,9 @@ impl MessageStream {
         }
         let len = protocol::frame_len(&self.read_buf, self.max_message_len).ok()??;
         let body = self.read_buf.get(5..1 + len)?;
-        let count = crate::row::rows_affected(protocol::command_tag(body)?);
+        let tag = protocol::command_tag(body)?;
+        let count = crate::row::rows_affected(tag);
+        self.session_changed |= changes_session(tag);
         self.read_buf.advance(1 + len);
         self.streaming = false;
         Some(count)

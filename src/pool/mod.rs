@@ -96,6 +96,8 @@ pub struct PoolOptions {
     /// pipelining off, so every query checks a connection out for itself. A pipelined
     /// connection is held only while it has queries to carry; see
     /// [`pipeline_depth`](PoolOptions::pipeline_depth) for how queries are shared among them.
+    /// A session `SET` made through it applies to the queries sharing its connection until
+    /// the connection goes back to the pool: use `SET LOCAL` in a transaction instead.
     pub pipeline: usize,
     /// With [`pipeline`](PoolOptions::pipeline): how many queries (waiting or in flight) one
     /// pipelined connection carries before the next is brought in; once every one carries

@@ -15,6 +15,7 @@ pub struct ConnectionManager {
     query_timeout: Option<std::time::Duration>,
     drain_timeout: std::time::Duration,
     cancel_abandoned: bool,
+    reset_session: bool,
 }
 
 impl ConnectionManager {
@@ -26,7 +27,16 @@ impl ConnectionManager {
             query_timeout: None,
             drain_timeout: crate::connection::DEFAULT_DRAIN_TIMEOUT,
             cancel_abandoned: true,
+            reset_session: true,
         }
+    }
+
+    /// Sets whether a returned connection on which a command changed the session (`SET`,
+    /// `LISTEN`, `DECLARE`) is put back as it began before it is reused (the default; see
+    /// [`Connection::reset_session`]) or reused as it is.
+    pub fn reset_session(mut self, reset: bool) -> ConnectionManager {
+        self.reset_session = reset;
+        self
     }
 
     /// Sets how long a returned connection with an abandoned request may take to become clean
@@ -77,10 +87,14 @@ impl Manager for ConnectionManager {
     fn disposition(&self, conn: &Self::Resource) -> Disposition {
         if conn.is_broken() {
             Disposition::Discard
-        } else if conn.is_busy() || conn.transaction_status() != TransactionStatus::Idle {
-            // A query's future was dropped half way (cancel it and read its end), or a
-            // transaction was left open or failed (roll it back): clean it before reuse. A
-            // connection that cannot be cleaned in time is discarded by `recycle`'s error.
+        } else if conn.is_busy()
+            || conn.transaction_status() != TransactionStatus::Idle
+            || (self.reset_session && conn.session_changed())
+        {
+            // A query's future was dropped half way (cancel it and read its end), a
+            // transaction was left open or failed (roll it back), or the session was changed
+            // (SET, LISTEN: put it back): clean it before reuse. A connection that cannot be
+            // cleaned in time is discarded by `recycle`'s error.
             Disposition::Recycle
         } else {
             Disposition::Reuse
@@ -88,7 +102,11 @@ impl Manager for ConnectionManager {
     }
 
     async fn recycle(&self, conn: &mut Self::Resource) -> Result<()> {
-        conn.reset().await
+        if self.reset_session {
+            conn.reset_session().await
+        } else {
+            conn.reset().await
+        }
     }
 
     async fn health_check(&self, conn: &mut Self::Resource) -> Result<()> {
