@@ -77,7 +77,9 @@ pub use postgres_types::{FromSql, ToSql, Type};
 pub use query::{BorrowedParams, Query, ToQuery};
 pub use row::{Column, Row, SimpleQueryResult, SimpleRow};
 pub use savepoint::Savepoint;
-pub use transaction::{IsolationLevel, PostgresTransaction, TransactionBuilder, TxState};
+pub use transaction::{
+    IsolationLevel, PostgresTransaction, TransactionBuilder, TxConnection, TxState,
+};
 
 /// The README's examples, compiled as doctests so that the front page stays true.
 #[cfg(doctest)]

@@ -16,7 +16,9 @@
 //! told it did not happen, so the block must not commit it behind their back.
 //! Dropping a transaction that was neither committed nor rolled back rolls it back: the
 //! connection goes back to the pool, which rolls back before anyone else gets it (or closes
-//! it).
+//! it). For what the transaction's methods do not offer, COPY above all,
+//! [`PostgresTransaction::connection`] lends its connection; the state follows what happened
+//! on it.
 //!
 //! Two ways to use it:
 //!
@@ -261,6 +263,41 @@ impl TransactionBuilder {
     }
 }
 
+/// A transaction's connection, borrowed from it with [`PostgresTransaction::connection`]; the
+/// transaction's state follows what happened on it when it is dropped.
+pub struct TxConnection<'a> {
+    guard: MutexGuard<'a, TxConn>,
+}
+
+impl std::ops::Deref for TxConnection<'_> {
+    type Target = crate::Connection;
+
+    fn deref(&self) -> &crate::Connection {
+        &self.guard.conn
+    }
+}
+
+impl std::ops::DerefMut for TxConnection<'_> {
+    fn deref_mut(&mut self) -> &mut crate::Connection {
+        &mut self.guard.conn
+    }
+}
+
+impl Drop for TxConnection<'_> {
+    fn drop(&mut self) {
+        self.guard.after_reply();
+    }
+}
+
+impl fmt::Debug for TxConnection<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("TxConnection")
+            .field("state", &self.guard.state)
+            .field("conn", &**self)
+            .finish()
+    }
+}
+
 pub(crate) struct TxConn {
     pub(crate) conn: EngineConnection,
     state: TxState,
@@ -380,6 +417,39 @@ impl PostgresTransaction {
         let result = c.conn.execute(&query).await;
         c.after_reply();
         result
+    }
+
+    /// The transaction's connection, for what its own methods do not offer: above all COPY
+    /// ([`Connection::copy_in`](crate::Connection::copy_in), with
+    /// [`BinaryCopyInWriter`](crate::connection::BinaryCopyInWriter), and
+    /// [`Connection::copy_out`](crate::Connection::copy_out)), inside the transaction.
+    ///
+    /// While it is held, the transaction's other methods (and `engine.*` queries on its task,
+    /// which go to the same connection) wait for it: drop it before using them. When it is
+    /// dropped the transaction follows what happened on it: a statement that failed fails the
+    /// transaction, and so does one left unfinished (a COPY sink dropped before `finish`).
+    /// Refused, without a round trip, when the transaction has failed or finished. Use the
+    /// transaction's methods, not SQL sent through it, to commit, roll back and make
+    /// savepoints.
+    ///
+    /// ```no_run
+    /// # async fn demo(engine: pgengine::PostgresEngine) -> pgengine::Result<()> {
+    /// let tx = engine.begin().await?;
+    /// {
+    ///     let mut conn = tx.connection().await?;
+    ///     let mut sink = conn.copy_in("COPY people (id, name) FROM STDIN").await?;
+    ///     sink.write(b"1\tAda\n2\tGrace\n").await?;
+    ///     sink.finish().await?;
+    /// }
+    /// tx.execute("UPDATE people SET name = upper(name)").await?;
+    /// tx.commit().await?;
+    /// # Ok(())
+    /// # }
+    /// ```
+    pub async fn connection(&self) -> Result<TxConnection<'_>> {
+        Ok(TxConnection {
+            guard: self.lock(false).await?,
+        })
     }
 
     /// Runs SQL without parameters (several statements allowed) with the simple protocol.

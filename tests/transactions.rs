@@ -7,9 +7,10 @@ mod common;
 use std::time::Duration;
 
 use futures::TryStreamExt;
+use pgengine::connection::BinaryCopyInWriter;
 use pgengine::pool::PoolOptions;
 use pgengine::testing::TempCluster;
-use pgengine::{ErrorKind, PostgresEngine, Query, TransactionError, TxState};
+use pgengine::{ErrorKind, PostgresEngine, Query, TransactionError, TxState, Type};
 
 fn engine() -> PostgresEngine {
     PostgresEngine::new(common::tcp_config(TempCluster::SUPERUSER))
@@ -745,4 +746,110 @@ mod model {
             rt.block_on(run(ops))?;
         });
     }
+}
+
+#[tokio::test]
+async fn copy_runs_inside_a_transaction_through_its_connection() {
+    let engine = engine();
+    let t = table(&engine, "tx_copy").await;
+    let tx = engine.begin().await.unwrap();
+    {
+        let mut conn = tx.connection().await.unwrap();
+        let mut sink = conn
+            .copy_in(&format!("COPY {t} (v) FROM STDIN"))
+            .await
+            .unwrap();
+        sink.write(b"1\n2\n").await.unwrap();
+        assert_eq!(sink.finish().await.unwrap(), 2);
+        let sink = conn
+            .copy_in(&format!("COPY {t} (v) FROM STDIN (FORMAT binary)"))
+            .await
+            .unwrap();
+        let mut writer = BinaryCopyInWriter::new(sink, &[Type::INT4]).unwrap();
+        writer.write_row(&[&3i32]).await.unwrap();
+        assert_eq!(writer.finish().await.unwrap(), 1);
+    }
+    assert_eq!(tx.state().await, TxState::Active);
+    let inside: i64 = tx
+        .query_one(format!("SELECT count(*) FROM {t}"))
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(inside, 3, "the copied rows are in the transaction");
+    assert_eq!(
+        values(&engine, &t).await,
+        Vec::<i32>::new(),
+        "not yet outside it"
+    );
+    {
+        let mut conn = tx.connection().await.unwrap();
+        let mut out = conn
+            .copy_out(&format!("COPY (SELECT v FROM {t} ORDER BY v) TO STDOUT"))
+            .await
+            .unwrap();
+        let mut text = Vec::new();
+        while let Some(chunk) = out.try_next().await.unwrap() {
+            text.extend_from_slice(&chunk);
+        }
+        assert_eq!(text, b"1\n2\n3\n");
+    }
+    tx.commit().await.unwrap();
+    assert_eq!(values(&engine, &t).await, vec![1, 2, 3]);
+}
+
+#[tokio::test]
+async fn a_failed_or_abandoned_copy_fails_the_transaction() {
+    let engine = engine();
+    let t = table(&engine, "tx_copy_fail").await;
+
+    // Bad data: the COPY's error, then the transaction refuses everything but a rollback.
+    let tx = engine.begin().await.unwrap();
+    tx.execute(format!("INSERT INTO {t} VALUES (9)"))
+        .await
+        .unwrap();
+    {
+        let mut conn = tx.connection().await.unwrap();
+        let mut sink = conn
+            .copy_in(&format!("COPY {t} (v) FROM STDIN"))
+            .await
+            .unwrap();
+        sink.write(b"not a number\n").await.unwrap();
+        let err = sink.finish().await.unwrap_err();
+        assert_eq!(err.code(), Some("22P02"), "{err}");
+    }
+    assert_eq!(tx.state().await, TxState::Failed);
+    let err = tx.query("SELECT 1").await.unwrap_err();
+    assert_eq!(err.transaction_error(), Some(TransactionError::Failed));
+    let err = tx.connection().await.unwrap_err();
+    assert_eq!(err.transaction_error(), Some(TransactionError::Failed));
+    tx.rollback().await.unwrap();
+
+    // A sink dropped before `finish`: nothing of the transaction may commit.
+    let tx = engine.begin().await.unwrap();
+    tx.execute(format!("INSERT INTO {t} VALUES (10)"))
+        .await
+        .unwrap();
+    {
+        let mut conn = tx.connection().await.unwrap();
+        let mut sink = conn
+            .copy_in(&format!("COPY {t} (v) FROM STDIN"))
+            .await
+            .unwrap();
+        sink.write(b"11\n").await.unwrap();
+    }
+    assert_eq!(tx.state().await, TxState::Failed);
+    let err = tx.commit().await.unwrap_err();
+    assert_eq!(
+        err.transaction_error(),
+        Some(TransactionError::NotCommitted),
+        "{err}"
+    );
+    assert_eq!(values(&engine, &t).await, Vec::<i32>::new());
+    // The connection came back clean: the next transaction works.
+    let tx = engine.begin().await.unwrap();
+    tx.execute(format!("INSERT INTO {t} VALUES (12)"))
+        .await
+        .unwrap();
+    tx.commit().await.unwrap();
+    assert_eq!(values(&engine, &t).await, vec![12]);
 }
