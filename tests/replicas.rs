@@ -147,6 +147,35 @@ async fn a_write_sent_to_the_replica_is_25006() {
 }
 
 #[tokio::test]
+async fn a_pooled_replica_connection_has_its_session_reset_in_recovery() {
+    let (_, standby) = pair();
+    let engine = PostgresEngine::new(config(standby));
+    engine
+        .start_connection_pool(PoolOptions::default().max_size(1))
+        .await
+        .unwrap();
+    let pid: i32 = engine
+        .query_one("SELECT pg_backend_pid()")
+        .await
+        .unwrap()
+        .get(0);
+    engine.execute("SET work_mem = '77MB'").await.unwrap();
+    // SET, RESET ALL, UNLISTEN and CLOSE only touch the backend's own state: a standby runs
+    // them, so the connection is cleaned, not discarded.
+    let mut conn = engine.acquire().await.unwrap();
+    assert_eq!(conn.process_id(), pid, "the same connection");
+    assert!(!conn.session_changed());
+    let row = conn
+        .query_one("SELECT current_setting('work_mem'), pg_is_in_recovery()")
+        .await
+        .unwrap();
+    assert_ne!(row.get::<_, &str>(0), "77MB");
+    assert!(row.get::<_, bool>(1), "on the standby");
+    drop(conn);
+    engine.close_connection_pool().await.unwrap();
+}
+
+#[tokio::test]
 async fn target_session_attrs_pick_the_right_server() {
     let (primary, standby) = pair();
     let in_recovery = async |config: &Config| -> pgengine::Result<bool> {
