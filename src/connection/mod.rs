@@ -161,10 +161,10 @@ pub struct Connection {
 /// The default for [`Connection::set_drain_timeout`].
 pub const DEFAULT_DRAIN_TIMEOUT: Duration = Duration::from_secs(5);
 
-/// What [`Connection::reset_session`] runs after a command changed the session: the session's user and
-/// every setting back to where the connection began (`RESET ALL` keeps what the startup packet
-/// set), no channels, no cursors. Not `DISCARD ALL`, which would also drop the prepared
-/// statements the connection's cache holds.
+/// What [`Connection::reset_session`] runs after a command changed the session: the session's
+/// user and every setting back to where the connection began (`RESET ALL` keeps what the
+/// startup packet set), no channels, no cursors. Not `DISCARD ALL`, which would also drop the
+/// prepared statements the connection's cache holds.
 const SESSION_RESET: &str = "SET SESSION AUTHORIZATION DEFAULT; RESET ALL; UNLISTEN *; CLOSE ALL";
 
 /// Time limits on requests, and what happens to one that is abandoned.
@@ -470,8 +470,8 @@ impl Connection {
         self.reset().await?;
         if self.session_changed() {
             self.simple_query(SESSION_RESET).await?;
-            // The reset's own SET.
-            self.stream.take_session_changed();
+            // The reset's own SET counts too: forget it with the rest.
+            self.stream.clear_session_changed();
             self.notifications.clear();
         }
         Ok(())

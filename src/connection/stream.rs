@@ -205,7 +205,7 @@ pub(crate) struct MessageStream {
     /// The last read filled all the room it was given: the next gets a full chunk.
     last_read_full: bool,
     /// A command that outlives its transaction in the session (SET, LISTEN, DECLARE) has
-    /// completed since [`MessageStream::take_session_changed`].
+    /// completed since [`MessageStream::clear_session_changed`].
     session_changed: bool,
 }
 
@@ -230,13 +230,13 @@ impl MessageStream {
         }
     }
 
-    /// Whether a command that changes the session has completed since the last call.
-    pub(crate) fn take_session_changed(&mut self) -> bool {
-        std::mem::take(&mut self.session_changed)
+    /// Forgets the commands that changed the session (once it has been put back).
+    pub(crate) fn clear_session_changed(&mut self) {
+        self.session_changed = false;
     }
 
     /// Whether a command that changes the session has completed since
-    /// [`MessageStream::take_session_changed`] was last called.
+    /// [`MessageStream::clear_session_changed`] was last called.
     pub(crate) fn session_changed(&self) -> bool {
         self.session_changed
     }
