@@ -797,6 +797,20 @@ async fn copy_runs_inside_a_transaction_through_its_connection() {
     assert_eq!(values(&engine, &t).await, vec![1, 2, 3]);
 }
 
+/// Starts a text COPY into `table` on `conn` and writes `data`, leaving the COPY open.
+async fn copy_into<'c>(
+    conn: &'c mut pgengine::Connection,
+    table: &str,
+    data: &[u8],
+) -> pgengine::CopyInSink<'c> {
+    let mut sink = conn
+        .copy_in(&format!("COPY {table} (v) FROM STDIN"))
+        .await
+        .unwrap();
+    sink.write(data).await.unwrap();
+    sink
+}
+
 #[tokio::test]
 async fn a_failed_or_abandoned_copy_fails_the_transaction() {
     let engine = engine();
@@ -809,11 +823,7 @@ async fn a_failed_or_abandoned_copy_fails_the_transaction() {
         .unwrap();
     {
         let mut conn = tx.connection().await.unwrap();
-        let mut sink = conn
-            .copy_in(&format!("COPY {t} (v) FROM STDIN"))
-            .await
-            .unwrap();
-        sink.write(b"not a number\n").await.unwrap();
+        let sink = copy_into(&mut conn, &t, b"not a number\n").await;
         let err = sink.finish().await.unwrap_err();
         assert_eq!(err.code(), Some("22P02"), "{err}");
     }
@@ -831,11 +841,7 @@ async fn a_failed_or_abandoned_copy_fails_the_transaction() {
         .unwrap();
     {
         let mut conn = tx.connection().await.unwrap();
-        let mut sink = conn
-            .copy_in(&format!("COPY {t} (v) FROM STDIN"))
-            .await
-            .unwrap();
-        sink.write(b"11\n").await.unwrap();
+        let _dropped_unfinished = copy_into(&mut conn, &t, b"11\n").await;
     }
     assert_eq!(tx.state().await, TxState::Failed);
     let err = tx.commit().await.unwrap_err();
