@@ -19,8 +19,8 @@
 //! database dropped, a setting or certificate wrong — is yielded as the stream's last item.
 //!
 //! The connection is never one of the pool's: a pooled connection is handed to other users,
-//! who would get its notifications mixed with their queries, and a pool closes idle
-//! connections when it likes. Everything that uses the connection — LISTEN, UNLISTEN, a
+//! who would get its notifications mixed with their queries, a pool undoes the LISTENs of a
+//! connection that comes back to it, and it closes idle connections when it likes. Everything that uses the connection — LISTEN, UNLISTEN, a
 //! reconnect — runs as one piece of work owned by the listener, not by the caller's future:
 //! a caller that is dropped half way leaves that work to be finished by the next call or poll,
 //! so the connection is never left in the middle of a request and the set of channels always
