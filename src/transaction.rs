@@ -45,7 +45,7 @@
 use std::fmt;
 use std::future::Future;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 
 use tokio::sync::{Mutex, MutexGuard, OwnedMutexGuard};
 
@@ -222,6 +222,7 @@ impl TransactionBuilder {
                     savepoints: Vec::new(),
                 })),
                 next_savepoint: AtomicU32::new(1),
+                lent: AtomicBool::new(false),
             }),
             nested: false,
         })
@@ -267,6 +268,7 @@ impl TransactionBuilder {
 /// transaction's state follows what happened on it when it is dropped.
 pub struct TxConnection<'a> {
     guard: MutexGuard<'a, TxConn>,
+    lent: &'a AtomicBool,
 }
 
 impl std::ops::Deref for TxConnection<'_> {
@@ -286,6 +288,7 @@ impl std::ops::DerefMut for TxConnection<'_> {
 impl Drop for TxConnection<'_> {
     fn drop(&mut self) {
         self.guard.after_reply();
+        self.lent.store(false, Ordering::Release);
     }
 }
 
@@ -312,6 +315,9 @@ struct Shared {
     /// The connection and the state; one query at a time.
     conn: Arc<Mutex<TxConn>>,
     next_savepoint: AtomicU32,
+    /// A [`TxConnection`] holds the connection: the transaction's own methods refuse at once
+    /// instead of waiting (on the lender's own task, they would wait forever).
+    lent: AtomicBool,
 }
 
 /// A transaction on one connection. Cheap to clone; clones are the same transaction.
@@ -370,6 +376,7 @@ impl PostgresTransaction {
     /// Locks the connection for a query: refuses without a round trip when the transaction
     /// is finished, or failed (unless `allow_failed`).
     pub(crate) async fn lock(&self, allow_failed: bool) -> Result<MutexGuard<'_, TxConn>> {
+        self.refuse_if_lent()?;
         let mut guard = self.shared.conn.lock().await;
         // A query whose future was dropped left its answer unread: as after a timeout.
         guard.after_abandoned();
@@ -425,7 +432,9 @@ impl PostgresTransaction {
     /// [`Connection::copy_out`](crate::Connection::copy_out)), inside the transaction.
     ///
     /// While it is held, the transaction's other methods (and `engine.*` queries on its task,
-    /// which go to the same connection) wait for it: drop it before using them. When it is
+    /// which go to the same connection) refuse with an [`ErrorKind::Busy`](crate::ErrorKind)
+    /// error, and [`state`](Self::state) and [`stats`](Self::stats) wait for it: drop it
+    /// before using them. When it is
     /// dropped the transaction follows what happened on it: a statement that failed fails the
     /// transaction, and so does one left unfinished (a COPY sink dropped before `finish`).
     /// Refused, without a round trip, when the transaction has failed or finished. Use the
@@ -447,8 +456,11 @@ impl PostgresTransaction {
     /// # }
     /// ```
     pub async fn connection(&self) -> Result<TxConnection<'_>> {
+        let guard = self.lock(false).await?;
+        self.shared.lent.store(true, Ordering::Release);
         Ok(TxConnection {
-            guard: self.lock(false).await?,
+            guard,
+            lent: &self.shared.lent,
         })
     }
 
@@ -603,8 +615,20 @@ impl PostgresTransaction {
         result
     }
 
+    /// Refuses while a [`TxConnection`] holds the connection, instead of waiting for it.
+    fn refuse_if_lent(&self) -> Result<()> {
+        if self.shared.lent.load(Ordering::Acquire) {
+            return Err(Error::busy(
+                "the transaction's connection is lent out (a TxConnection is alive): drop it \
+                 before using the transaction",
+            ));
+        }
+        Ok(())
+    }
+
     /// Locks the transaction's connection for a batch, until the batch is dropped.
     pub(crate) async fn lock_owned(&self) -> Result<OwnedMutexGuard<TxConn>> {
+        self.refuse_if_lent()?;
         let mut guard = self.shared.conn.clone().lock_owned().await;
         guard.after_abandoned();
         match guard.state {

@@ -859,3 +859,41 @@ async fn a_failed_or_abandoned_copy_fails_the_transaction() {
     tx.commit().await.unwrap();
     assert_eq!(values(&engine, &t).await, vec![12]);
 }
+
+#[tokio::test]
+async fn while_its_connection_is_lent_the_transaction_refuses_instead_of_waiting() {
+    let engine = engine();
+    let t = table(&engine, "tx_lent").await;
+    let same = engine.clone();
+    let table = t.clone();
+    let copied = tokio::time::timeout(
+        Duration::from_secs(10),
+        engine.transaction().run(|tx| async move {
+            let mut conn = tx.connection().await?;
+            // On this task, each of these would otherwise wait for the connection forever.
+            let err = tx.query("SELECT 1").await.unwrap_err();
+            assert_eq!(err.kind(), ErrorKind::Busy, "{err}");
+            let err = same.query("SELECT 1").await.unwrap_err();
+            assert_eq!(
+                err.kind(),
+                ErrorKind::Busy,
+                "engine queries go to the transaction"
+            );
+            let err = same.batch("SELECT 1", 10).start().await.unwrap_err();
+            assert_eq!(err.kind(), ErrorKind::Busy, "{err}");
+            let err = tx.connection().await.unwrap_err();
+            assert_eq!(err.kind(), ErrorKind::Busy, "{err}");
+            let copied = copy_into(&mut conn, &table, b"1\n").await.finish().await?;
+            drop(conn);
+            // Given back: everything works again, in the same transaction.
+            tx.execute(format!("INSERT INTO {table} VALUES (2)"))
+                .await?;
+            Ok(copied)
+        }),
+    )
+    .await
+    .expect("nothing waited forever")
+    .unwrap();
+    assert_eq!(copied, 1);
+    assert_eq!(values(&engine, &t).await, vec![1, 2]);
+}
