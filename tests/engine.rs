@@ -150,6 +150,14 @@ async fn session_changes_are_undone_before_the_next_user() {
             .unwrap();
         engine.execute("LISTEN pool_reset").await.unwrap();
         engine.execute("NOTIFY pool_reset").await.unwrap();
+        engine
+            .execute(
+                "DO $$ BEGIN CREATE ROLE pool_reset_role; \
+                 EXCEPTION WHEN duplicate_object THEN NULL; END $$",
+            )
+            .await
+            .unwrap();
+        engine.execute("SET ROLE pool_reset_role").await.unwrap();
 
         let mut conn = engine.acquire().await.unwrap();
         assert_eq!(
@@ -163,7 +171,10 @@ async fn session_changes_are_undone_before_the_next_user() {
             "the last user's notification is gone"
         );
         let after = conn
-            .query_one("SELECT current_setting('work_mem'), current_setting('application_name'), (SELECT count(*) FROM pg_listening_channels())")
+            .query_one(
+                "SELECT current_setting('work_mem'), current_setting('application_name'), \
+                 (SELECT count(*) FROM pg_listening_channels()), current_user::text",
+            )
             .await
             .unwrap();
         assert_eq!(
@@ -177,6 +188,11 @@ async fn session_changes_are_undone_before_the_next_user() {
             "the startup setting is kept"
         );
         assert_eq!(after.get::<_, i64>(2), 0, "no channel is listened to");
+        assert_eq!(
+            after.get::<_, String>(3),
+            TempCluster::SUPERUSER,
+            "the role is the session's own again"
+        );
         drop(conn);
         assert_eq!(
             engine.pool_stats().unwrap().opened,
