@@ -204,7 +204,7 @@ impl Connection {
     async fn read_to_ready(&mut self) -> Result<Option<Error>> {
         let mut error = None;
         loop {
-            match self.read().await? {
+            match self.read_or_first_error(&mut error).await? {
                 BackendMessage::ReadyForQuery(_) => return Ok(error),
                 BackendMessage::ErrorResponse(db) => {
                     error.get_or_insert(Error::db(db));

@@ -204,7 +204,7 @@ impl Connection {
         let mut rows_affected = None;
         let mut error = None;
         loop {
-            match self.read().await? {
+            match self.read_or_first_error(&mut error).await? {
                 BackendMessage::DataRow(data) if error.is_none() => rows.push_back(data),
                 BackendMessage::CommandComplete(tag) => {
                     rows_affected = Some(crate::row::rows_affected(&tag));
@@ -617,7 +617,7 @@ impl Connection {
         let mut statement = None;
         let mut error = None;
         loop {
-            match self.read().await? {
+            match self.read_or_first_error(&mut error).await? {
                 BackendMessage::CloseComplete => confirmed += 1,
                 BackendMessage::ParseComplete => {}
                 BackendMessage::ParameterDescription(oids) => {
@@ -1035,7 +1035,17 @@ impl RowStream<'_> {
             let msg = match ready!(self.conn.poll_read(cx)) {
                 Ok(msg) => msg,
                 Err(e) => {
-                    self.state = StreamState::Done;
+                    // A query that failed already keeps its own error when the session then
+                    // ends (see `Connection::read_or_first_error`).
+                    let state = std::mem::replace(&mut self.state, StreamState::Done);
+                    let e = match state {
+                        StreamState::Draining(Some(first))
+                            if first.kind() == crate::ErrorKind::Db =>
+                        {
+                            first
+                        }
+                        _ => e,
+                    };
                     return Poll::Ready(Some(Err(e)));
                 }
             };

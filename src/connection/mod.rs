@@ -727,11 +727,29 @@ impl Connection {
         }
     }
 
+    /// Reads the next message of a request that may have failed already (`error`, its first
+    /// error). If the connection fails now after the server refused the request — PgBouncer
+    /// in statement mode, say, drops a client whose transaction block failed — the server's
+    /// error for the request is the one returned, not the one that ended the session; the
+    /// connection is broken either way.
+    pub(super) async fn read_or_first_error(
+        &mut self,
+        error: &mut Option<Error>,
+    ) -> Result<BackendMessage> {
+        match self.read().await {
+            Ok(msg) => Ok(msg),
+            Err(e) => match error.take() {
+                Some(first) if first.kind() == crate::ErrorKind::Db => Err(first),
+                _ => Err(e),
+            },
+        }
+    }
+
     /// Reads until the ReadyForQuery that ends the current request, keeping the first server
     /// error seen on the way; anything else is a protocol error.
     async fn finish_request(&mut self, mut error: Option<Error>) -> Result<()> {
         loop {
-            match self.read().await? {
+            match self.read_or_first_error(&mut error).await? {
                 BackendMessage::ReadyForQuery(_) => break,
                 BackendMessage::ErrorResponse(db) => {
                     error.get_or_insert(Error::db(db));

@@ -41,7 +41,7 @@ impl Connection {
         // the ReadyForQuery (§55.2.2): a ReadyForQuery before any of them is not ours.
         let mut answered = false;
         loop {
-            match self.read().await? {
+            match self.read_or_first_error(&mut error).await? {
                 BackendMessage::RowDescription(fields) => {
                     columns = Some(fields.iter().map(Column::from_field).collect());
                 }
@@ -113,7 +113,7 @@ impl Connection {
         let mut answered = false;
         let mut tag = None;
         loop {
-            match self.read().await? {
+            match self.read_or_first_error(&mut error).await? {
                 BackendMessage::CommandComplete(t) => {
                     answered = true;
                     tag = Some(t);
