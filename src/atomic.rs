@@ -86,14 +86,25 @@ impl Atomic {
                 }
                 Err((i, e)) => {
                     // The failure left the transaction block open and aborted: end it, so the
-                    // connection is clean and nothing is committed.
-                    if !conn.is_broken() && conn.transaction_status() != TransactionStatus::Idle {
-                        conn.command(&["ROLLBACK"]).await?;
+                    // connection is clean and nothing is committed. If that fails too (the
+                    // connection was lost: PgBouncer in statement mode drops a client whose
+                    // block stays open), the server rolls back with the session; the error
+                    // worth reporting is still the query's, and the pool discards or cleans
+                    // the connection.
+                    let mut clean = !conn.is_broken();
+                    if clean && conn.transaction_status() != TransactionStatus::Idle {
+                        if let Err(rollback) = conn.command(&["ROLLBACK"]).await {
+                            tracing::debug!(
+                                target: "pgengine::query",
+                                "rolling back a failed Atomic failed too: {rollback}"
+                            );
+                            clean = false;
+                        }
                     }
                     // A cached statement invalidated by DDL: nothing was committed, so the
                     // whole run can go again once (the statement is prepared afresh).
                     let stale = matches!(e.code(), Some("0A000") | Some("26000"));
-                    if stale && !retried {
+                    if stale && clean && !retried {
                         retried = true;
                         continue;
                     }

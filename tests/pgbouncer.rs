@@ -220,3 +220,65 @@ async fn with_the_cache_on_the_error_says_what_to_do() {
         assert_eq!((x, y), (i, -i));
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn statement_mode_runs_statements_and_atomics_and_refuses_open_blocks() {
+    let bouncer = bouncer("statement", 2);
+    for pipeline in [0, 2] {
+        let engine = engine(&bouncer, pipeline).await;
+        let tasks: Vec<_> = (0..6i32)
+            .map(|t| {
+                let engine = engine.clone();
+                tokio::spawn(async move {
+                    for i in 0..20 {
+                        let v = t * 100 + i;
+                        let row = engine.query_one(("SELECT $1::int + 1", (v,))).await?;
+                        assert_eq!(row.get::<_, i32>(0), v + 1);
+                    }
+                    Ok::<_, pgengine::Error>(())
+                })
+            })
+            .collect();
+        for task in tasks {
+            task.await.unwrap().unwrap();
+        }
+
+        // PgBouncer refuses a transaction block left open between statements (and drops the
+        // client): the error says so.
+        let err = engine.begin().await.unwrap_err();
+        assert_eq!(err.code(), Some("08P01"), "{err}");
+        assert!(err.to_string().contains("statement pooling"), "{err}");
+
+        // An Atomic is one pipeline with one Sync: no statement ends with the block open, so
+        // it runs, on one server connection, and stays all-or-nothing. One that fails ends
+        // with its block failed, which PgBouncer answers by dropping the client (before or
+        // instead of the server's error): nothing is committed either way.
+        let table = format!("bouncer_stmt_{pipeline}");
+        cluster()
+            .psql(&format!(
+                "DROP TABLE IF EXISTS {table}; CREATE TABLE {table} (v int)"
+            ))
+            .unwrap();
+        let mut atomic = engine.atomic();
+        atomic.add(format!("INSERT INTO {table} VALUES (1)"));
+        atomic.add("SELECT 1 / 0");
+        let err = atomic.run().await.unwrap_err();
+        assert!(matches!(err.code(), Some("22012") | Some("08P01")), "{err}");
+        assert!(err.to_string().contains("nothing was committed"), "{err}");
+        let mut atomic = engine.atomic();
+        atomic.add(format!("INSERT INTO {table} VALUES (2)"));
+        atomic.add(format!("INSERT INTO {table} VALUES (3)"));
+        atomic.run().await.unwrap();
+        let rows = engine
+            .query(format!("SELECT v FROM {table} ORDER BY v"))
+            .await
+            .unwrap();
+        let values: Vec<i32> = rows.iter().map(|r| r.get(0)).collect();
+        assert_eq!(values, [2, 3], "the failed Atomic left nothing");
+
+        // The pool replaced what PgBouncer dropped; plain statements go on.
+        let row = engine.query_one("SELECT 41 + 1").await.unwrap();
+        assert_eq!(row.get::<_, i32>(0), 42);
+        engine.close_connection_pool().await.unwrap();
+    }
+}
