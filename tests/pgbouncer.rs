@@ -248,6 +248,18 @@ async fn statement_mode_runs_statements_and_atomics_and_refuses_open_blocks() {
         let err = engine.begin().await.unwrap_err();
         assert_eq!(err.code(), Some("08P01"), "{err}");
         assert!(err.to_string().contains("statement pooling"), "{err}");
+        // A batch keeps its portal's transaction open between fetches: refused the same way.
+        let err = async {
+            let mut batch = engine
+                .batch("SELECT generate_series(1, 10)", 3)
+                .start()
+                .await?;
+            while batch.next_batch().await?.is_some() {}
+            Ok::<_, pgengine::Error>(())
+        }
+        .await
+        .unwrap_err();
+        assert_eq!(err.code(), Some("08P01"), "{err}");
 
         // An Atomic is one pipeline with one Sync: no statement ends with the block open, so
         // it runs, on one server connection, and stays all-or-nothing. One that fails ends
