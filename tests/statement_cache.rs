@@ -278,3 +278,77 @@ async fn borrowed_params_of_mixed_types() {
             .is_none()
     );
 }
+
+/// An Atomic (one pipeline, one Sync) carrying the same new SQL several times parses it once:
+/// the later copies bind the first copy's statement.
+#[tokio::test]
+async fn the_same_new_sql_in_one_pipeline_is_parsed_once() {
+    use pgengine::PostgresEngine;
+    use pgengine::pool::PoolOptions;
+    use pgengine::testing::TempCluster;
+
+    let engine = PostgresEngine::new(common::tcp_config(TempCluster::SUPERUSER));
+    engine
+        .start_connection_pool(PoolOptions::default().max_size(1))
+        .await
+        .unwrap();
+    engine
+        .run_ddl("DROP TABLE IF EXISTS cache_dup; CREATE TABLE cache_dup (v int4)")
+        .await
+        .unwrap();
+    let insert = "INSERT INTO cache_dup (v) VALUES ($1)";
+    let atomic = |values: std::ops::Range<i32>| {
+        let mut atomic = engine.atomic();
+        for v in values {
+            atomic.add(pgengine::Query::new(insert).bind(v));
+        }
+        atomic
+    };
+
+    let before = engine.acquire().await.unwrap().stats();
+    atomic(0..5).run().await.unwrap();
+    let mut conn = engine.acquire().await.unwrap();
+    let after = conn.stats();
+    assert_eq!(
+        after.parses - before.parses,
+        3,
+        "BEGIN, COMMIT and one INSERT for five copies"
+    );
+    let statements = server_statements(&mut conn).await;
+    assert_eq!(
+        statements.iter().filter(|s| s.as_str() == insert).count(),
+        1,
+        "{statements:?}"
+    );
+    drop(conn);
+    // Warm: no Parse at all, and nothing was left to Close.
+    atomic(5..10).run().await.unwrap();
+    let warm = engine.acquire().await.unwrap().stats();
+    assert_eq!(warm.parses, after.parses);
+    assert_eq!(warm.closes, before.closes);
+    let sum: i64 = engine
+        .query_one("SELECT sum(v)::int8 FROM cache_dup")
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(sum, 45, "every copy inserted its own value");
+
+    // If the one Parse fails, the server runs nothing after it: one error, nothing committed,
+    // the connection clean.
+    let mut failing = engine.atomic();
+    for v in 0..3 {
+        failing.add(pgengine::Query::new("INSERT INTO cache_dup_missing VALUES ($1)").bind(v));
+    }
+    let err = failing.run().await.unwrap_err();
+    assert_eq!(err.code(), Some("42P01"), "{err}");
+    assert!(err.to_string().contains("query 1 of 3"), "{err}");
+
+    // A later copy whose value does not fit the first copy's parameter type gets its own.
+    let mut mixed = engine.atomic();
+    mixed.add(pgengine::Query::new("SELECT $1 AS x").bind(7i32));
+    mixed.add(pgengine::Query::new("SELECT $1 AS x").bind("seven"));
+    let results = mixed.run().await.unwrap();
+    assert_eq!(results[0].0[0].get::<_, i32>(0), 7);
+    assert_eq!(results[1].0[0].get::<_, String>(0), "seven");
+    engine.close_connection_pool().await.unwrap();
+}

@@ -19,6 +19,7 @@
 //! (26000), the statement is prepared again and the query retried once — only outside a
 //! transaction, where the failed attempt cannot have changed anything.
 
+use std::collections::HashMap;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll, ready};
@@ -82,6 +83,9 @@ pub(super) struct Plan {
 enum PlanKind {
     /// Bind of a cached statement.
     Cached { statement: Statement },
+    /// Bind of a statement parsed earlier in the same pipeline (before one Sync), whose
+    /// description is read, and cached, before this query's answer.
+    Pending { name: Arc<str> },
     /// Parse + Describe + Bind of a new statement, with the types chosen for it.
     New {
         name: Arc<str>,
@@ -409,6 +413,32 @@ impl Connection {
         }
     }
 
+    /// Writes Bind and Execute for `name`, a statement parsed earlier in the same pipeline
+    /// with `types`; if the values do not fit those types, the query is written as a new
+    /// statement of its own.
+    fn write_pending_bind(
+        &mut self,
+        sql: &str,
+        name: &Arc<str>,
+        types: &Arc<[Type]>,
+        params: &dyn Params,
+    ) -> Result<Written> {
+        if types.len() != params.len() {
+            return Err(param_count_error(types.len(), params.len()));
+        }
+        let statement = Statement::new(name.clone(), types.clone(), Arc::from([]));
+        match self.write_cached_bind(&statement, params, 0)? {
+            Ok(()) => {
+                self.stats.cache_hits += 1;
+                Ok(Written::Plan(Plan {
+                    kind: PlanKind::Pending { name: name.clone() },
+                    closes: Vec::new(),
+                }))
+            }
+            Err(_) => self.write_query(sql, params, 0),
+        }
+    }
+
     /// Writes Bind and Execute for a prepared statement. Returns `Ok(Err(i))` (having
     /// written nothing) if value `i` does not accept its parameter's type.
     fn write_cached_bind(
@@ -692,6 +722,11 @@ impl Connection {
         {
             return Ok(Arc::clone(&statement.columns));
         }
+        if let PlanKind::Pending { name } = &kind
+            && self.stream.take_bind_complete()
+        {
+            return self.pending_columns(sql, name);
+        }
         let mut confirmed = 0;
         let mut parsed = false;
         let mut param_types: Option<Arc<[Type]>> = None;
@@ -746,6 +781,7 @@ impl Connection {
         match outcome {
             Ok(()) => match kind {
                 PlanKind::Cached { statement } => Ok(statement.columns.clone()),
+                PlanKind::Pending { name } => self.pending_columns(sql, &name),
                 PlanKind::New { .. } => columns.ok_or_else(|| QueryStartError {
                     error: self.protocol_error("BindComplete before the statement's description"),
                     stale: false,
@@ -768,13 +804,31 @@ impl Connection {
                         }
                         _ => false,
                     },
-                    PlanKind::New { .. } => false,
+                    PlanKind::New { .. } | PlanKind::Pending { .. } => false,
                 };
                 Err(QueryStartError {
                     error: explain_pooler(error),
                     stale,
                 })
             }
+        }
+    }
+}
+
+impl Connection {
+    /// The result columns of `name`, parsed earlier in this pipeline: its description was read
+    /// (and cached) with that earlier query's answer.
+    fn pending_columns(
+        &mut self,
+        sql: &str,
+        name: &str,
+    ) -> std::result::Result<Arc<[Column]>, QueryStartError> {
+        match self.statements.get(sql) {
+            Some(statement) if &*statement.name == name => Ok(statement.columns.clone()),
+            _ => Err(QueryStartError {
+                error: self.protocol_error("BindComplete for a statement never described"),
+                stale: false,
+            }),
         }
     }
 }
@@ -871,9 +925,25 @@ impl Connection {
         let mut restarts = 0;
         'again: loop {
             let mut plans: Vec<Plan> = Vec::with_capacity(queries.len());
+            // Statements this pipeline parses: a later copy of the same SQL binds the first
+            // one's statement instead of parsing its own. (One Sync ends the pipeline: if that
+            // Parse fails, the server runs nothing after it anyway.)
+            let mut parsing: HashMap<&str, (Arc<str>, Arc<[Type]>)> = HashMap::new();
             for (i, q) in queries.iter().enumerate() {
-                match self.write_query(q.sql(), q.params(), 0) {
-                    Ok(Written::Plan(plan)) => plans.push(plan),
+                let sql = q.sql();
+                let written = match parsing.get(sql) {
+                    Some((name, types)) => self.write_pending_bind(sql, name, types, q.params()),
+                    None => self.write_query(sql, q.params(), 0),
+                };
+                match written {
+                    Ok(Written::Plan(plan)) => {
+                        if let PlanKind::New { name, param_types } = &plan.kind
+                            && self.statements.capacity() > 0
+                        {
+                            parsing.insert(sql, (name.clone(), param_types.clone().into()));
+                        }
+                        plans.push(plan);
+                    }
                     Ok(Written::NeedsDescribe) => {
                         self.abandon(plans);
                         // Describing caches the statement, so the next pass binds it like any
