@@ -699,7 +699,9 @@ impl Connection {
             columns,
         );
         if let Some(replaced) = self.statements.insert(sql, statement.clone()) {
-            // The same SQL was prepared twice in one pipeline: keep one.
+            // The same SQL was prepared twice in one pipeline (the pool's pipelined queries,
+            // each with its own Sync; or a later copy whose values needed other types): keep
+            // one.
             self.closes_due.push(replaced);
         }
         statement
