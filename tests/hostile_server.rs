@@ -1107,52 +1107,44 @@ async fn hung_server_mid_stream_times_out() {
 
 /// The query fails, and then, before its ReadyForQuery, the session ends (as when PgBouncer
 /// in statement mode drops a client whose block failed): the query's own error is reported,
-/// not the one that ended the session, and the connection is broken.
+/// not the one that ended the session, and the connection is broken. Through the extended
+/// protocol (a row stream) and the simple one.
 #[tokio::test]
 async fn a_session_ending_after_a_query_error_keeps_the_query_error() {
-    let server = MockServer::start(script([
-        trust_login(),
-        extended_query_start(int4_columns(&["n"])),
-        vec![
-            Step::Send(error_response("ERROR", "22012", "division by zero")),
-            Step::Send(error_response(
-                "FATAL",
-                "08P01",
-                "transaction blocks not allowed in statement pooling mode",
-            )),
-            Step::Close,
-        ],
-    ]))
-    .await;
-    let mut conn = connect(&server.config()).await;
-    let err = guard("query", conn.query("SELECT 1 / 0 AS n"))
-        .await
+    for extended in [true, false] {
+        let query = if extended {
+            extended_query_start(int4_columns(&["n"]))
+        } else {
+            vec![Step::Expect(Kind::Query)]
+        };
+        let server = MockServer::start(script([
+            trust_login(),
+            query,
+            vec![
+                Step::Send(error_response("ERROR", "22012", "division by zero")),
+                Step::Send(error_response(
+                    "FATAL",
+                    "08P01",
+                    "transaction blocks not allowed in statement pooling mode",
+                )),
+                Step::Close,
+            ],
+        ]))
+        .await;
+        let mut conn = connect(&server.config()).await;
+        let err = if extended {
+            guard("query", conn.query("SELECT 1 / 0 AS n"))
+                .await
+                .map(drop)
+        } else {
+            guard("simple_query", conn.simple_query("SELECT 1 / 0"))
+                .await
+                .map(drop)
+        }
         .expect_err("the query failed");
-    assert_eq!(err.code(), Some("22012"), "{err}");
-    assert_broken(&mut conn).await;
-    drop(conn);
-    server.finish().await;
-}
-
-/// The same through the simple protocol.
-#[tokio::test]
-async fn a_session_ending_after_a_simple_query_error_keeps_the_query_error() {
-    let server = MockServer::start(script([
-        trust_login(),
-        vec![
-            Step::Expect(Kind::Query),
-            Step::Send(error_response("ERROR", "22012", "division by zero")),
-            Step::Send(error_response("FATAL", "57P01", "terminating connection")),
-            Step::Close,
-        ],
-    ]))
-    .await;
-    let mut conn = connect(&server.config()).await;
-    let err = guard("simple_query", conn.simple_query("SELECT 1 / 0"))
-        .await
-        .expect_err("the query failed");
-    assert_eq!(err.code(), Some("22012"), "{err}");
-    assert_broken(&mut conn).await;
-    drop(conn);
-    server.finish().await;
+        assert_eq!(err.code(), Some("22012"), "extended: {extended}: {err}");
+        assert_broken(&mut conn).await;
+        drop(conn);
+        server.finish().await;
+    }
 }
