@@ -2,9 +2,9 @@
 //!
 //! The whole run is one pipeline and one round trip: `BEGIN`, then Parse/Bind/Execute of every
 //! query (only Bind/Execute for cached statements, and for later copies of a query already
-//! parsed in the same run), `COMMIT`, and a single Sync. If any query
-//! fails, the server skips the rest, `COMMIT` included; the transaction is rolled back and
-//! the error names the failing query and carries its SQLSTATE. Inside a transaction already
+//! parsed in the same run), `COMMIT`, and a single Sync. If any query fails, the server skips
+//! the rest, `COMMIT` included; the transaction is rolled back and the error names the failing
+//! query and carries its SQLSTATE. Inside a transaction already
 //! open on the task, the queries join it instead (no BEGIN, no COMMIT).
 
 use std::future::{Future, IntoFuture};

@@ -434,12 +434,11 @@ impl PostgresTransaction {
     /// While it is held, the transaction's other methods (and `engine.*` queries on its task,
     /// which go to the same connection) refuse with an [`ErrorKind::Busy`](crate::ErrorKind)
     /// error, and [`state`](Self::state) and [`stats`](Self::stats) wait for it: drop it
-    /// before using them. When it is
-    /// dropped the transaction follows what happened on it: a statement that failed fails the
-    /// transaction, and so does one left unfinished (a COPY sink dropped before `finish`).
-    /// Refused, without a round trip, when the transaction has failed or finished. Use the
-    /// transaction's methods, not SQL sent through it, to commit, roll back and make
-    /// savepoints.
+    /// before using them. When it is dropped the transaction follows what happened on it: a
+    /// statement that failed fails the transaction, and so does one left unfinished (a COPY
+    /// sink dropped before `finish`). Refused, without a round trip, when the transaction has
+    /// failed or finished. Use the transaction's methods, not SQL sent through it, to commit,
+    /// roll back and make savepoints.
     ///
     /// ```no_run
     /// # async fn demo(engine: pgengine::PostgresEngine) -> pgengine::Result<()> {
