@@ -1,7 +1,7 @@
 //! # pgengine
 //!
 //! An async PostgreSQL engine for Rust, built on its own implementation of the PostgreSQL
-//! frontend/backend wire protocol (version 3.0).
+//! frontend/backend wire protocol (version 3.0, and 3.2 when asked for).
 //!
 //! The crate is layered, lowest first; a lower layer never names a higher one:
 //!
