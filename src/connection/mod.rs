@@ -453,7 +453,7 @@ impl Connection {
     pub async fn reset(&mut self) -> Result<()> {
         self.prepare_request().await?;
         if self.status != TransactionStatus::Idle {
-            self.simple_query("ROLLBACK").await?;
+            self.command(&["ROLLBACK"]).await?;
         }
         Ok(())
     }
