@@ -27,7 +27,9 @@
 //!   [`Atomic`](atomic::Atomic) runs in one round trip, and [`AsyncBatch`](batch::AsyncBatch)
 //!   over a native portal.
 //! - [`row`], [`query`], [`types`]: rows decoded lazily through `postgres-types`, queries and
-//!   their parameters, and the value types postgres-types lacks.
+//!   their parameters, and the value types postgres-types lacks. Beside them, the private `sql`
+//!   module reads SQL text as the server lexes it: placeholders, and whether a statement
+//!   controls the transaction or changes the session (the engine routes on it).
 //! - [`error`]: the one [`Error`] type, with a [`ErrorKind`] a caller can match on and every
 //!   field of a server error.
 //! - `testing` (feature `testing`): `testing::TempCluster`, a throwaway PostgreSQL cluster
@@ -60,6 +62,7 @@ pub mod protocol;
 pub mod query;
 pub mod row;
 pub mod savepoint;
+mod sql;
 #[cfg(feature = "testing")]
 pub mod testing;
 pub mod transaction;
