@@ -6,6 +6,10 @@
 //! the rest, `COMMIT` included; the transaction is rolled back and the error names the failing
 //! query and carries its SQLSTATE. Inside a transaction already
 //! open on the task, the queries join it instead (no BEGIN, no COMMIT).
+//!
+//! An Atomic is one transaction, so transaction control among its queries (`COMMIT`,
+//! `ROLLBACK`, `BEGIN`, `SAVEPOINT`, …) would commit part of it, or split it, behind the
+//! all-or-nothing promise: such a query is refused before anything is sent.
 
 use std::future::{Future, IntoFuture};
 use std::pin::Pin;
@@ -63,6 +67,21 @@ impl Atomic {
         let queries: Vec<&dyn ToQuery> = self.queries.iter().map(|q| q as &dyn ToQuery).collect();
         if queries.is_empty() {
             return Ok(Vec::new());
+        }
+        for (i, q) in queries.iter().enumerate() {
+            if let Some(control) = crate::sql::effects(q.sql()).control.first() {
+                return Err(Error::transaction(
+                    TransactionError::ControlStatement,
+                    format!(
+                        "query {} of {} is {}, refused (nothing was sent): an Atomic is one \
+                         transaction of its own, all or nothing, and transaction control \
+                         inside it would commit or split part of it",
+                        i + 1,
+                        queries.len(),
+                        control.keyword()
+                    ),
+                ));
+            }
         }
         if let Some(tx) = crate::transaction::current(&self.engine) {
             return tx

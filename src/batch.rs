@@ -66,6 +66,17 @@ impl BatchBuilder {
         }
         let batch_size = i32::try_from(self.batch_size)
             .map_err(|_| Error::config("batch_size must be at most 2147483647"))?;
+        if let Some(control) = crate::sql::effects(self.query.sql()).control.first() {
+            // The portal lives in the batch's transaction block: ending it ends the portal.
+            return Err(Error::transaction(
+                crate::error::TransactionError::ControlStatement,
+                format!(
+                    "{} cannot be fetched in batches (nothing was sent): a batch's portal \
+                     lives in a transaction that this would end",
+                    control.keyword()
+                ),
+            ));
+        }
         let engine = match &self.node {
             Some(name) => self.engine.node(name)?,
             None => self.engine.clone(),

@@ -28,12 +28,13 @@ use std::sync::{Arc, RwLock};
 use std::time::{Duration, Instant};
 
 use crate::config::Config;
-use crate::connection::Connection;
-use crate::error::{Error, Result};
+use crate::connection::{Connection, TransactionStatus};
+use crate::error::{Error, Result, TransactionError};
 use crate::listen::{ListenOptions, Listener};
 use crate::pool::{ConnectionManager, Manager, Pipeline, Pool, PoolOptions, PoolStats, Pooled};
 use crate::query::{Query, ToQuery};
 use crate::row::{Row, SimpleQueryResult};
+use crate::sql::Control;
 use crate::transaction::{PostgresTransaction, TransactionBuilder};
 
 /// How long `close_connection_pool` waits for checked-out connections to come back.
@@ -378,13 +379,52 @@ impl PostgresEngine {
 
     /// Runs a query outside any transaction: pipelined when the pool pipelines and the query
     /// can be, otherwise on a connection of its own.
+    ///
+    /// Transaction control is refused (each statement runs on whichever connection is free,
+    /// so it cannot do what it says), and a statement that changes the session never shares
+    /// a pipelined connection: it runs on one of its own, which the pool puts back as it
+    /// began before anyone else uses it.
     async fn run_outside(&self, query: &dyn ToQuery) -> Result<(Vec<Row>, u64)> {
-        if let Some(pipeline) = self.current_pipeline()
+        let effects = crate::sql::effects(query.sql());
+        if let Some(&control) = effects.control.first() {
+            return Err(control_outside_scope(control));
+        }
+        if effects.is_plain()
+            && let Some(pipeline) = self.current_pipeline()
             && let Some(result) = pipeline.run(query).await?
         {
             return Ok(result);
         }
         self.acquire().await?.query_counted(query).await
+    }
+
+    /// Runs SQL with the simple protocol outside any transaction, on a connection of its
+    /// own. Several statements may open and close a transaction block of their own
+    /// (`BEGIN; …; COMMIT`) — they share the connection —, but text that would end a block it
+    /// did not open, or leave one open, is refused before anything is sent. If a block is
+    /// open when the text has run all the same, it is rolled back and the error says so.
+    async fn run_simple_outside(&self, sql: &str) -> Result<Vec<SimpleQueryResult>> {
+        if let Some(control) = crate::sql::effects(sql).unbalanced() {
+            return Err(control_outside_scope(control));
+        }
+        let mut conn = self.acquire().await?;
+        let results = conn.simple_query(sql).await?;
+        if conn.transaction_status() != TransactionStatus::Idle {
+            let undone = conn.reset().await;
+            return Err(Error::transaction(
+                TransactionError::NotCommitted,
+                format!(
+                    "the SQL left a transaction block open; it was {}: nothing of it was \
+                     committed. Use engine.transaction() for a transaction",
+                    if undone.is_ok() {
+                        "rolled back"
+                    } else {
+                        "ended with the connection"
+                    }
+                ),
+            ));
+        }
+        Ok(results)
     }
 
     /// The server's version as `major.minor` (12.4, 9.4), as Piccolo's `get_version`.
@@ -582,7 +622,7 @@ impl PostgresEngine {
         let started = self.log_start(sql);
         let result = match crate::transaction::current(self) {
             Some(tx) => tx.simple_query(sql).await,
-            None => self.acquire().await?.simple_query(sql).await,
+            None => self.run_simple_outside(sql).await,
         };
         let count = result
             .as_ref()
@@ -621,4 +661,32 @@ impl PostgresEngine {
             }
         }
     }
+}
+
+/// Transaction control sent through the engine outside a transaction scope: each statement
+/// runs on whichever connection is free (or a fresh one), so it cannot do what it says.
+fn control_outside_scope(control: Control) -> Error {
+    let keyword = control.keyword();
+    let why = match control {
+        Control::Begin => format!(
+            "{keyword} would open a transaction block that the statements after it are not \
+             sure to join (each runs on whichever connection is free), and that would be \
+             rolled back unseen"
+        ),
+        Control::Commit | Control::Rollback | Control::PrepareTransaction => format!(
+            "no transaction is open on this task, so {keyword} would end nothing (an earlier \
+             BEGIN through the engine ran on a connection of its own)"
+        ),
+        Control::Savepoint | Control::Release | Control::RollbackTo => {
+            format!("{keyword} belongs to a transaction, and none is open on this task")
+        }
+    };
+    Error::transaction(
+        TransactionError::ControlStatement,
+        format!(
+            "{keyword} through the engine outside a transaction was refused (nothing was \
+             sent): {why}. Use engine.transaction().run(..) or engine.begin(), and the \
+             transaction's savepoint methods"
+        ),
+    )
 }

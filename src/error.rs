@@ -87,6 +87,17 @@ pub enum TransactionError {
     NotCommitted,
     /// `run_sync` was called where it would block an async runtime.
     BlockingInRuntime,
+    /// A transaction-control statement (`BEGIN`, `COMMIT`, `ROLLBACK`, `SAVEPOINT`, …) was
+    /// refused where it could not do what it says: through the engine outside a transaction
+    /// scope (each statement runs on whichever connection is free, so a `BEGIN` would open a
+    /// block no later statement is sure to join, and a `ROLLBACK` would undo nothing), or
+    /// among an [`Atomic`](crate::atomic::Atomic)'s queries. Nothing was sent. Use
+    /// [`PostgresEngine::transaction`](crate::PostgresEngine::transaction) or
+    /// [`begin`](crate::PostgresEngine::begin), and savepoints through the transaction.
+    ControlStatement,
+    /// The work may or may not have been committed: a statement ended a transaction block
+    /// that the work ran in, and what it ended it with is not known. Check before retrying.
+    OutcomeUnknown,
 }
 
 /// The error type of every pgengine operation.

@@ -25,20 +25,34 @@ pub(crate) struct Described {
     pub(crate) param_types: Arc<[Type]>,
     /// The result columns from RowDescription (empty for NoData).
     pub(crate) columns: Arc<[Column]>,
+    /// Running it changes the session for whoever uses the connection next (see
+    /// `crate::sql::effects`): read once from the SQL, when the statement is prepared.
+    pub(crate) changes_session: bool,
 }
 
 impl Statement {
-    pub(crate) fn new(name: Arc<str>, param_types: Arc<[Type]>, columns: Arc<[Column]>) -> Self {
+    pub(crate) fn new(
+        name: Arc<str>,
+        param_types: Arc<[Type]>,
+        columns: Arc<[Column]>,
+        changes_session: bool,
+    ) -> Self {
         Statement(Arc::new(Described {
             name,
             param_types,
             columns,
+            changes_session,
         }))
     }
 
     /// The same statement with other result columns.
     pub(crate) fn with_columns(&self, columns: Arc<[Column]>) -> Self {
-        Statement::new(self.name.clone(), self.param_types.clone(), columns)
+        Statement::new(
+            self.name.clone(),
+            self.param_types.clone(),
+            columns,
+            self.changes_session,
+        )
     }
 }
 
@@ -207,7 +221,7 @@ mod tests {
     use super::*;
 
     fn stmt(cache: &mut StatementCache) -> Statement {
-        Statement::new(cache.next_name(), Arc::from([]), Arc::from([]))
+        Statement::new(cache.next_name(), Arc::from([]), Arc::from([]), false)
     }
 
     #[test]

@@ -359,6 +359,9 @@ impl Connection {
     fn write_query(&mut self, sql: &str, params: &dyn Params, max_rows: i32) -> Result<Written> {
         let mark = self.stream.write_buf.len();
         if let Some(statement) = self.statements.get(sql).cloned() {
+            if statement.changes_session {
+                self.stream.note_session_change();
+            }
             if statement.param_types.len() != params.len() {
                 return Err(param_count_error(statement.param_types.len(), params.len()));
             }
@@ -389,6 +392,10 @@ impl Connection {
         if count_placeholders(sql) != params.len() {
             // Our count could be wrong for unusual SQL; the server's never is.
             return Ok(Written::NeedsDescribe);
+        }
+        if crate::sql::effects(sql).session {
+            // Counted from the moment it is sent: even a failed SET may have run a part.
+            self.stream.note_session_change();
         }
         self.stats.cache_misses += 1;
         let evicted = self.statements.make_room();
@@ -426,7 +433,8 @@ impl Connection {
         if types.len() != params.len() {
             return Err(param_count_error(types.len(), params.len()));
         }
-        let statement = Statement::new(name.clone(), types.clone(), Arc::from([]));
+        // Only bound here: the copy parsed first was read for its effects when written.
+        let statement = Statement::new(name.clone(), types.clone(), Arc::from([]), false);
         match self.write_cached_bind(&statement, params, 0)? {
             Ok(()) => {
                 self.stats.cache_hits += 1;
@@ -697,6 +705,7 @@ impl Connection {
             name.clone(),
             param_types.unwrap_or_else(|| Arc::from([])),
             columns,
+            crate::sql::effects(sql).session,
         );
         if let Some(replaced) = self.statements.insert(sql, statement.clone()) {
             // The same SQL was prepared twice in one pipeline (the pool's pipelined queries,

@@ -163,9 +163,17 @@ pub const DEFAULT_DRAIN_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// What [`Connection::reset_session`] runs after a command changed the session: the session's
 /// user and every setting back to where the connection began (`RESET ALL` keeps what the
-/// startup packet set), no channels, no cursors. Not `DISCARD ALL`, which would also drop the
-/// prepared statements the connection's cache holds.
-const SESSION_RESET: &str = "SET SESSION AUTHORIZATION DEFAULT; RESET ALL; UNLISTEN *; CLOSE ALL";
+/// startup packet set), no channels, no cursors, no session advisory locks, no temporary
+/// tables, no sequence state (`currval`). Not `DISCARD ALL`, which would also drop the
+/// prepared statements the connection's cache holds. Every part is allowed on a standby.
+const SESSION_RESET: &str = "SET SESSION AUTHORIZATION DEFAULT; RESET ALL; UNLISTEN *; \
+    CLOSE ALL; SELECT pg_advisory_unlock_all(); DISCARD TEMP; DISCARD SEQUENCES";
+
+/// Run by [`Connection::reset_session`] after a SQL `PREPARE`: deallocates the statements SQL
+/// prepared, and only those (`DEALLOCATE ALL` would drop the cache's own too).
+const SQL_PREPARED_RESET: &str = "DO $pge$ DECLARE n text; BEGIN \
+    FOR n IN SELECT name FROM pg_prepared_statements WHERE from_sql LOOP \
+    EXECUTE format('DEALLOCATE %I', n); END LOOP; END $pge$";
 
 /// Time limits on requests, and what happens to one that is abandoned.
 ///
@@ -458,17 +466,23 @@ impl Connection {
         Ok(())
     }
 
-    /// [`reset`](Self::reset), and then, if a command changed the session (`SET`, `LISTEN`,
-    /// `DECLARE`), puts the session back as it began: the session user and every setting as
-    /// the connection started (what the startup packet set is kept), no channels listened to
-    /// (and no notifications kept from them), no cursors. A pool of the engine's does this
+    /// [`reset`](Self::reset), and then, if the session may have changed (see
+    /// [`session_changed`](Self::session_changed)), puts it back as it began: the session user
+    /// and every setting as the connection started (what the startup packet set is kept), no
+    /// channels listened to (and no notifications kept from them), no cursors, no session
+    /// advisory locks, no temporary tables, no sequence state, and no statements prepared with
+    /// SQL `PREPARE` (the statement cache's own are kept). A pool of the engine's does this
     /// before handing a returned connection to someone else, unless told not to.
     ///
-    /// Prepared statements (ours and SQL `PREPARE`'s), temporary tables and advisory locks are
-    /// not undone.
+    /// What it cannot see is not undone: a setting changed inside a function whose parameter
+    /// the server does not report (`set_config` called from PL/pgSQL), or a temporary object
+    /// created by one.
     pub async fn reset_session(&mut self) -> Result<()> {
         self.reset().await?;
         if self.session_changed() {
+            if self.stream.sql_prepared() {
+                self.simple_query(SQL_PREPARED_RESET).await?;
+            }
             self.simple_query(SESSION_RESET).await?;
             // The reset's own SET counts too: forget it with the rest.
             self.stream.clear_session_changed();
@@ -477,8 +491,11 @@ impl Connection {
         Ok(())
     }
 
-    /// Whether a command that changes the session (`SET`, `LISTEN`, `DECLARE`) has completed
-    /// since the connection opened or was last [reset](Self::reset_session).
+    /// Whether the session may have been changed since the connection opened or was last
+    /// [reset](Self::reset_session): a statement that changes it was sent (`SET`, `RESET`,
+    /// `LISTEN`, `DECLARE`, `PREPARE`, `DISCARD`, `LOAD`, `DO`, a temporary table, a call of
+    /// `set_config` or of a session advisory lock function), its command tag came back, or the
+    /// server reported a parameter's new value.
     pub fn session_changed(&self) -> bool {
         self.stream.session_changed()
     }
@@ -688,6 +705,11 @@ impl Connection {
             match msg {
                 BackendMessage::NoticeResponse(notice) => (self.notice_handler)(&notice),
                 BackendMessage::ParameterStatus { name, value } => {
+                    // A new value after startup: a statement changed the session (a
+                    // set_config hidden in a function, say), or the server's role did.
+                    if self.parameters.get(&name) != Some(&value) {
+                        self.stream.note_session_change();
+                    }
                     self.parameters.insert(name, value);
                 }
                 BackendMessage::NotificationResponse {

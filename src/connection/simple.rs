@@ -30,6 +30,9 @@ impl Connection {
     /// ```
     pub async fn simple_query(&mut self, sql: &str) -> Result<Vec<SimpleQueryResult>> {
         self.prepare_request().await?;
+        if crate::sql::effects(sql).session {
+            self.stream.note_session_change();
+        }
         frontend::query(&mut self.stream.write_buf, sql)?;
         self.send(1).await?;
 

@@ -204,16 +204,32 @@ pub(crate) struct MessageStream {
     ask_again: AskAgain,
     /// The last read filled all the room it was given: the next gets a full chunk.
     last_read_full: bool,
-    /// A command that outlives its transaction in the session (SET, LISTEN, DECLARE) has
-    /// completed since [`MessageStream::clear_session_changed`].
+    /// Something that outlives its transaction in the session (a setting, a channel, a
+    /// cursor, …) has been changed since [`MessageStream::clear_session_changed`]: a statement
+    /// that does so was sent, or a command tag or a ParameterStatus showed it.
     session_changed: bool,
+    /// A SQL `PREPARE` has completed since [`MessageStream::clear_session_changed`].
+    sql_prepared: bool,
 }
 
 /// Whether a command with this tag changes the session for whoever uses the connection next:
-/// a setting (`SET`; `SET LOCAL` has the same tag and is harmless to undo), a channel listened
-/// to, or a cursor, which may be held past its transaction.
+/// a setting (`SET`; `SET LOCAL` has the same tag and is harmless to undo), a channel, a
+/// cursor (which may be held past its transaction), a SQL prepared statement, a loaded
+/// library. The statement's text was read before it was sent (`crate::sql::effects`); the
+/// tag catches what that missed.
 fn changes_session(tag: &[u8]) -> bool {
-    matches!(tag, b"SET" | b"LISTEN" | b"DECLARE CURSOR")
+    matches!(
+        tag,
+        b"SET"
+            | b"RESET"
+            | b"LISTEN"
+            | b"UNLISTEN"
+            | b"DECLARE CURSOR"
+            | b"PREPARE"
+            | b"DEALLOCATE"
+            | b"DEALLOCATE ALL"
+            | b"LOAD"
+    ) || tag.starts_with(b"DISCARD")
 }
 
 impl MessageStream {
@@ -227,12 +243,32 @@ impl MessageStream {
             ask_again: AskAgain::default(),
             last_read_full: true,
             session_changed: false,
+            sql_prepared: false,
         }
     }
 
     /// Forgets the commands that changed the session (once it has been put back).
     pub(crate) fn clear_session_changed(&mut self) {
         self.session_changed = false;
+        self.sql_prepared = false;
+    }
+
+    /// Records that the session was changed (a statement that changes it is being sent, or
+    /// the server reported a new parameter value).
+    pub(crate) fn note_session_change(&mut self) {
+        self.session_changed = true;
+    }
+
+    /// Whether a SQL `PREPARE` completed since [`MessageStream::clear_session_changed`].
+    pub(crate) fn sql_prepared(&self) -> bool {
+        self.sql_prepared
+    }
+
+    fn note_tag(&mut self, tag: &[u8]) {
+        if changes_session(tag) {
+            self.session_changed = true;
+            self.sql_prepared |= tag == b"PREPARE";
+        }
     }
 
     /// Whether a command that changes the session has completed since
@@ -267,7 +303,7 @@ impl MessageStream {
             if let Some(msg) = protocol::read_message(&mut self.read_buf, self.max_message_len)? {
                 self.streaming = matches!(msg, BackendMessage::DataRow(_));
                 if let BackendMessage::CommandComplete(tag) = &msg {
-                    self.session_changed |= changes_session(tag);
+                    self.note_tag(tag);
                 }
                 return Poll::Ready(Ok(msg));
             }
@@ -313,7 +349,10 @@ impl MessageStream {
         let body = self.read_buf.get(5..1 + len)?;
         let tag = protocol::command_tag(body)?;
         let count = crate::row::rows_affected(tag);
-        self.session_changed |= changes_session(tag);
+        let changes = changes_session(tag);
+        let prepared = tag == b"PREPARE";
+        self.session_changed |= changes;
+        self.sql_prepared |= prepared;
         self.read_buf.advance(1 + len);
         self.streaming = false;
         Some(count)

@@ -96,8 +96,31 @@ pub struct PoolOptions {
     /// pipelining off, so every query checks a connection out for itself. A pipelined
     /// connection is held only while it has queries to carry; see
     /// [`pipeline_depth`](PoolOptions::pipeline_depth) for how queries are shared among them.
-    /// A session `SET` made through it applies to the queries sharing its connection until
-    /// the connection goes back to the pool: use `SET LOCAL` in a transaction instead.
+    ///
+    /// One task's statements never reach into another's:
+    ///
+    /// - Transaction control through the engine outside a transaction (`BEGIN`, `COMMIT`,
+    ///   `ROLLBACK`, `SAVEPOINT`, `PREPARE TRANSACTION`, …) is refused with
+    ///   [`TransactionError::ControlStatement`](crate::TransactionError::ControlStatement),
+    ///   pipelined or not: use `engine.transaction()`.
+    /// - A statement that changes the session (`SET`, `RESET`, `SET ROLE`, `LISTEN`,
+    ///   `DECLARE`, `PREPARE`, `DISCARD`, `LOAD`, `DO`, a temporary table, a call of
+    ///   `set_config` or of a session advisory lock function) is never pipelined: it runs on a
+    ///   connection of its own, which is put back as it began before its next use (so a `SET`
+    ///   through the engine outside a transaction lasts for that statement only; settings for
+    ///   every connection belong in the configuration, `options=-c …`).
+    /// - Whatever the text hides is caught from the server's answers: a query whose Sync
+    ///   leaves a transaction block open is rolled back with every query sent behind it, each
+    ///   answered with [`TransactionError::NotCommitted`](crate::TransactionError::NotCommitted);
+    ///   a parameter reported with a new value takes the connection out of the pipeline to be
+    ///   reset.
+    ///
+    /// What remains the caller's: a function that changes a setting the server does not
+    /// report (a `set_config` inside PL/pgSQL, say), takes a session advisory lock or creates
+    /// a temporary table affects the queries already sent behind it on the same connection;
+    /// call such functions inside a transaction (`engine.transaction()`), whose connection is
+    /// its own. And `currval`/`lastval` only mean something inside a transaction, pipelined or
+    /// not: consecutive statements may run on different connections.
     pub pipeline: usize,
     /// With [`pipeline`](PoolOptions::pipeline): how many queries (waiting or in flight) one
     /// pipelined connection carries before the next is brought in; once every one carries

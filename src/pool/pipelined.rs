@@ -20,6 +20,25 @@
 //! always has work while the client reads and replies. When its queue is empty and nothing
 //! is in flight it gives the connection back to the pool, so transactions and batches, which
 //! keep a connection to themselves, are never starved.
+//!
+//! Only statements that neither control the transaction nor change the session reach a
+//! driver (the engine reads each statement's text first, `crate::sql::effects`). What the
+//! text cannot show is caught from what the server says, after every query:
+//!
+//! - **ReadyForQuery's status is the safety net.** Every pipelined query ends with a Sync of
+//!   its own, so the status after it must be Idle. If it is not, the query opened a
+//!   transaction block and the queries sent behind it ran inside that block: the driver sends
+//!   nothing more on the connection, reads what is in flight, rolls the block back, and
+//!   answers every query of the block with an error saying that nothing of it was committed
+//!   (never Ok). Should a later query end the block instead, what it ended it with is unknown,
+//!   and the queries of the block are told that their outcome is unknown.
+//! - **A session change takes the connection out.** A parameter the server reports with a
+//!   new value (a `set_config` inside a function), or a command tag that changes the session,
+//!   means the session is no longer the one every task expects: the driver sends nothing more
+//!   on the connection and gives it back once what is in flight is read, and the pool puts the
+//!   session back as it began before anyone uses it again. Queries already sent behind it
+//!   have run; the docs of [`PoolOptions::pipeline`](super::PoolOptions::pipeline) say what
+//!   remains the caller's to avoid.
 
 use std::collections::VecDeque;
 use std::sync::Arc;
@@ -29,8 +48,8 @@ use std::time::Instant;
 use tokio::sync::{mpsc, oneshot};
 
 use super::{ConnectionManager, Pool};
-use crate::connection::SentQuery;
-use crate::error::{Error, Result};
+use crate::connection::{Connection, SentQuery, TransactionStatus};
+use crate::error::{Error, Result, TransactionError};
 use crate::query::{EncodedParam, ToQuery};
 use crate::row::Row;
 
@@ -273,6 +292,11 @@ async fn drive(
         let mut first = Some(first);
         // When the last answer on this connection came (0: none yet).
         let mut last_answer = 0;
+        // The queries that ran inside a transaction block one of them opened, once one did.
+        let mut block: Option<Vec<Request>> = None;
+        // The connection takes no more queries: it goes back to the pool to be cleaned once
+        // what is in flight has been read.
+        let mut leaving = false;
         let failure = loop {
             // Send what has arrived, while there is room in flight — once the answers already
             // received have been handed over: one write for all that arrived meanwhile, not
@@ -280,6 +304,7 @@ async fn drive(
             let mut requests: Vec<Request> = first.take().into_iter().collect();
             let answers_waiting = !inflight.is_empty() && conn.has_buffered_message();
             while !answers_waiting
+                && !leaving
                 && requests.len() < MAX_BATCH
                 && inflight.len() + requests.len() < MAX_IN_FLIGHT
             {
@@ -322,6 +347,9 @@ async fn drive(
                 sent_at,
             }) = inflight.pop_front()
             else {
+                if let Some(run) = block.take() {
+                    roll_back_block(&mut conn, run).await;
+                }
                 break None;
             };
             let answer = conn.read_answer(&request, sent).await;
@@ -336,17 +364,49 @@ async fn drive(
             last_answer = now;
             let oldest = inflight.front().map_or(0, |q| q.sent_at);
             gauge.oldest_sent.store(oldest, Ordering::Relaxed);
-            match answer {
-                Ok(result) => reply(request, result),
+            let answer = match answer {
+                Ok(answer) => answer,
                 Err(e) => {
                     fail_all([request.reply], &e);
                     break Some(e);
+                }
+            };
+            let idle = conn.transaction_status() == TransactionStatus::Idle;
+            match &mut block {
+                None if idle => {
+                    reply(request, answer);
+                    if conn.session_changed() {
+                        leaving = true;
+                    }
+                }
+                None => {
+                    // Its Sync left a block open: it and everything behind it ran inside.
+                    tracing::warn!(
+                        target: "pgengine::pool",
+                        "a pipelined statement left a transaction block open; the queries \
+                         behind it are rolled back with it"
+                    );
+                    block = Some(vec![request]);
+                    leaving = true;
+                }
+                Some(run) => {
+                    run.push(request);
+                    if idle {
+                        // Something ended the block: with COMMIT or ROLLBACK, we cannot tell.
+                        for request in block.take().into_iter().flatten() {
+                            reply(request, Err(outcome_unknown()));
+                        }
+                    }
                 }
             }
         };
         if let Some(e) = failure {
             // The connection broke: every request still in flight learns it (the pool
-            // discards the connection when it comes back).
+            // discards the connection when it comes back). A block still open ends with the
+            // session, rolled back by the server.
+            for request in block.take().into_iter().flatten() {
+                reply(request, Err(not_committed("the connection was lost")));
+            }
             fail_all(inflight.drain(..).map(|q| q.request.reply), &e);
             gauge.oldest_sent.store(0, Ordering::Relaxed);
         }
@@ -363,6 +423,43 @@ fn reply(request: Request, result: Result<(Vec<Row>, u64)>) {
     drop(load);
     // A task that gave up no longer listens; nothing to do.
     let _ = reply.send(result);
+}
+
+/// Rolls back the transaction block that the queries of `run` ran in (the first of them
+/// opened it), and tells each that nothing of it was committed. If the rollback fails, the
+/// connection is broken and the server rolls the block back as the session ends.
+async fn roll_back_block(conn: &mut Connection, run: Vec<Request>) {
+    let how = match conn.reset().await {
+        Ok(()) => "it was rolled back",
+        Err(_) => "the connection was closed with the block open",
+    };
+    for request in run {
+        reply(request, Err(not_committed(how)));
+    }
+}
+
+/// The answer of a query that ran inside a transaction block that a statement on its shared
+/// connection left open.
+fn not_committed(how: &str) -> Error {
+    Error::transaction(
+        TransactionError::NotCommitted,
+        format!(
+            "this query ran on a pipelined connection inside a transaction block that a \
+             statement sent through the pipeline left open, and {how}: nothing of it was \
+             committed. Run transactions through engine.transaction()"
+        ),
+    )
+}
+
+/// The answer of a query that ran inside a transaction block which a later query on the same
+/// pipelined connection ended, with COMMIT or ROLLBACK: we cannot tell.
+fn outcome_unknown() -> Error {
+    Error::transaction(
+        TransactionError::OutcomeUnknown,
+        "this query ran on a pipelined connection inside a transaction block that statements \
+         sent through the pipeline opened and ended: whether it was committed is unknown, check \
+         before retrying",
+    )
 }
 
 /// Tells every request still waiting that the connection failed with `e`.
