@@ -164,6 +164,34 @@ impl Error {
         e
     }
 
+    /// This error as the reason a wait ran out: kind [`ErrorKind::Timeout`], `message` in
+    /// front, the SQLSTATE and every server field kept.
+    pub(crate) fn timed_out(mut self, message: impl std::fmt::Display) -> Error {
+        self.0.kind = ErrorKind::Timeout;
+        self.context(message)
+    }
+
+    /// The same error for another caller that it also ended (the queries in flight on a
+    /// pipelined connection that broke): kind, message, server fields and flags; the source
+    /// is kept as text.
+    pub(crate) fn duplicate(&self) -> Error {
+        let mut message = self.0.message.clone();
+        if let Some(source) = &self.0.source
+            && message.is_empty()
+        {
+            message = source.to_string();
+        }
+        Error(Box::new(Inner {
+            kind: self.0.kind,
+            message,
+            db: self.0.db.clone(),
+            source: None,
+            safe_to_retry: self.0.safe_to_retry,
+            transaction: self.0.transaction,
+            needs_own_run: false,
+        }))
+    }
+
     /// Prefixes the message with what was being done (the kind, SQLSTATE and fields stay).
     pub(crate) fn context(mut self, context: impl std::fmt::Display) -> Error {
         self.0.message = if self.0.message.is_empty() {

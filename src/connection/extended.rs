@@ -304,14 +304,14 @@ impl Connection {
                     // parse it again, with the types the server gave, in this request.
                     let oids: Vec<u32> = statement.param_types.iter().map(Type::oid).collect();
                     if let Err(e) = frontend::parse(&mut self.stream.write_buf, "", sql, &oids) {
-                        self.stream.write_buf.truncate(mark);
+                        self.stream.undo_write(mark);
                         self.restore_closes(closes);
                         return Err(e);
                     }
                     self.stats.parses += 1;
                 }
                 if let Err(i) = self.write_cached_bind(&statement, params, max_rows)? {
-                    self.stream.write_buf.truncate(mark);
+                    self.stream.undo_write(mark);
                     self.restore_closes(closes);
                     return Err(Error::conversion(format!(
                         "parameter ${}: the value cannot be sent as the server's type {}",
@@ -326,7 +326,7 @@ impl Connection {
                 })
             }
             Err(e) => {
-                self.stream.write_buf.truncate(mark);
+                self.stream.undo_write(mark);
                 Err(e)
             }
         }
@@ -377,13 +377,13 @@ impl Connection {
                     }));
                 }
                 Ok(Err(_)) => {
-                    self.stream.write_buf.truncate(mark);
+                    self.stream.undo_write(mark);
                     self.restore_closes(closes);
                     self.statements.remove(sql);
                     self.closes_due.push(statement.name.clone());
                 }
                 Err(e) => {
-                    self.stream.write_buf.truncate(mark);
+                    self.stream.undo_write(mark);
                     self.restore_closes(closes);
                     return Err(e);
                 }
@@ -408,12 +408,12 @@ impl Connection {
                 closes,
             })),
             Ok(None) => {
-                self.stream.write_buf.truncate(mark);
+                self.stream.undo_write(mark);
                 self.restore_closes(closes);
                 Ok(Written::NeedsDescribe)
             }
             Err(e) => {
-                self.stream.write_buf.truncate(mark);
+                self.stream.undo_write(mark);
                 self.restore_closes(closes);
                 Err(e)
             }
@@ -1281,11 +1281,11 @@ impl Connection {
                     sent.push(SentQuery(Ok(plan)));
                 }
                 Ok(Written::NeedsDescribe) => {
-                    self.stream.write_buf.truncate(mark);
+                    self.stream.undo_write(mark);
                     sent.push(SentQuery(Err(Error::needs_own_run())));
                 }
                 Err(e) => {
-                    self.stream.write_buf.truncate(mark);
+                    self.stream.undo_write(mark);
                     sent.push(SentQuery(Err(e)));
                 }
             }

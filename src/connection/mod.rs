@@ -515,6 +515,15 @@ impl Connection {
         self.stats
     }
 
+    /// The bytes this connection's read and write buffers hold, besides the rows it handed
+    /// out. A request that needed more (a large value, a long row, answers that arrived while
+    /// a large pipeline was being sent) gives it back when it ends: an idle connection holds
+    /// at most 64 KiB + 8 KiB (and a message the server has begun to send).
+    pub fn buffer_capacity(&self) -> usize {
+        let (read, write) = self.stream.buffer_capacity();
+        read + write
+    }
+
     /// Says goodbye to the server (Terminate) and closes the socket.
     pub async fn close(mut self) -> Result<()> {
         if self.broken.is_some() || self.writing {
@@ -547,7 +556,7 @@ impl Connection {
             // the server applies it to whatever runs when it arrives.
             let _ = task.await;
         }
-        self.stream.write_buf.clear();
+        self.stream.undo_write(0);
         Ok(())
     }
 
@@ -671,11 +680,88 @@ impl Connection {
         ))
     }
 
+    /// Sends what is in the write buffer, reading whatever arrives while the socket takes no
+    /// more.
+    ///
+    /// A server answers a pipeline while it is still being sent; once its send buffer is full
+    /// it waits for us to read, and stops reading what we send. A writer that only waited for
+    /// room would then wait forever (an Atomic of 10,000 statements did). So, as libpq's
+    /// pipeline mode does, whenever the socket will take no more, what has arrived is read
+    /// into the read buffer for the request's reader; notices, parameter changes and
+    /// notifications at its front are dealt with at once (a trigger's NOTICE per COPY row
+    /// must not pile up). The request's time limit covers the write: a server that stops
+    /// reading gets the same Timeout as one that stops answering, and since half a request
+    /// may have gone out, the connection is given up.
     async fn flush(&mut self) -> Result<()> {
         self.writing = true;
-        let r = self.stream.flush().await;
+        let r = poll_fn(|cx| self.poll_flush(cx)).await;
         self.writing = false;
-        r.map_err(|e| self.fail(e))
+        r.map_err(|e| {
+            let e = self.reason_for_loss(e);
+            self.fail(e)
+        })
+    }
+
+    fn poll_flush(&mut self, cx: &mut Context<'_>) -> Poll<Result<()>> {
+        loop {
+            if let Poll::Ready(sent) = self.stream.poll_send(cx) {
+                return Poll::Ready(sent);
+            }
+            match self.stream.poll_receive(cx) {
+                Poll::Ready(Ok(())) => {
+                    self.take_async_messages()?;
+                    continue;
+                }
+                Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
+                Poll::Pending => {}
+            }
+            if self.watch.armed
+                && let Some(deadline) = self.watch.deadline.as_mut()
+                && deadline.as_mut().poll(cx).is_ready()
+            {
+                self.watch.armed = false;
+                return Poll::Ready(Err(Error::timeout(format!(
+                    "the server did not take the request within {:?}: the connection was closed",
+                    self.watch.limit.unwrap_or_default()
+                ))));
+            }
+            return Poll::Pending;
+        }
+    }
+
+    /// Deals with the messages at the front of the read buffer that can arrive at any time
+    /// (notices, parameter changes, notifications), leaving anything else for the reader.
+    fn take_async_messages(&mut self) -> Result<()> {
+        let waker = futures::task::noop_waker();
+        let mut cx = Context::from_waker(&waker);
+        while matches!(self.stream.next_whole_tag(), Some(b'N' | b'S' | b'A')) {
+            match self.stream.poll_message(&mut cx) {
+                Poll::Ready(Ok(msg)) => {
+                    let _ = self.take_async(msg);
+                }
+                Poll::Ready(Err(e)) => return Err(e),
+                Poll::Pending => break,
+            }
+        }
+        Ok(())
+    }
+
+    /// The connection failed with `e` while sending. If the server said why before it went
+    /// — a FATAL such as 57P01 when an administrator ended the session — that is the error
+    /// worth reporting, with its SQLSTATE; it may still be in the socket or the read buffer.
+    fn reason_for_loss(&mut self, e: Error) -> Error {
+        if !matches!(e.kind(), crate::ErrorKind::Io | crate::ErrorKind::Closed) {
+            return e;
+        }
+        let waker = futures::task::noop_waker();
+        let mut cx = Context::from_waker(&waker);
+        loop {
+            match self.stream.poll_message(&mut cx) {
+                Poll::Ready(Ok(BackendMessage::ErrorResponse(db))) => return Error::db(db),
+                Poll::Ready(Ok(_)) => {}
+                Poll::Ready(Err(_)) | Poll::Pending => return e,
+            }
+        }
     }
 
     /// Reads the next message that belongs to the request in flight.
@@ -702,27 +788,10 @@ impl Connection {
                     return Poll::Pending;
                 }
             };
+            let Some(msg) = self.take_async(msg) else {
+                continue;
+            };
             match msg {
-                BackendMessage::NoticeResponse(notice) => (self.notice_handler)(&notice),
-                BackendMessage::ParameterStatus { name, value } => {
-                    // A new value after startup: a statement changed the session (a
-                    // set_config hidden in a function, say), or the server's role did.
-                    if self.parameters.get(&name) != Some(&value) {
-                        self.stream.note_session_change();
-                    }
-                    self.parameters.insert(name, value);
-                }
-                BackendMessage::NotificationResponse {
-                    process_id,
-                    channel,
-                    payload,
-                } => {
-                    self.notifications.push_back(Notification {
-                        process_id,
-                        channel,
-                        payload,
-                    });
-                }
                 BackendMessage::ReadyForQuery(status) => {
                     if self.pending == 0 {
                         return Poll::Ready(Err(
@@ -732,9 +801,11 @@ impl Connection {
                     self.pending -= 1;
                     self.status = status;
                     if self.pending == 0 {
-                        // The request is over: its clock and its cancel state with it.
+                        // The request is over: its clock and its cancel state with it, and
+                        // whatever memory it made the buffers take.
                         self.watch.armed = false;
                         self.watch.cancelled = false;
+                        self.stream.release_memory();
                     }
                     return Poll::Ready(Ok(msg));
                 }
@@ -747,6 +818,36 @@ impl Connection {
                 other => return Poll::Ready(Ok(other)),
             }
         }
+    }
+
+    /// Deals with a message that can arrive at any time (§55.2.7 "Asynchronous Operations"):
+    /// a notice goes to the handler, a parameter's new value is kept, a notification is
+    /// queued. Any other message is given back.
+    fn take_async(&mut self, msg: BackendMessage) -> Option<BackendMessage> {
+        match msg {
+            BackendMessage::NoticeResponse(notice) => (self.notice_handler)(&notice),
+            BackendMessage::ParameterStatus { name, value } => {
+                // A new value after startup: a statement changed the session (a set_config
+                // hidden in a function, say), or the server's role did.
+                if self.parameters.get(&name) != Some(&value) {
+                    self.stream.note_session_change();
+                }
+                self.parameters.insert(name, value);
+            }
+            BackendMessage::NotificationResponse {
+                process_id,
+                channel,
+                payload,
+            } => {
+                self.notifications.push_back(Notification {
+                    process_id,
+                    channel,
+                    payload,
+                });
+            }
+            other => return Some(other),
+        }
+        None
     }
 
     /// Reads the next message of a request that may have failed already (`error`, its first

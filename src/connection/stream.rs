@@ -34,6 +34,9 @@ const MIN_READ_ROOM: usize = 8 * 1024;
 /// The most a single read reserves for a long message; the rest is reserved as it arrives, so a
 /// length prefix alone (up to the configured limit) never makes us allocate.
 const MAX_RESERVE: usize = 1 << 20;
+/// What the write buffer starts with, and the most it keeps between requests: a request that
+/// needed more (a large parameter) gives the rest back once it is sent or refused.
+const WRITE_KEEP: usize = 8 * 1024;
 
 /// Any byte stream a connection can run over, besides TCP and Unix sockets (an in-memory
 /// pipe in tests and fuzzing, a tunnel).
@@ -210,6 +213,9 @@ pub(crate) struct MessageStream {
     session_changed: bool,
     /// A SQL `PREPARE` has completed since [`MessageStream::clear_session_changed`].
     sql_prepared: bool,
+    /// The read buffer grew past [`READ_CHUNK`] for a long message or a backlog: it is
+    /// replaced by a fresh one once it is empty (see [`MessageStream::release_memory`]).
+    read_buf_grown: bool,
 }
 
 /// Whether a command with this tag changes the session for whoever uses the connection next:
@@ -237,14 +243,43 @@ impl MessageStream {
         MessageStream {
             socket,
             read_buf: BytesMut::with_capacity(READ_CHUNK),
-            write_buf: BytesMut::with_capacity(8 * 1024),
+            write_buf: BytesMut::with_capacity(WRITE_KEEP),
             max_message_len,
             streaming: false,
             ask_again: AskAgain::default(),
             last_read_full: true,
             session_changed: false,
             sql_prepared: false,
+            read_buf_grown: false,
         }
+    }
+
+    /// Gives back what a large request made the buffers take: a read buffer that grew is
+    /// replaced once it is empty (rows handed out keep their own part of the old one alive
+    /// only as long as they live), and an empty write buffer past [`WRITE_KEEP`] is too. Called
+    /// when a request ends and when one is refused before sending, so an idle connection holds
+    /// [`READ_CHUNK`] + [`WRITE_KEEP`] at most.
+    pub(crate) fn release_memory(&mut self) {
+        if self.read_buf_grown && self.read_buf.is_empty() {
+            self.read_buf = BytesMut::with_capacity(READ_CHUNK);
+            self.read_buf_grown = false;
+        }
+        if self.write_buf.is_empty() && self.write_buf.capacity() > WRITE_KEEP {
+            self.write_buf = BytesMut::with_capacity(WRITE_KEEP);
+        }
+    }
+
+    /// Takes back what was written into `write_buf` from `mark` on (a message that could not
+    /// be finished, a value that was refused).
+    pub(crate) fn undo_write(&mut self, mark: usize) {
+        self.write_buf.truncate(mark);
+        self.release_memory();
+    }
+
+    /// The capacities of the read and write buffers, in bytes (what a connection holds besides
+    /// the rows it handed out).
+    pub(crate) fn buffer_capacity(&self) -> (usize, usize) {
+        (self.read_buf.capacity(), self.write_buf.capacity())
     }
 
     /// Forgets the commands that changed the session (once it has been put back).
@@ -277,18 +312,49 @@ impl MessageStream {
         self.session_changed
     }
 
-    /// Sends everything in `write_buf`.
+    /// Sends everything in `write_buf`, reading nothing meanwhile: for exchanges where the
+    /// server answers only once it has read everything (startup, a CancelRequest, Terminate).
+    /// A request's messages go through `Connection::flush`, which reads while it waits.
     pub(crate) async fn flush(&mut self) -> Result<()> {
-        if self.write_buf.is_empty() {
-            return Ok(());
-        }
-        let mut r = self.socket.write_all(&self.write_buf).await;
-        if r.is_ok() && matches!(self.socket, Socket::Tls(_)) {
-            // TLS may keep the last record in its own buffer until flushed.
-            r = self.socket.flush().await;
-        }
+        poll_fn(|cx| self.poll_send(cx)).await
+    }
+
+    /// Writes as much of `write_buf` as the socket takes now; ready once all of it has gone
+    /// (TLS records included). On an error the rest is dropped: the stream is broken anyway.
+    pub(crate) fn poll_send(&mut self, cx: &mut Context<'_>) -> Poll<Result<()>> {
+        let sent = loop {
+            if self.write_buf.is_empty() {
+                if matches!(self.socket, Socket::Tls(_)) {
+                    // TLS may keep the last record in its own buffer until flushed.
+                    break ready!(Pin::new(&mut self.socket).poll_flush(cx));
+                }
+                break Ok(());
+            }
+            match ready!(Pin::new(&mut self.socket).poll_write(cx, &self.write_buf)) {
+                Ok(0) => break Err(io::Error::from(io::ErrorKind::WriteZero)),
+                Ok(n) => self.write_buf.advance(n),
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) => break Err(e),
+            }
+        };
         self.write_buf.clear();
-        r.map_err(|e| Error::io("could not send data to the server", e))
+        self.release_memory();
+        Poll::Ready(sent.map_err(|e| Error::io("could not send data to the server", e)))
+    }
+
+    /// Reads what the socket has into the read buffer, without decoding: for a writer the
+    /// server waits on (see `Connection::flush`).
+    pub(crate) fn poll_receive(&mut self, cx: &mut Context<'_>) -> Poll<Result<()>> {
+        self.poll_fill(cx, false)
+    }
+
+    /// The tag of the next message, if it is whole in the read buffer.
+    pub(crate) fn next_whole_tag(&self) -> Option<u8> {
+        if self.has_whole_message() {
+            self.read_buf.first().copied()
+        } else {
+            None
+        }
     }
 
     /// Reads the next message, waiting for the socket as needed.
@@ -307,7 +373,7 @@ impl MessageStream {
                 }
                 return Poll::Ready(Ok(msg));
             }
-            ready!(self.poll_fill(cx))?;
+            ready!(self.poll_fill(cx, true))?;
         }
     }
 
@@ -370,15 +436,16 @@ impl MessageStream {
     #[allow(dead_code)]
     pub(crate) async fn read_byte(&mut self) -> Result<u8> {
         if self.read_buf.is_empty() {
-            poll_fn(|cx| self.poll_fill(cx)).await?;
+            poll_fn(|cx| self.poll_fill(cx, false)).await?;
         }
         let b = self.read_buf[0];
         let _ = self.read_buf.split_to(1);
         Ok(b)
     }
 
-    /// Reads more bytes from the socket into the read buffer.
-    fn poll_fill(&mut self, cx: &mut Context<'_>) -> Poll<Result<()>> {
+    /// Reads more bytes from the socket into the read buffer; `may_ask_again` lets a reader in
+    /// the middle of a result's rows ask an empty socket again before it sleeps.
+    fn poll_fill(&mut self, cx: &mut Context<'_>, may_ask_again: bool) -> Poll<Result<()>> {
         // If a long message is partly here, make room for (a bounded part of) the rest of it.
         let want = match protocol::frame_len(&self.read_buf, self.max_message_len)? {
             Some(len) => (1 + len)
@@ -396,14 +463,22 @@ impl MessageStream {
         } else {
             MIN_READ_ROOM
         };
-        self.read_buf.reserve(want.max(room));
+        let reserve = want.max(room);
+        if self.read_buf.capacity() - self.read_buf.len() < reserve
+            && self.read_buf.len() + reserve > READ_CHUNK
+        {
+            // Past the usual size: a long message, or answers piling up while a request is
+            // written. Given back once drained (release_memory).
+            self.read_buf_grown = true;
+        }
+        self.read_buf.reserve(reserve);
         let dst = self.read_buf.chunk_mut();
         // SAFETY: `chunk_mut` is the buffer's spare capacity; ReadBuf only hands it to the
         // socket to write into and tracks how much was initialised and filled.
         let dst = unsafe { dst.as_uninit_slice_mut() };
         let mut rb = ReadBuf::uninit(dst);
         let mut polled = Pin::new(&mut self.socket).poll_read(cx, &mut rb);
-        if polled.is_pending() && self.streaming && self.ask_again.allowed() {
+        if polled.is_pending() && may_ask_again && self.streaming && self.ask_again.allowed() {
             // Still registered for the next readiness edge: if nothing comes in time, the
             // runtime wakes us as usual.
             let fruitless;

@@ -72,6 +72,13 @@ pub trait Manager: Send + Sync + 'static {
         true
     }
 
+    /// Whether `connect` failed because the other side has no room for another resource
+    /// right now (PostgreSQL's 53300 too_many_connections): a waiter then waits for one of
+    /// the pool's own to come back, within its deadline, instead of failing at once.
+    fn is_full(&self, _error: &Error) -> bool {
+        false
+    }
+
     /// Closes a resource politely (it is dropped afterwards either way).
     fn close(&self, resource: Self::Resource) -> impl Future<Output = ()> + Send;
 }
@@ -317,56 +324,101 @@ impl<M: Manager> Pool<M> {
     /// Takes a resource: an idle one, a new one if there is room, or the first one returned
     /// to the waiters' queue — within `acquire_timeout`.
     pub async fn acquire(&self) -> Result<Pooled<M>> {
-        let deadline = tokio::time::Instant::now() + self.inner.options.acquire_timeout;
-        match tokio::time::timeout_at(deadline, self.acquire_inner()).await {
+        self.acquire_by(tokio::time::Instant::now() + self.inner.options.acquire_timeout)
+            .await
+    }
+
+    /// [`acquire`](Self::acquire) within a deadline of the caller's (a pipelined query's
+    /// counts from when it was queued). The timeout error says what the time went on: every
+    /// resource in use, opening one, or the other side refusing new ones while none came back.
+    pub(crate) async fn acquire_by(&self, deadline: tokio::time::Instant) -> Result<Pooled<M>> {
+        let started = tokio::time::Instant::now();
+        let mut waited_on = WaitedOn::Others;
+        let outcome = tokio::time::timeout_at(deadline, self.acquire_inner(&mut waited_on)).await;
+        match outcome {
             Ok(r) => r,
             Err(_) => {
                 self.inner.timeouts.fetch_add(1, Ordering::Relaxed);
-                Err(Error::timeout(format!(
-                    "no connection was free within {:?} (pool of {}, all in use)",
-                    self.inner.options.acquire_timeout, self.inner.options.max_size
-                )))
+                let limit = deadline.saturating_duration_since(started);
+                let max = self.inner.options.max_size;
+                Err(match waited_on {
+                    WaitedOn::Others => Error::timeout(format!(
+                        "no connection was free within {limit:?} (pool of {max}, all in use)"
+                    )),
+                    WaitedOn::Connecting => Error::timeout(format!(
+                        "opening a new connection took longer than {limit:?} (the server \
+                         accepted but did not finish the startup, or the network is slow)"
+                    )),
+                    WaitedOn::Full(refusal) => refusal.timed_out(format!(
+                        "the server refused new connections and none of the pool's {max} came \
+                         back within {limit:?}"
+                    )),
+                })
             }
         }
     }
 
-    async fn acquire_inner(&self) -> Result<Pooled<M>> {
+    async fn acquire_inner(&self, waited_on: &mut WaitedOn) -> Result<Pooled<M>> {
+        // Once the other side refused a new resource for lack of room: how long to wait in
+        // line for one of ours to come back before trying to open one again.
+        let mut backoff = None::<Duration>;
         loop {
             let handoff = {
                 let mut state = self.inner.lock();
                 if self.inner.closed.load(Ordering::Acquire) {
                     return Err(Error::pool("the connection pool is closed"));
                 }
-                if state.waiters.is_empty() {
-                    if let Some(idle) = state.idle.pop() {
-                        Some(Handoff::Resource(Pooled::new(
-                            &self.inner,
-                            idle.resource,
-                            idle.created,
-                            Some(idle.idle_since),
-                        )))
-                    } else if state.size < self.inner.options.max_size {
-                        state.size += 1;
-                        Some(Handoff::Permit(Permit {
-                            pool: Some(self.inner.clone()),
-                        }))
-                    } else {
-                        None
-                    }
+                if !state.waiters.is_empty() {
+                    None
+                } else if let Some(idle) = state.idle.pop() {
+                    Some(Handoff::Resource(Pooled::new(
+                        &self.inner,
+                        idle.resource,
+                        idle.created,
+                        Some(idle.idle_since),
+                    )))
+                } else if backoff.is_none() {
+                    self.inner.permit(&mut state).map(Handoff::Permit)
                 } else {
                     None
                 }
             };
-            let handoff = match handoff {
-                Some(h) => h,
-                None => self.wait_in_line().await?,
+            let handoff = match (handoff, backoff) {
+                (Some(h), _) => h,
+                (None, None) => self.wait_in_line().await?,
+                (None, Some(pause)) => match tokio::time::timeout(pause, self.wait_in_line()).await
+                {
+                    Ok(h) => h?,
+                    // Nothing came back meanwhile: try opening one again, if there is room.
+                    Err(_) => match self.inner.permit(&mut self.inner.lock()) {
+                        Some(permit) => Handoff::Permit(permit),
+                        None => continue,
+                    },
+                },
             };
             let pooled = match handoff {
                 Handoff::Resource(pooled) => match self.check_out(pooled).await {
                     Some(p) => p,
                     None => continue,
                 },
-                Handoff::Permit(permit) => permit.open().await?,
+                Handoff::Permit(permit) => {
+                    if !matches!(waited_on, WaitedOn::Full(_)) {
+                        *waited_on = WaitedOn::Connecting;
+                    }
+                    match permit.open().await {
+                        Ok(pooled) => pooled,
+                        // The other side is full, but the pool has resources of its own: one
+                        // coming back serves as well as a new one.
+                        Err(e) if self.inner.manager.is_full(&e) && self.inner.lock().size > 0 => {
+                            *waited_on = WaitedOn::Full(e);
+                            backoff = Some(
+                                backoff.map_or(FULL_BACKOFF, |b| (b * 2).min(FULL_BACKOFF_MAX)),
+                            );
+                            continue;
+                        }
+                        Err(e) => return Err(e),
+                    }
+                }
             };
             self.inner.acquired.fetch_add(1, Ordering::Relaxed);
             return Ok(pooled);
@@ -488,6 +540,17 @@ impl<M: Manager> PoolInner<M> {
         self.state.lock().unwrap_or_else(|p| p.into_inner())
     }
 
+    /// The right to open a resource, if the pool has room for one more.
+    fn permit(self: &Arc<Self>, state: &mut State<M>) -> Option<Permit<M>> {
+        if state.size >= self.options.max_size {
+            return None;
+        }
+        state.size += 1;
+        Some(Permit {
+            pool: Some(self.clone()),
+        })
+    }
+
     /// Gives a clean resource back: to the first waiter still waiting, else to the idle list.
     fn give_back(self: &Arc<Self>, resource: M::Resource, created: Instant) {
         if self.closed.load(Ordering::Acquire) {
@@ -552,6 +615,21 @@ impl<M: Manager> PoolInner<M> {
         }
     }
 }
+
+/// What an acquire that timed out was waiting on, for its error message.
+enum WaitedOn {
+    /// A resource in use to come back.
+    Others,
+    /// A new resource to open.
+    Connecting,
+    /// A resource to come back, after the other side refused a new one for lack of room.
+    Full(Error),
+}
+
+/// The first pause before opening again after a refusal for lack of room; it doubles up to
+/// [`FULL_BACKOFF_MAX`] while refusals go on.
+const FULL_BACKOFF: Duration = Duration::from_millis(20);
+const FULL_BACKOFF_MAX: Duration = Duration::from_millis(500);
 
 /// Removes a waiter's entry from the queue when it stops waiting.
 struct PlaceInLine<'a, M: Manager> {

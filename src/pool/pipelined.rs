@@ -56,10 +56,17 @@ use crate::row::Row;
 /// The most requests one write carries.
 const MAX_BATCH: usize = 128;
 
+/// The most queries waiting in one driver's queue: beyond it a task waits for room (within
+/// its acquire deadline) instead of the queue growing without bound.
+const QUEUE_LIMIT: usize = 1024;
+
 /// One query handed to a driver.
 struct Request {
     sql: Arc<str>,
     params: Vec<EncodedParam>,
+    /// When the query stops waiting for a connection: `acquire_timeout` after it was queued,
+    /// counted once, however many acquires are tried for the queries ahead of it.
+    deadline: tokio::time::Instant,
     reply: Reply,
     /// Counts the query in its driver's load until it is answered or dropped.
     _load: LoadTicket,
@@ -168,11 +175,13 @@ pub(crate) struct Pipeline {
     /// ([`PoolOptions::pipeline_depth`](super::PoolOptions::pipeline_depth)).
     depth: usize,
     clock: Clock,
+    /// How long a query may wait for a connection (the pool's `acquire_timeout`).
+    acquire_timeout: std::time::Duration,
 }
 
 /// A driver task, seen from the pipeline.
 struct Driver {
-    queue: mpsc::UnboundedSender<Request>,
+    queue: mpsc::Sender<Request>,
     gauge: Arc<Gauge>,
 }
 
@@ -181,9 +190,10 @@ impl Pipeline {
     /// `depth` queries before the next is used. They end when the pipeline is dropped.
     pub(crate) fn start(pool: Pool<ConnectionManager>, drivers: usize, depth: usize) -> Pipeline {
         let clock = Clock(Instant::now());
+        let acquire_timeout = pool.options().acquire_timeout;
         let drivers = (0..drivers.max(1))
             .map(|_| {
-                let (queue, rx) = mpsc::unbounded_channel();
+                let (queue, rx) = mpsc::channel(QUEUE_LIMIT);
                 let gauge = Arc::new(Gauge::new());
                 tokio::spawn(drive(pool.clone(), rx, gauge.clone(), clock));
                 Driver { queue, gauge }
@@ -194,6 +204,7 @@ impl Pipeline {
             next: AtomicUsize::new(0),
             depth,
             clock,
+            acquire_timeout,
         }
     }
 
@@ -212,16 +223,34 @@ impl Pipeline {
         };
         let (reply, answer) = oneshot::channel();
         let driver = self.driver_for_next();
+        let deadline = tokio::time::Instant::now() + self.acquire_timeout;
         let request = Request {
             sql: Arc::from(query.sql()),
             params,
+            deadline,
             reply,
             _load: LoadTicket::take(&driver.gauge),
         };
-        driver
-            .queue
-            .send(request)
-            .map_err(|_| Error::pool("the connection pool is closed").retry_safe())?;
+        let closed = || Error::pool("the connection pool is closed").retry_safe();
+        match driver.queue.try_send(request) {
+            Ok(()) => {}
+            Err(mpsc::error::TrySendError::Closed(_)) => return Err(closed()),
+            Err(mpsc::error::TrySendError::Full(request)) => {
+                // Back-pressure: wait for room, as a waiter for a connection would.
+                match tokio::time::timeout_at(deadline, driver.queue.send(request)).await {
+                    Ok(Ok(())) => {}
+                    Ok(Err(_)) => return Err(closed()),
+                    Err(_) => {
+                        return Err(Error::timeout(format!(
+                            "the pipeline's queue stayed full for {:?} (acquire_timeout): the \
+                             server does not keep up with the queries",
+                            self.acquire_timeout
+                        ))
+                        .retry_safe());
+                    }
+                }
+            }
+        }
         match answer.await {
             Ok(Err(e)) if e.is_needs_own_run() => Ok(None),
             Ok(result) => result.map(Some),
@@ -272,15 +301,38 @@ struct InFlight {
 /// client reads and replies.
 async fn drive(
     pool: Pool<ConnectionManager>,
-    mut queue: mpsc::UnboundedReceiver<Request>,
+    mut queue: mpsc::Receiver<Request>,
     gauge: Arc<Gauge>,
     clock: Clock,
 ) {
-    while let Some(first) = queue.recv().await {
-        let mut conn = match pool.acquire().await {
+    // Queries taken from the queue but not sent yet (their turn comes after a failed
+    // acquire, or after a connection that left the pipeline).
+    let mut backlog: VecDeque<Request> = VecDeque::new();
+    loop {
+        let first = match backlog.pop_front() {
+            Some(r) => r,
+            None => match queue.recv().await {
+                Some(r) => r,
+                None => break,
+            },
+        };
+        let mut conn = match pool.acquire_by(first.deadline).await {
             Ok(conn) => conn,
             Err(e) => {
-                reply(first, Err(e.context("could not get a connection")));
+                // Every query whose own wait is over by now fails with it; the others keep
+                // waiting, each until its own deadline (not one acquire_timeout each).
+                let now = tokio::time::Instant::now();
+                let e = e.context("could not get a connection");
+                while let Ok(r) = queue.try_recv() {
+                    backlog.push_back(r);
+                }
+                let (expired, waiting): (Vec<_>, Vec<_>) =
+                    backlog.drain(..).partition(|r| r.deadline <= now);
+                backlog.extend(waiting);
+                for r in expired {
+                    reply(r, Err(e.duplicate()));
+                }
+                reply(first, Err(e));
                 continue;
             }
         };
@@ -308,7 +360,11 @@ async fn drive(
                 && requests.len() < MAX_BATCH
                 && inflight.len() + requests.len() < MAX_IN_FLIGHT
             {
-                match queue.try_recv() {
+                match backlog
+                    .pop_front()
+                    .map(Ok)
+                    .unwrap_or_else(|| queue.try_recv())
+                {
                     Ok(r) => requests.push(r),
                     Err(_) => break,
                 }
@@ -462,12 +518,13 @@ fn outcome_unknown() -> Error {
     )
 }
 
-/// Tells every request still waiting that the connection failed with `e`.
+/// Tells every request still waiting that the connection failed with `e` (its kind and
+/// SQLSTATE kept: a backend ended by `pg_terminate_backend` is 57P01 for each of them).
 fn fail_all(replies: impl IntoIterator<Item = Reply>, e: &Error) {
     for tx in replies {
-        let _ = tx.send(Err(Error::closed(format!(
-            "the pipelined connection failed: {e}"
-        ))));
+        let _ = tx.send(Err(e
+            .duplicate()
+            .context("the pipelined connection failed")));
     }
 }
 
@@ -486,10 +543,10 @@ mod tests {
         depth: usize,
         per_answer: u64,
         age: Duration,
-    ) -> (Pipeline, Vec<mpsc::UnboundedReceiver<Request>>) {
+    ) -> (Pipeline, Vec<mpsc::Receiver<Request>>) {
         let (drivers, queues) = (0..drivers)
             .map(|_| {
-                let (queue, rx) = mpsc::unbounded_channel();
+                let (queue, rx) = mpsc::channel(QUEUE_LIMIT);
                 let gauge = Arc::new(Gauge::new());
                 gauge.per_answer.store(per_answer, Ordering::Relaxed);
                 (Driver { queue, gauge }, rx)
@@ -501,6 +558,7 @@ mod tests {
             next: AtomicUsize::new(0),
             depth,
             clock: Clock(started),
+            acquire_timeout: Duration::from_secs(30),
         };
         (pipeline, queues)
     }
@@ -509,7 +567,7 @@ mod tests {
         drivers: usize,
         depth: usize,
         per_answer: u64,
-    ) -> (Pipeline, Vec<mpsc::UnboundedReceiver<Request>>) {
+    ) -> (Pipeline, Vec<mpsc::Receiver<Request>>) {
         pipeline_aged(drivers, depth, per_answer, Duration::ZERO)
     }
 
@@ -612,6 +670,7 @@ mod tests {
         let request = |reply| Request {
             sql: Arc::from("SELECT 1"),
             params: Vec::new(),
+            deadline: tokio::time::Instant::now(),
             reply,
             _load: LoadTicket::take(gauge),
         };
@@ -624,7 +683,7 @@ mod tests {
             &Error::closed("gone"),
         );
         let (tx, _rx) = oneshot::channel();
-        p.drivers[0].queue.send(request(tx)).ok().unwrap();
+        p.drivers[0].queue.try_send(request(tx)).ok().unwrap();
         let load = || gauge.load.load(Ordering::Relaxed);
         assert_eq!(load(), 1, "queued, not answered");
         drop(queues.pop());

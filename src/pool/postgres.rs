@@ -118,6 +118,12 @@ impl Manager for ConnectionManager {
         conn.check_alive()
     }
 
+    /// The server is out of connection slots (53300 too_many_connections, as when
+    /// `max_connections` is reached) or of resources for another backend (53000).
+    fn is_full(&self, error: &crate::Error) -> bool {
+        matches!(error.code(), Some("53300") | Some("53000"))
+    }
+
     async fn close(&self, conn: Self::Resource) {
         let _ = conn.close().await;
     }

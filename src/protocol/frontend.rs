@@ -219,6 +219,11 @@ where
     })
 }
 
+/// The largest value a Bind can carry: the server refuses any message longer than
+/// `MaxAllocSize - 1` (PostgreSQL's `PQ_LARGE_MESSAGE_LIMIT`, 1 GiB less two bytes), so a
+/// longer value is refused here, before anything is sent, instead of costing the session.
+pub(crate) const MAX_VALUE_LEN: usize = 0x3FFF_FFFE;
+
 /// Writes parameter `i` of a Bind: its length, then what `write` puts after it, which says
 /// whether the value is NULL (length -1, nothing after it).
 pub(crate) fn put_param<E: From<Error>>(
@@ -233,8 +238,15 @@ pub(crate) fn put_param<E: From<Error>>(
         buf.truncate(len_at + 4);
         -1
     } else {
-        i32::try_from(buf.len() - len_at - 4)
-            .map_err(|_| Error::conversion(format!("parameter ${} is too large", i + 1)))?
+        let len = buf.len() - len_at - 4;
+        if len > MAX_VALUE_LEN {
+            return Err(Error::conversion(format!(
+                "parameter ${} is {len} bytes, over the 1 GiB a server accepts in one message",
+                i + 1
+            ))
+            .into());
+        }
+        len as i32
     };
     buf[len_at..len_at + 4].copy_from_slice(&len.to_be_bytes());
     Ok(())
