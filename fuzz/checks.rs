@@ -196,6 +196,8 @@ pub struct Script {
     pub extended: &'static str,
     /// For `query_stream`.
     pub stream: &'static str,
+    /// For `copy_out`.
+    pub copy: &'static str,
 }
 
 /// The script of the `connection` target. tests/record_corpus.rs records real servers
@@ -204,6 +206,7 @@ pub const FUZZ_SCRIPT: Script = Script {
     simple: "SELECT 1 AS one, NULL AS nothing, 'drei ü' AS text",
     extended: "SELECT $1::int4 AS n, 'x'::text AS t",
     stream: "SELECT generate_series(1, 3)",
+    copy: "COPY (SELECT 1, 'x') TO STDOUT",
 };
 
 /// First byte of a `connection` input's flags: run with the statement cache off.
@@ -299,6 +302,30 @@ pub async fn client_session(
         Err(e) => Err(e),
     };
     steps.push(step(&mut conn, streamed, "query_stream"));
+
+    let copied = match conn.copy_out(script.copy).await {
+        Ok(mut data) => {
+            let mut chunks = Vec::new();
+            let mut error = None;
+            // As the row stream: read to the end even after an error.
+            while let Some(chunk) = poll_fn(|cx| data.poll_next_data(cx)).await {
+                match chunk {
+                    Ok(bytes) if error.is_none() => chunks.push(format!("{bytes:?}")),
+                    Ok(_) => panic!("a COPY stream yielded data after an error"),
+                    Err(e) => {
+                        assert!(error.is_none(), "a COPY stream yielded two errors: {e}");
+                        error = Some(e);
+                    }
+                }
+            }
+            match error {
+                Some(e) => Err(e),
+                None => Ok(chunks),
+            }
+        }
+        Err(e) => Err(e),
+    };
+    steps.push(step(&mut conn, copied, "copy_out"));
 
     // Closing must end too, whatever state the connection is in.
     let _ = conn.close().await;

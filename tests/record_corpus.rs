@@ -109,6 +109,7 @@ const fn script(simple: &'static str, extended: &'static str, stream: &'static s
         simple,
         extended,
         stream,
+        copy: FUZZ_SCRIPT.copy,
     }
 }
 

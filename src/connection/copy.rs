@@ -25,9 +25,9 @@ use futures::Stream;
 use postgres_types::{IsNull, ToSql, Type};
 
 use super::Connection;
+use super::response::{Response, Shape, Step};
 use crate::error::{DbError, Error, Result};
 use crate::protocol::{BackendMessage, CopyFormat, frontend};
-use crate::row::rows_affected;
 
 /// Buffered COPY data goes out as one CopyData message once it passes this size: few enough
 /// writes that a million short rows are not a million system calls, small enough that memory
@@ -78,10 +78,11 @@ impl Connection {
     ///
     /// [`ErrorKind::Conversion`]: crate::ErrorKind::Conversion
     pub async fn copy_in(&mut self, sql: &str) -> Result<CopyInSink<'_>> {
-        let format = self.start_copy(sql, Direction::In).await?;
+        let (format, response) = self.start_copy(sql, Direction::In).await?;
         Ok(CopyInSink {
             conn: self,
             format,
+            response,
             buf: BytesMut::with_capacity(FLUSH_AT + 1024),
             ended: None,
         })
@@ -116,51 +117,55 @@ impl Connection {
     ///
     /// [`ErrorKind::Conversion`]: crate::ErrorKind::Conversion
     pub async fn copy_out(&mut self, sql: &str) -> Result<CopyOutStream<'_>> {
-        let format = self.start_copy(sql, Direction::Out).await?;
+        let (format, response) = self.start_copy(sql, Direction::Out).await?;
         Ok(CopyOutStream {
             conn: self,
             format,
+            response,
             state: OutState::Data,
             rows_affected: None,
-            error: None,
         })
     }
 
-    /// Sends `sql` and reads up to the copy response in the `wanted` direction. Anything else
-    /// that ends the request (an error, a COPY the other way, no COPY at all) is read through
-    /// to ReadyForQuery and returned as an error, leaving the connection ready.
-    async fn start_copy(&mut self, sql: &str, wanted: Direction) -> Result<CopyFormat> {
+    /// Sends `sql` and reads up to the copy response in the `wanted` direction; the rest of the
+    /// response is read through the returned one. Anything else that ends the request (an
+    /// error, a COPY the other way, no COPY at all) is read through to ReadyForQuery and
+    /// returned as an error, leaving the connection ready.
+    async fn start_copy(&mut self, sql: &str, wanted: Direction) -> Result<(CopyFormat, Response)> {
         self.prepare_request().await?;
         frontend::query(&mut self.stream.write_buf, sql)?;
         self.send(1).await?;
+        let mut response = Response::new(Shape::Simple);
         loop {
-            match self.read().await? {
-                BackendMessage::CopyInResponse(format) if wanted == Direction::In => {
+            match self.next_step(&mut response).await? {
+                Step::Message(BackendMessage::CopyInResponse(format))
+                    if wanted == Direction::In =>
+                {
                     self.copy_in = true;
-                    return Ok(format);
+                    return Ok((format, response));
                 }
-                BackendMessage::CopyOutResponse(format) if wanted == Direction::Out => {
-                    return Ok(format);
+                Step::Message(BackendMessage::CopyOutResponse(format))
+                    if wanted == Direction::Out =>
+                {
+                    return Ok((format, response));
                 }
-                BackendMessage::CopyInResponse(_) => {
+                Step::Message(BackendMessage::CopyInResponse(_)) => {
                     self.refuse_copy_in(NOT_COPY_IN).await?;
-                    let e = Error::conversion(
+                    response.fail_with(Error::conversion(
                         "copy_out needs a COPY … TO STDOUT statement; this one reads data \
                          (COPY … FROM STDIN): use copy_in. It was cancelled and copied nothing",
-                    );
-                    return Err(self.end_with(e).await);
+                    ));
+                    return Err(self.end_copy(response).await);
                 }
-                BackendMessage::CopyOutResponse(_) => {
-                    let e = Error::conversion(
+                Step::Message(BackendMessage::CopyOutResponse(_)) => {
+                    response.fail_with(Error::conversion(
                         "copy_in needs a COPY … FROM STDIN statement; this one sends data \
                          (COPY … TO STDOUT): use copy_out. Its data was discarded",
-                    );
-                    return Err(self.end_with(e).await);
+                    ));
+                    return Err(self.end_copy(response).await);
                 }
-                BackendMessage::ErrorResponse(db) => {
-                    return Err(self.end_with(Error::db(db)).await);
-                }
-                BackendMessage::ReadyForQuery(_) => {
+                Step::Failed => return Err(self.end_copy(response).await),
+                Step::Over => {
                     return Err(Error::conversion(format!(
                         "{} needs a COPY … {} statement; the statements sent ran, but none \
                          of them was one",
@@ -170,11 +175,11 @@ impl Connection {
                 }
                 // Statements before the COPY in the same string: their results are not asked
                 // for.
-                BackendMessage::RowDescription(_)
-                | BackendMessage::DataRow(_)
-                | BackendMessage::CommandComplete(_)
-                | BackendMessage::EmptyQueryResponse => {}
-                other => return Err(self.unexpected(&other, "the start of a COPY")),
+                Step::Row(_)
+                | Step::Complete { .. }
+                | Step::Message(BackendMessage::RowDescription(_))
+                | Step::Message(BackendMessage::EmptyQueryResponse) => {}
+                other => return Err(self.unexpected_step(other, "the start of a COPY")),
             }
         }
     }
@@ -199,35 +204,26 @@ impl Connection {
     }
 
     /// Reads the rest of a simple Query's response up to its ReadyForQuery, and returns the
-    /// first server error on the way. Results are dropped, COPY TO STDOUT data too, and a
-    /// COPY FROM STDIN (a later statement in the same string) is refused with CopyFail.
-    async fn read_to_ready(&mut self) -> Result<Option<Error>> {
-        let mut error = None;
+    /// first error on the way. Results are dropped, COPY TO STDOUT data too, and a COPY FROM
+    /// STDIN (a later statement in the same string) is refused with CopyFail.
+    async fn read_to_ready(&mut self, mut response: Response) -> Result<Option<Error>> {
         loop {
-            match self.read_or_first_error(&mut error).await? {
-                BackendMessage::ReadyForQuery(_) => return Ok(error),
-                BackendMessage::ErrorResponse(db) => {
-                    error.get_or_insert(Error::db(db));
+            match self.next_step(&mut response).await? {
+                Step::Over => return Ok(response.take_error()),
+                Step::Message(BackendMessage::CopyInResponse(_)) => {
+                    self.refuse_copy_in(NOT_COPY_IN).await?;
                 }
-                BackendMessage::CopyInResponse(_) => self.refuse_copy_in(NOT_COPY_IN).await?,
-                BackendMessage::RowDescription(_)
-                | BackendMessage::DataRow(_)
-                | BackendMessage::CommandComplete(_)
-                | BackendMessage::EmptyQueryResponse
-                | BackendMessage::CopyOutResponse(_)
-                | BackendMessage::CopyData(_)
-                | BackendMessage::CopyDone => {}
-                other => return Err(self.unexpected(&other, "the end of a COPY")),
+                _ => {}
             }
         }
     }
 
-    /// Reads the rest of a request that failed with `error` and returns the error to report:
-    /// `error`, unless the connection itself failed meanwhile.
-    async fn end_with(&mut self, error: Error) -> Error {
-        match self.read_to_ready().await {
-            Ok(_) => error,
-            Err(e) => e,
+    /// Reads the rest of a COPY request that failed and returns its error (the first: the
+    /// server's, or ours put in `response`), unless the connection itself failed meanwhile.
+    async fn end_copy(&mut self, response: Response) -> Error {
+        match self.read_to_ready(response).await {
+            Ok(Some(e)) | Err(e) => e,
+            Ok(None) => self.protocol_error("a COPY failed without an error"),
         }
     }
 }
@@ -270,6 +266,8 @@ impl Direction {
 pub struct CopyInSink<'a> {
     conn: &'a mut Connection,
     format: CopyFormat,
+    /// The COPY's response, read at its end (and glanced at while data goes out).
+    response: Response,
     /// Data not sent yet, less than [`FLUSH_AT`] between calls.
     buf: BytesMut,
     /// Set when the COPY ended before `finish` or `abort`; every later call reports it.
@@ -342,12 +340,13 @@ impl CopyInSink<'_> {
         conn.copy_in = false;
         conn.flush().await?;
 
-        let copied = match conn.read().await? {
-            BackendMessage::CommandComplete(tag) => rows_affected(&tag),
-            BackendMessage::ErrorResponse(db) => return Err(conn.end_with(Error::db(db)).await),
-            other => return Err(conn.unexpected(&other, "the end of a COPY FROM STDIN")),
+        let mut response = self.response;
+        let copied = match conn.next_step(&mut response).await? {
+            Step::Complete { rows, .. } => rows,
+            Step::Failed => return Err(conn.end_copy(response).await),
+            other => return Err(conn.unexpected_step(other, "the end of a COPY FROM STDIN")),
         };
-        match conn.read_to_ready().await? {
+        match conn.read_to_ready(response).await? {
             // A statement after the COPY in the same string failed; in the one implicit
             // transaction of a simple Query that undoes the COPY too.
             Some(e) => Err(e),
@@ -383,7 +382,7 @@ impl CopyInSink<'_> {
         };
         self.conn.refuse_copy_in(reason).await?;
         // The ErrorResponse that answers CopyFail is the outcome asked for, not a failure.
-        self.conn.read_to_ready().await.map(|_| ())
+        self.conn.read_to_ready(self.response).await.map(|_| ())
     }
 
     /// Fails unless the server still waits for data.
@@ -427,14 +426,18 @@ impl CopyInSink<'_> {
     async fn check_server(&mut self) -> Result<()> {
         let waker = futures::task::noop_waker();
         let mut cx = Context::from_waker(&waker);
-        match self.conn.poll_read(&mut cx) {
+        match self.conn.poll_step(&mut self.response, &mut cx) {
             Poll::Pending => Ok(()),
-            Poll::Ready(Ok(BackendMessage::ErrorResponse(db))) => {
+            Poll::Ready(Ok(Step::Failed)) => {
                 self.conn.copy_in = false;
-                self.ended = Some(Ended::Server(db.clone()));
-                Err(self.conn.end_with(Error::db(db)).await)
+                let response = std::mem::replace(&mut self.response, Response::new(Shape::Drain));
+                let error = self.conn.end_copy(response).await;
+                if let Some(db) = error.as_db_error() {
+                    self.ended = Some(Ended::Server(Box::new(db.clone())));
+                }
+                Err(error)
             }
-            Poll::Ready(Ok(other)) => Err(self.conn.unexpected(&other, "a COPY FROM STDIN")),
+            Poll::Ready(Ok(other)) => Err(self.conn.unexpected_step(other, "a COPY FROM STDIN")),
             Poll::Ready(Err(e)) if self.conn.broken.is_some() => Err(e),
             Poll::Ready(Err(e)) => {
                 // The request's time limit passed (poll_read has sent a CancelRequest, which
@@ -579,10 +582,10 @@ fn encode_row(buf: &mut BytesMut, values: &[&(dyn ToSql + Sync)], types: &[Type]
 pub struct CopyOutStream<'a> {
     conn: &'a mut Connection,
     format: CopyFormat,
+    /// The COPY's response: its first error is returned once ReadyForQuery has arrived.
+    response: Response,
     state: OutState,
     rows_affected: Option<u64>,
-    /// A server error on the way, returned once ReadyForQuery has arrived.
-    error: Option<Error>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -617,33 +620,30 @@ impl CopyOutStream<'_> {
             if self.state == OutState::Done {
                 return Poll::Ready(None);
             }
-            let msg = match ready!(self.conn.poll_read(cx)) {
-                Ok(msg) => msg,
+            let step = match ready!(self.conn.poll_step(&mut self.response, cx)) {
+                Ok(step) => step,
                 Err(e) => {
                     self.state = OutState::Done;
                     return Poll::Ready(Some(Err(e)));
                 }
             };
-            match msg {
-                BackendMessage::CopyData(data) if self.state == OutState::Data => {
+            match step {
+                Step::Message(BackendMessage::CopyData(data)) if self.state == OutState::Data => {
                     return Poll::Ready(Some(Ok(data)));
                 }
-                BackendMessage::CopyDone if self.state == OutState::Data => {
+                Step::Message(BackendMessage::CopyDone) if self.state == OutState::Data => {
                     self.state = OutState::Rest;
                 }
-                BackendMessage::CommandComplete(tag) if self.rows_affected.is_none() => {
+                Step::Complete { rows, .. } if self.rows_affected.is_none() => {
                     self.state = OutState::Rest;
-                    self.rows_affected = Some(rows_affected(&tag));
+                    self.rows_affected = Some(rows);
                 }
-                BackendMessage::ErrorResponse(db) => {
-                    self.state = OutState::Rest;
-                    self.error.get_or_insert(Error::db(db));
-                }
-                BackendMessage::ReadyForQuery(_) => {
+                Step::Failed => self.state = OutState::Rest,
+                Step::Over => {
                     self.state = OutState::Done;
-                    return Poll::Ready(self.error.take().map(Err));
+                    return Poll::Ready(self.response.take_error().map(Err));
                 }
-                BackendMessage::CopyInResponse(_) => {
+                Step::Message(BackendMessage::CopyInResponse(_)) => {
                     // A COPY FROM STDIN after ours in the same string waits for data, and
                     // the CopyFail that would end it cannot be sent from a poll: the
                     // connection is given up instead of left waiting.
@@ -654,19 +654,12 @@ impl CopyOutStream<'_> {
                     )))));
                 }
                 // Later statements of the same string: their results are not asked for.
-                BackendMessage::RowDescription(_)
-                | BackendMessage::DataRow(_)
-                | BackendMessage::CommandComplete(_)
-                | BackendMessage::EmptyQueryResponse
-                | BackendMessage::CopyOutResponse(_)
-                | BackendMessage::CopyData(_)
-                | BackendMessage::CopyDone
-                    if self.state == OutState::Rest => {}
+                _ if self.state == OutState::Rest => {}
                 other => {
                     self.state = OutState::Done;
                     return Poll::Ready(Some(Err(self
                         .conn
-                        .unexpected(&other, "a COPY TO STDOUT"))));
+                        .unexpected_step(other, "a COPY TO STDOUT"))));
                 }
             }
         }

@@ -30,10 +30,11 @@ use postgres_types::{Format, IsNull, ToSql, Type, WrongType};
 
 use super::Connection;
 use super::cache::Statement;
+use super::response::{Response, Shape, Step};
 use crate::error::{Error, Result};
 use crate::protocol::{BackendMessage, Target, TransactionStatus, frontend};
 use crate::query::{CANDIDATE_TYPES, Params, ToQuery, count_placeholders};
-use crate::row::{Column, Row, rows_affected, type_from_oid};
+use crate::row::{Column, Row, type_from_oid};
 
 /// Why a parameter could not be encoded as a given type.
 enum EncodeError {
@@ -188,16 +189,16 @@ impl Connection {
     /// ```
     pub async fn query_stream(&mut self, query: impl ToQuery) -> Result<RowStream<'_>> {
         let sql = query.sql();
-        let columns = self
+        let (columns, mut response) = self
             .start_extended(sql, query.params(), query.time_limit())
             .await?;
         if !self.needs_lookup(columns.iter().map(Column::type_oid)) {
             return Ok(RowStream {
                 conn: self,
                 columns,
+                response,
                 state: StreamState::Rows,
                 rows_affected: None,
-                answered: false,
             });
         }
         // The result has types the server defined at run time (an enum, a composite, …) that
@@ -206,25 +207,19 @@ impl Connection {
         // the statement find the types known.
         let mut rows = std::collections::VecDeque::new();
         let mut rows_affected = None;
-        let mut error = None;
         loop {
-            match self.read_or_first_error(&mut error).await? {
-                BackendMessage::DataRow(data) if error.is_none() => rows.push_back(data),
-                BackendMessage::CommandComplete(tag) => {
-                    rows_affected = Some(crate::row::rows_affected(&tag));
-                }
-                BackendMessage::ErrorResponse(db) => {
-                    error.get_or_insert(Error::db(db));
-                }
-                BackendMessage::ReadyForQuery(_) if rows_affected.is_some() || error.is_some() => {
-                    break;
-                }
-                BackendMessage::DataRow(_)
-                | BackendMessage::EmptyQueryResponse
-                | BackendMessage::PortalSuspended => {}
-                other => return Err(self.unexpected(&other, "a row stream")),
+            match self.next_step(&mut response).await? {
+                Step::Row(data) => rows.push_back(data),
+                Step::Complete { rows, .. } => rows_affected = Some(rows),
+                Step::Message(
+                    BackendMessage::EmptyQueryResponse | BackendMessage::PortalSuspended,
+                )
+                | Step::Failed => {}
+                Step::Over => break,
+                other => return Err(self.unexpected_step(other, "a row stream")),
             }
         }
+        let error = response.take_error();
         let columns: Arc<[Column]> = self.resolve_columns(&columns).await?.into();
         if let Some(statement) = self.statements.get(sql).cloned() {
             self.statements
@@ -233,20 +228,21 @@ impl Connection {
         Ok(RowStream {
             conn: self,
             columns,
+            response: Response::new(Shape::Drain),
             state: StreamState::Buffered { rows, error },
             rows_affected,
-            answered: true,
         })
     }
 
     /// Sends the pipeline for `sql` and reads the responses up to BindComplete; what follows
-    /// is rows. Retries once after a cached statement turned out to be stale.
+    /// is rows, read through the returned response. Retries once after a cached statement
+    /// turned out to be stale.
     async fn start_extended(
         &mut self,
         sql: &str,
         params: &dyn Params,
         timeout: Option<std::time::Duration>,
-    ) -> Result<Arc<[Column]>> {
+    ) -> Result<(Arc<[Column]>, Response)> {
         self.prepare_request().await?;
         let mut retried = false;
         loop {
@@ -254,13 +250,11 @@ impl Connection {
             frontend::sync(&mut self.stream.write_buf);
             self.limit_next_request(timeout);
             self.send(1).await?;
-            match self.read_query_start(sql, plan).await {
-                Ok(columns) => return Ok(columns),
-                Err(QueryStartError { error, stale }) => {
-                    let error = match self.finish_request(Some(error)).await {
-                        Err(e) => e,
-                        Ok(()) => unreachable!("finish_request with an error returns it"),
-                    };
+            let mut response = Response::new(Shape::Extended);
+            match self.read_query_start(&mut response, sql, plan).await? {
+                Ok(columns) => return Ok((columns, response)),
+                Err(stale) => {
+                    let error = self.fail_request(response).await;
                     if stale && !retried && self.status == TransactionStatus::Idle {
                         retried = true;
                         continue;
@@ -653,35 +647,31 @@ impl Connection {
         let mut confirmed = 0;
         let mut param_types: Option<Arc<[Type]>> = None;
         let mut statement = None;
-        let mut error = None;
+        let mut response = Response::new(Shape::Describe);
         loop {
-            match self.read_or_first_error(&mut error).await? {
-                BackendMessage::CloseComplete => confirmed += 1,
-                BackendMessage::ParseComplete => {}
-                BackendMessage::ParameterDescription(oids) => {
+            match self.next_step(&mut response).await? {
+                Step::Message(BackendMessage::CloseComplete) => confirmed += 1,
+                Step::Message(BackendMessage::ParseComplete) | Step::Failed => {}
+                Step::Message(BackendMessage::ParameterDescription(oids)) => {
                     param_types = Some(oids.into_iter().map(type_from_oid).collect());
                 }
-                BackendMessage::RowDescription(fields) => {
+                Step::Message(BackendMessage::RowDescription(fields)) => {
                     let columns = fields.iter().map(|f| self.column(f)).collect();
                     statement = Some((param_types.take(), columns));
                 }
-                BackendMessage::NoData => statement = Some((param_types.take(), Arc::from([]))),
-                BackendMessage::ErrorResponse(db) => {
-                    error.get_or_insert(Error::db(db));
+                Step::Message(BackendMessage::NoData) => {
+                    statement = Some((param_types.take(), Arc::from([])));
                 }
-                BackendMessage::ReadyForQuery(_) => break,
-                other => return Err(self.unexpected(&other, "Describe")),
+                Step::Over => break,
+                other => return Err(self.unexpected_step(other, "Describe")),
             }
         }
         self.closes_due.extend(closes.into_iter().skip(confirmed));
-        let described: (Option<Arc<[Type]>>, Arc<[Column]>) = match (error, statement) {
-            (Some(e), _) => return Err(e),
-            (None, Some(described)) => described,
-            (None, None) => {
-                return Err(self.protocol_error("Describe answered without a description"));
-            }
+        response.finish()?;
+        let Some(described) = statement else {
+            return Err(self.protocol_error("Describe answered without a description"));
         };
-        let (param_types, columns) = described;
+        let (param_types, columns): (Option<Arc<[Type]>>, Arc<[Column]>) = described;
         // Types the server defined at run time are looked up before they are needed: the
         // parameters' to encode the values, the columns' to decode the rows.
         let mut types = Vec::new();
@@ -717,60 +707,45 @@ impl Connection {
     }
 
     /// Reads the responses to one query of a pipeline up to BindComplete and returns the result
-    /// columns. On a server error, says whether the statement was stale (so the query may be
-    /// retried); it does not read on to ReadyForQuery.
+    /// columns. If the query failed (the server refused it, or its time limit passed; the
+    /// error is then in `response`), says whether the statement was stale, so that the query
+    /// may be retried; it does not read on to ReadyForQuery. The outer error is the
+    /// connection's, broken.
     pub(super) async fn read_query_start(
         &mut self,
+        response: &mut Response,
         sql: &str,
         plan: Plan,
-    ) -> std::result::Result<Arc<[Column]>, QueryStartError> {
+    ) -> Result<std::result::Result<Arc<[Column]>, bool>> {
         let Plan { kind, closes } = plan;
-        // The usual answer of a cached statement, whole in the buffer already: BindComplete
-        // alone, taken without the general read path.
-        if let PlanKind::Cached { statement } = &kind
-            && closes.is_empty()
-            && self.stream.take_bind_complete()
-        {
-            return Ok(Arc::clone(&statement.columns));
-        }
-        if let PlanKind::Pending { name } = &kind
-            && self.stream.take_bind_complete()
-        {
-            return self.pending_columns(sql, name);
-        }
         let mut confirmed = 0;
         let mut parsed = false;
         let mut param_types: Option<Arc<[Type]>> = None;
         let mut columns: Option<Arc<[Column]>> = None;
-        let outcome = loop {
-            let msg = match self.read().await {
-                Ok(m) => m,
-                Err(error) => {
-                    return Err(QueryStartError {
-                        error,
-                        stale: false,
-                    });
+        let bound = loop {
+            let step = match self.next_step(response).await {
+                Ok(step) => step,
+                Err(e) if !self.is_broken() => {
+                    // Our own error (the time limit passed, the statement was cancelled): the
+                    // query failed, and the rest of its response is read like a refusal's.
+                    response.fail_with(e);
+                    return Ok(Err(false));
                 }
+                Err(e) => return Err(e),
             };
-            match msg {
-                BackendMessage::CloseComplete => confirmed += 1,
-                BackendMessage::ParseComplete => parsed = true,
-                BackendMessage::ParameterDescription(oids) => {
+            match step {
+                Step::Message(BackendMessage::CloseComplete) => confirmed += 1,
+                Step::Message(BackendMessage::ParseComplete) => parsed = true,
+                Step::Message(BackendMessage::ParameterDescription(oids)) => {
                     param_types = Some(oids.into_iter().map(type_from_oid).collect());
                 }
-                BackendMessage::RowDescription(fields) => {
+                Step::Message(BackendMessage::RowDescription(fields)) => {
                     columns = Some(fields.iter().map(|f| self.column(f)).collect());
                 }
-                BackendMessage::NoData => columns = Some(Arc::from([])),
-                BackendMessage::BindComplete => break Ok(()),
-                BackendMessage::ErrorResponse(db) => break Err(Error::db(db)),
-                other => {
-                    let error = self.unexpected(&other, "Bind");
-                    return Err(QueryStartError {
-                        error,
-                        stale: false,
-                    });
-                }
+                Step::Message(BackendMessage::NoData) => columns = Some(Arc::from([])),
+                Step::Message(BackendMessage::BindComplete) => break true,
+                Step::Failed => break false,
+                other => return Err(self.unexpected_step(other, "Bind")),
             }
         };
         if confirmed < closes.len() {
@@ -789,57 +764,45 @@ impl Connection {
             let types = param_types.clone().unwrap_or_else(|| chosen.clone().into());
             self.remember(sql, name, Some(types), cols.clone());
         }
-        match outcome {
-            Ok(()) => match kind {
-                PlanKind::Cached { statement } => Ok(statement.columns.clone()),
-                PlanKind::Pending { name } => self.pending_columns(sql, &name),
-                PlanKind::New { .. } => columns.ok_or_else(|| QueryStartError {
-                    error: self.protocol_error("BindComplete before the statement's description"),
-                    stale: false,
-                }),
-            },
-            Err(error) => {
-                let stale = match &kind {
-                    PlanKind::Cached { statement } => match error.code() {
-                        // The plan no longer fits the tables: drop this statement.
-                        Some("0A000") => {
-                            self.statements.remove(sql);
-                            self.closes_due.push(statement.name.clone());
-                            true
-                        }
-                        // Our statements were dropped behind our back (DEALLOCATE ALL,
-                        // DISCARD ALL): none of them exists any more.
-                        Some("26000") => {
-                            self.statements.clear();
-                            true
-                        }
-                        _ => false,
-                    },
-                    PlanKind::New { .. } | PlanKind::Pending { .. } => false,
-                };
-                Err(QueryStartError {
-                    error: explain_pooler(error),
-                    stale,
-                })
-            }
+        if bound {
+            return Ok(Ok(match kind {
+                PlanKind::Cached { statement } => statement.columns.clone(),
+                PlanKind::Pending { name } => self.pending_columns(sql, &name)?,
+                PlanKind::New { .. } => columns.ok_or_else(|| {
+                    self.protocol_error("BindComplete before the statement's description")
+                })?,
+            }));
         }
+        let stale = match &kind {
+            PlanKind::Cached { statement } => match response.error().and_then(Error::code) {
+                // The plan no longer fits the tables: drop this statement.
+                Some("0A000") => {
+                    self.statements.remove(sql);
+                    self.closes_due.push(statement.name.clone());
+                    true
+                }
+                // Our statements were dropped behind our back (DEALLOCATE ALL, DISCARD
+                // ALL): none of them exists any more.
+                Some("26000") => {
+                    self.statements.clear();
+                    true
+                }
+                _ => false,
+            },
+            PlanKind::New { .. } | PlanKind::Pending { .. } => false,
+        };
+        response.map_error(explain_pooler);
+        Ok(Err(stale))
     }
 }
 
 impl Connection {
     /// The result columns of `name`, parsed earlier in this pipeline: its description was read
     /// (and cached) with that earlier query's answer.
-    fn pending_columns(
-        &mut self,
-        sql: &str,
-        name: &str,
-    ) -> std::result::Result<Arc<[Column]>, QueryStartError> {
+    fn pending_columns(&mut self, sql: &str, name: &str) -> Result<Arc<[Column]>> {
         match self.statements.get(sql) {
             Some(statement) if &*statement.name == name => Ok(statement.columns.clone()),
-            _ => Err(QueryStartError {
-                error: self.protocol_error("BindComplete for a statement never described"),
-                stale: false,
-            }),
+            _ => Err(self.protocol_error("BindComplete for a statement never described")),
         }
     }
 }
@@ -880,33 +843,41 @@ impl Connection {
         self.send(1).await.map_err(|e| (None, e))?;
 
         let mut results = Vec::with_capacity(queries.len());
-        let mut failure = None;
+        let mut response = Response::new(Shape::Extended);
+        let mut failed = None;
         for (i, plan) in plans.into_iter().enumerate() {
-            if failure.is_some() {
+            if failed.is_some() {
                 // Skipped by the server: its Closes were never run.
                 self.restore_closes(plan.closes);
                 continue;
             }
             let sql = queries[i].sql();
-            match self.read_query_start(sql, plan).await {
-                Ok(columns) => match self.read_rows(columns).await {
-                    Ok(r) => results.push(r),
-                    Err(e) => failure = Some((i, e)),
-                },
-                Err(QueryStartError { error, .. }) => failure = Some((i, error)),
-            }
-        }
-        if let Some((i, e)) = failure {
-            if self.is_broken() {
-                return Err((Some(i), e));
-            }
-            let e = match self.finish_request(Some(e)).await {
-                Err(e) => e,
-                Ok(()) => unreachable!("finish_request with an error returns it"),
+            let started = self
+                .read_query_start(&mut response, sql, plan)
+                .await
+                .map_err(|e| (Some(i), e))?;
+            let rows = match started {
+                Ok(columns) => self
+                    .read_rows(&mut response, columns)
+                    .await
+                    .map_err(|e| (Some(i), e))?,
+                Err(_) => None,
             };
-            return Err((Some(i), e));
+            match rows {
+                Some(r) => results.push(r),
+                None => failed = Some(i),
+            }
         }
-        self.finish_request(None).await.map_err(|e| (None, e))?;
+        match (self.finish(response).await, failed) {
+            (Err(e), failed) => return Err((failed, e)),
+            (Ok(()), Some(i)) => {
+                return Err((
+                    Some(i),
+                    self.protocol_error("a query failed without an error"),
+                ));
+            }
+            (Ok(()), None) => {}
+        }
         // Result types the server defined at run time are looked up now that the connection
         // is free (see query_stream).
         for (rows, _) in &mut results {
@@ -1007,32 +978,36 @@ impl Connection {
         }
     }
 
-    /// Reads one query's rows up to its CommandComplete (or EmptyQueryResponse); a server
-    /// error is returned without reading on.
-    pub(super) async fn read_rows(&mut self, columns: Arc<[Column]>) -> Result<(Vec<Row>, u64)> {
+    /// Reads one query's rows up to its CommandComplete (or EmptyQueryResponse). `None` if the
+    /// server refused it (its error is then in `response`); it does not read on.
+    pub(super) async fn read_rows(
+        &mut self,
+        response: &mut Response,
+        columns: Arc<[Column]>,
+    ) -> Result<Option<(Vec<Row>, u64)>> {
         let mut rows = Vec::new();
         loop {
             self.take_buffered_rows(&columns, &mut rows)?;
-            if let Some(count) = self.stream.take_command_complete() {
-                return Ok((rows, count));
-            }
-            match self.read().await? {
-                BackendMessage::DataRow(data) => {
+            let step = match self.next_step(response).await {
+                Ok(step) => step,
+                Err(e) if !self.is_broken() => {
+                    // As in `read_query_start`: the query failed, its rest is read.
+                    response.fail_with(e);
+                    return Ok(None);
+                }
+                Err(e) => return Err(e),
+            };
+            match step {
+                Step::Row(data) => {
                     rows.push(Row::new(columns.clone(), data).map_err(|e| self.fail(e))?);
                 }
-                BackendMessage::CommandComplete(tag) => return Ok((rows, rows_affected(&tag))),
-                BackendMessage::EmptyQueryResponse => return Ok((rows, 0)),
-                BackendMessage::ErrorResponse(db) => return Err(Error::db(db)),
-                other => return Err(self.unexpected(&other, "a pipelined query")),
+                Step::Complete { rows: n, .. } => return Ok(Some((rows, n))),
+                Step::Message(BackendMessage::EmptyQueryResponse) => return Ok(Some((rows, 0))),
+                Step::Failed => return Ok(None),
+                other => return Err(self.unexpected_step(other, "a pipelined query")),
             }
         }
     }
-}
-
-/// A query that failed before its rows: the error, and whether the statement was stale.
-pub(super) struct QueryStartError {
-    pub(super) error: Error,
-    pub(super) stale: bool,
 }
 
 fn param_count_error(expected: usize, given: usize) -> Error {
@@ -1050,8 +1025,6 @@ enum StreamState {
         rows: std::collections::VecDeque<crate::protocol::DataRow>,
         error: Option<Error>,
     },
-    /// The server reported an error; reading on to ReadyForQuery before returning it.
-    Draining(Option<Error>),
     /// ReadyForQuery has been read.
     Done,
 }
@@ -1064,11 +1037,10 @@ enum StreamState {
 pub struct RowStream<'a> {
     conn: &'a mut Connection,
     columns: Arc<[Column]>,
+    /// The query's response, read as the stream is polled.
+    response: Response,
     state: StreamState,
     rows_affected: Option<u64>,
-    /// Set by CommandComplete, EmptyQueryResponse or PortalSuspended: only then may
-    /// ReadyForQuery end the stream (§55.2.3); before that it is not ours.
-    answered: bool,
 }
 
 impl RowStream<'_> {
@@ -1097,74 +1069,38 @@ impl RowStream<'_> {
                         }
                     });
                 }
-                // Rows whole in the buffer already are taken without the general read path.
-                StreamState::Rows => {
-                    let row = self.conn.stream.take_data_row().and_then(|data| {
-                        data.map(|d| Row::new(self.columns.clone(), d)).transpose()
-                    });
-                    match row {
-                        Ok(Some(row)) => return Poll::Ready(Some(Ok(row))),
-                        Ok(None) => {}
-                        Err(e) => {
-                            self.state = StreamState::Done;
-                            return Poll::Ready(Some(Err(self.conn.fail(e))));
-                        }
-                    }
-                }
-                StreamState::Draining(_) => {}
+                StreamState::Rows => {}
             }
-            let msg = match ready!(self.conn.poll_read(cx)) {
-                Ok(msg) => msg,
+            let step = match ready!(self.conn.poll_step(&mut self.response, cx)) {
+                Ok(step) => step,
                 Err(e) => {
-                    // A query that failed already keeps its own error when the session then
-                    // ends (see `Connection::read_or_first_error`).
-                    let state = std::mem::replace(&mut self.state, StreamState::Done);
-                    let e = match state {
-                        StreamState::Draining(Some(first))
-                            if first.kind() == crate::ErrorKind::Db =>
-                        {
-                            first
-                        }
-                        _ => e,
-                    };
+                    self.state = StreamState::Done;
                     return Poll::Ready(Some(Err(e)));
                 }
             };
-            match msg {
-                BackendMessage::DataRow(data) if matches!(self.state, StreamState::Rows) => {
-                    match Row::new(self.columns.clone(), data) {
-                        Ok(row) => return Poll::Ready(Some(Ok(row))),
-                        Err(e) => {
-                            self.state = StreamState::Done;
-                            return Poll::Ready(Some(Err(self.conn.fail(e))));
-                        }
+            match step {
+                Step::Row(data) => match Row::new(self.columns.clone(), data) {
+                    Ok(row) => return Poll::Ready(Some(Ok(row))),
+                    Err(e) => {
+                        self.state = StreamState::Done;
+                        return Poll::Ready(Some(Err(self.conn.fail(e))));
                     }
-                }
-                BackendMessage::CommandComplete(tag) => {
-                    self.rows_affected = Some(rows_affected(&tag));
-                    self.answered = true;
-                }
-                BackendMessage::EmptyQueryResponse | BackendMessage::PortalSuspended => {
-                    self.answered = true;
-                }
-                BackendMessage::DataRow(_) => {}
-                BackendMessage::ErrorResponse(db) => {
-                    if let StreamState::Rows = self.state {
-                        self.state = StreamState::Draining(Some(Error::db(db)));
-                    }
-                }
-                BackendMessage::ReadyForQuery(_)
-                    if self.answered || matches!(self.state, StreamState::Draining(_)) =>
-                {
-                    let state = std::mem::replace(&mut self.state, StreamState::Done);
-                    if let StreamState::Draining(Some(e)) = state {
-                        return Poll::Ready(Some(Err(e)));
-                    }
-                    return Poll::Ready(None);
+                },
+                Step::Complete { rows, .. } => self.rows_affected = Some(rows),
+                // An error: read on to ReadyForQuery, and end with it there.
+                Step::Message(
+                    BackendMessage::EmptyQueryResponse | BackendMessage::PortalSuspended,
+                )
+                | Step::Failed => {}
+                Step::Over => {
+                    self.state = StreamState::Done;
+                    return Poll::Ready(self.response.take_error().map(Err));
                 }
                 other => {
                     self.state = StreamState::Done;
-                    return Poll::Ready(Some(Err(self.conn.unexpected(&other, "a row stream"))));
+                    return Poll::Ready(Some(Err(self
+                        .conn
+                        .unexpected_step(other, "a row stream"))));
                 }
             }
         }
@@ -1203,12 +1139,11 @@ impl Connection {
         let plan = self.write_query_or_describe(sql, params, max_rows).await?;
         frontend::sync(&mut self.stream.write_buf);
         self.send(1).await?;
-        match self.read_query_start(sql, plan).await {
+        let mut response = Response::new(Shape::Extended);
+        match self.read_query_start(&mut response, sql, plan).await? {
+            // The first batch's rows follow, read by `read_portal_batch`.
             Ok(columns) => Ok(columns),
-            Err(QueryStartError { error, .. }) => match self.finish_request(Some(error)).await {
-                Err(e) => Err(e),
-                Ok(()) => unreachable!("finish_request with an error returns it"),
-            },
+            Err(_) => Err(self.fail_request(response).await),
         }
     }
 
@@ -1228,26 +1163,27 @@ impl Connection {
         capacity: usize,
     ) -> Result<(Vec<Row>, bool)> {
         let mut rows = Vec::with_capacity(capacity);
-        let more = loop {
+        let mut response = Response::new(Shape::Extended);
+        let mut more = None;
+        loop {
             self.take_buffered_rows(columns, &mut rows)?;
-            match self.read().await? {
-                BackendMessage::DataRow(data) => {
+            match self.next_step(&mut response).await? {
+                Step::Row(data) => {
                     rows.push(Row::new(columns.clone(), data).map_err(|e| self.fail(e))?);
                 }
-                BackendMessage::PortalSuspended => break true,
-                BackendMessage::CommandComplete(_) | BackendMessage::EmptyQueryResponse => {
-                    break false;
+                Step::Message(BackendMessage::PortalSuspended) => more = Some(true),
+                Step::Complete { .. } | Step::Message(BackendMessage::EmptyQueryResponse) => {
+                    more = Some(false);
                 }
-                BackendMessage::ErrorResponse(db) => {
-                    self.finish_request(Some(Error::db(db))).await?;
-                    unreachable!("finish_request with an error returns it");
-                }
-                other => return Err(self.unexpected(&other, "a portal batch")),
+                Step::Failed => {}
+                Step::Over => break,
+                other => return Err(self.unexpected_step(other, "a portal batch")),
             }
-        };
-        match self.read().await? {
-            BackendMessage::ReadyForQuery(_) => Ok((rows, more)),
-            other => Err(self.unexpected(&other, "a portal batch")),
+        }
+        response.finish()?;
+        match more {
+            Some(more) => Ok((rows, more)),
+            None => Err(self.protocol_error("a portal batch ended without its end")),
         }
     }
 
@@ -1308,21 +1244,21 @@ impl Connection {
             Ok(plan) => plan,
             Err(e) => return Ok(Err(e)),
         };
-        let outcome = match self.read_query_start(query.sql(), plan).await {
-            Ok(columns) => self.read_rows(columns).await,
-            Err(QueryStartError { error, .. }) => Err(error),
+        let mut response = Response::new(Shape::Extended);
+        let rows = match self
+            .read_query_start(&mut response, query.sql(), plan)
+            .await?
+        {
+            Ok(columns) => self.read_rows(&mut response, columns).await?,
+            Err(_) => None,
         };
-        // Read on to the query's ReadyForQuery, unless the connection already broke.
-        let outcome = match outcome {
-            _ if self.is_broken() => outcome,
-            Ok(r) => self.finish_request(None).await.map(|()| r),
-            Err(e) => self.finish_request(Some(e)).await.map(|()| unreachable!()),
-        };
-        if self.is_broken() {
-            return Err(outcome
-                .err()
-                .unwrap_or_else(|| Error::closed("the connection broke")));
+        // Read on to the query's ReadyForQuery. An error then is the query's, unless the
+        // connection broke, after which nothing more can be read.
+        match (self.finish(response).await, rows) {
+            (Err(e), _) if self.is_broken() => Err(e),
+            (Err(e), _) => Ok(Err(e)),
+            (Ok(()), Some(rows)) => Ok(Ok(rows)),
+            (Ok(()), None) => Err(self.protocol_error("a query failed without an error")),
         }
-        Ok(outcome)
     }
 }

@@ -25,6 +25,7 @@ mod cache;
 mod copy;
 mod extended;
 mod notify;
+mod response;
 mod simple;
 mod socket;
 mod startup;
@@ -35,7 +36,7 @@ mod types;
 use std::collections::{HashMap, VecDeque};
 use std::fmt;
 use std::future::poll_fn;
-use std::task::{Context, Poll};
+use std::task::{Context, Poll, ready};
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -44,6 +45,7 @@ use crate::config::Config;
 use crate::error::{DbError, Error, Result};
 use crate::protocol::{BackendMessage, frontend};
 use cache::StatementCache;
+use response::{Response, Shape, Step};
 use stream::MessageStream;
 
 pub use copy::{BinaryCopyInWriter, CopyInSink, CopyOutStream};
@@ -573,8 +575,9 @@ impl Connection {
         }
         let limit = self.watch.drain_timeout;
         let drained = tokio::time::timeout(limit, async {
+            let mut rest = Response::new(Shape::Drain);
             while self.pending > 0 {
-                match self.read().await {
+                match self.next_step(&mut rest).await {
                     Ok(_) => {}
                     Err(e) if self.broken.is_some() => return Err(e),
                     // A timeout of the abandoned request itself: its cancel just went out.
@@ -600,8 +603,9 @@ impl Connection {
     fn drain_ready(&mut self) -> Result<()> {
         let waker = futures::task::noop_waker();
         let mut cx = Context::from_waker(&waker);
+        let mut rest = Response::new(Shape::Drain);
         while self.pending > 0 {
-            match self.poll_read(&mut cx) {
+            match self.poll_step(&mut rest, &mut cx) {
                 Poll::Ready(Ok(_)) => {}
                 Poll::Ready(Err(e)) if self.broken.is_some() => return Err(e),
                 Poll::Ready(Err(_)) => {}
@@ -764,11 +768,6 @@ impl Connection {
         }
     }
 
-    /// Reads the next message that belongs to the request in flight.
-    async fn read(&mut self) -> Result<BackendMessage> {
-        poll_fn(|cx| self.poll_read(cx)).await
-    }
-
     /// Polls for the next message that belongs to the request in flight. Notices, parameter
     /// changes and notifications can arrive at any time (§55.2.7 "Asynchronous Operations") and
     /// are dealt with here; ReadyForQuery updates the transaction status.
@@ -850,51 +849,79 @@ impl Connection {
         None
     }
 
-    /// Reads the next message of a request that may have failed already (`error`, its first
-    /// error). If the connection fails now after the server refused the request — PgBouncer
-    /// in statement mode, say, drops a client whose transaction block failed — the server's
-    /// error for the request is the one returned, not the one that ended the session; the
-    /// connection is broken either way.
-    pub(super) async fn read_or_first_error(
+    /// Polls for the next step of the request read through `r`: the one read path of every
+    /// request (see [`response`]). Rows, BindComplete and CommandComplete that are whole in
+    /// the buffer already are taken in place — a result's messages arrive back to back, and
+    /// the general path must look out for notices, status reports and ReadyForQuery — and
+    /// everything else goes through [`poll_read`](Self::poll_read) and `r`'s rules.
+    pub(super) fn poll_step(
         &mut self,
-        error: &mut Option<Error>,
-    ) -> Result<BackendMessage> {
-        match self.read().await {
-            Ok(msg) => Ok(msg),
-            Err(e) => match error.take() {
-                Some(first) if first.kind() == crate::ErrorKind::Db => Err(first),
-                _ => Err(e),
-            },
+        r: &mut Response,
+        cx: &mut Context<'_>,
+    ) -> Poll<Result<Step>> {
+        if let Some(reason) = &self.broken {
+            // Nothing more can be read: never wait on a stream that cannot be trusted.
+            let e = Error::closed(format!("the connection is broken: {reason}"));
+            return Poll::Ready(Err(r.lost(e)));
+        }
+        if r.takes_rows() {
+            match self.stream.take_data_row() {
+                Ok(Some(row)) => return Poll::Ready(Ok(r.accept_row(row))),
+                Ok(None) => {}
+                Err(e) => return Poll::Ready(Err(self.fail(e))),
+            }
+        }
+        if r.takes_bind_complete() && self.stream.take_bind_complete() {
+            return Poll::Ready(Ok(Step::Message(BackendMessage::BindComplete)));
+        }
+        if r.takes_counts()
+            && let Some(rows) = self.stream.take_command_complete()
+        {
+            return Poll::Ready(Ok(r.accept_count(rows)));
+        }
+        let msg = match ready!(self.poll_read(cx)) {
+            Ok(msg) => msg,
+            Err(e) => return Poll::Ready(Err(r.lost(e))),
+        };
+        Poll::Ready(match r.accept(msg) {
+            Ok(step) => Ok(step),
+            Err(other) => Err(self.unexpected(&other, r.shape().during())),
+        })
+    }
+
+    /// The next step of the request read through `r`.
+    pub(super) async fn next_step(&mut self, r: &mut Response) -> Result<Step> {
+        poll_fn(|cx| self.poll_step(r, cx)).await
+    }
+
+    /// Reads the rest of the request read through `r`, up to its ReadyForQuery, and returns
+    /// its outcome: its first error, if any.
+    pub(super) async fn finish(&mut self, mut r: Response) -> Result<()> {
+        loop {
+            if let Step::Over = self.next_step(&mut r).await? {
+                return r.finish();
+            }
         }
     }
 
-    /// Reads until the ReadyForQuery that ends the current request, keeping the first server
-    /// error seen on the way; anything else is a protocol error.
-    async fn finish_request(&mut self, mut error: Option<Error>) -> Result<()> {
-        loop {
-            match self.read_or_first_error(&mut error).await? {
-                BackendMessage::ReadyForQuery(_) => break,
-                BackendMessage::ErrorResponse(db) => {
-                    error.get_or_insert(Error::db(db));
-                }
-                // What a request may still produce after the part its caller consumed.
-                BackendMessage::DataRow(_)
-                | BackendMessage::CommandComplete(_)
-                | BackendMessage::EmptyQueryResponse
-                | BackendMessage::PortalSuspended
-                | BackendMessage::CloseComplete
-                | BackendMessage::BindComplete
-                | BackendMessage::ParseComplete
-                | BackendMessage::NoData
-                | BackendMessage::RowDescription(_)
-                | BackendMessage::ParameterDescription(_) => {}
-                other => return Err(self.unexpected(&other, "the end of a request")),
-            }
+    /// Reads the rest of a request that failed (its error is in `r`) and returns the error.
+    pub(super) async fn fail_request(&mut self, r: Response) -> Error {
+        match self.finish(r).await {
+            Err(e) => e,
+            Ok(()) => self.protocol_error("a request failed without an error"),
         }
-        match error {
-            Some(e) => Err(e),
-            None => Ok(()),
-        }
+    }
+
+    /// A step that has no place where it came: the byte stream cannot be trusted.
+    pub(super) fn unexpected_step(&mut self, step: Step, during: &str) -> Error {
+        let tag = match step {
+            Step::Row(_) => 'D',
+            Step::Complete { .. } => 'C',
+            Step::Message(msg) => msg.tag() as char,
+            Step::Failed => 'E',
+            Step::Over => 'Z',
+        };
+        self.protocol_error(&format!("unexpected message {tag:?} during {during}"))
     }
 
     /// The one place `broken` is set: the first reason is kept, and it is never cleared.

@@ -4,6 +4,7 @@
 use std::sync::Arc;
 
 use super::Connection;
+use super::response::{Response, Shape, Step};
 use crate::error::{Error, Result};
 use crate::protocol::{BackendMessage, frontend};
 use crate::row::{Column, SimpleQueryResult, SimpleRow};
@@ -39,23 +40,20 @@ impl Connection {
         let mut results = Vec::new();
         let mut columns: Option<Arc<[Column]>> = None;
         let mut rows = Vec::new();
-        let mut error = None;
-        // Every statement ends with CommandComplete, EmptyQueryResponse or ErrorResponse before
-        // the ReadyForQuery (§55.2.2): a ReadyForQuery before any of them is not ours.
-        let mut answered = false;
+        let mut response = Response::new(Shape::Simple);
         loop {
-            match self.read_or_first_error(&mut error).await? {
-                BackendMessage::RowDescription(fields) => {
+            match self.next_step(&mut response).await? {
+                Step::Message(BackendMessage::RowDescription(fields)) => {
                     columns = Some(fields.iter().map(Column::from_field).collect());
                 }
-                BackendMessage::DataRow(data) => {
+                Step::Row(data) => {
                     let cols = columns
                         .clone()
                         .ok_or_else(|| self.protocol_error("DataRow before RowDescription"))?;
                     rows.push(SimpleRow::new(cols, data).map_err(|e| self.fail(e))?);
                 }
-                BackendMessage::CommandComplete(tag) => {
-                    answered = true;
+                Step::Complete { tag, .. } => {
+                    let tag = tag.unwrap_or_default();
                     results.push(SimpleQueryResult {
                         columns: columns.take().unwrap_or_else(|| Arc::from([])),
                         rows: std::mem::take(&mut rows),
@@ -64,30 +62,30 @@ impl Connection {
                         tag: String::from_utf8_lossy(&tag).into_owned(),
                     });
                 }
-                BackendMessage::EmptyQueryResponse => answered = true,
-                BackendMessage::ErrorResponse(db) => {
-                    answered = true;
-                    error.get_or_insert(Error::db(db));
-                }
-                BackendMessage::CopyInResponse(_) => {
+                Step::Message(BackendMessage::CopyInResponse(_)) => {
                     // The server waits for data we do not have: refuse, and it answers with an
                     // ErrorResponse and ReadyForQuery as usual.
                     self.refuse_copy_in("simple_query sends no COPY data: use Connection::copy_in")
                         .await?;
-                    error.get_or_insert(Error::conversion(
+                    response.fail_with(Error::conversion(
                         "simple_query cannot send the data of a COPY … FROM STDIN: use \
                          Connection::copy_in (the COPY was failed and copied nothing)",
                     ));
                 }
-                BackendMessage::CopyOutResponse(_) => {
-                    error.get_or_insert(Error::conversion(
+                Step::Message(BackendMessage::CopyOutResponse(_)) => {
+                    response.fail_with(Error::conversion(
                         "simple_query does not return the data of a COPY … TO STDOUT: use \
                          Connection::copy_out (the COPY ran and its data was discarded)",
                     ));
                 }
-                BackendMessage::CopyData(_) | BackendMessage::CopyDone => {}
-                BackendMessage::ReadyForQuery(_) if answered => break,
-                other => return Err(self.unexpected(&other, "a simple query")),
+                Step::Message(
+                    BackendMessage::EmptyQueryResponse
+                    | BackendMessage::CopyData(_)
+                    | BackendMessage::CopyDone,
+                )
+                | Step::Failed => {}
+                Step::Over => break,
+                other => return Err(self.unexpected_step(other, "a simple query")),
             }
         }
         // A statement like DISCARD ALL or DEALLOCATE ALL drops our prepared statements.
@@ -97,10 +95,7 @@ impl Connection {
         {
             self.statements.clear();
         }
-        match error {
-            Some(e) => Err(e),
-            None => Ok(results),
-        }
+        response.finish().map(|()| results)
     }
 
     /// Runs one statement that returns no rows (`BEGIN`, `SAVEPOINT "s"`, `COMMIT`, …) whose
@@ -112,27 +107,16 @@ impl Connection {
         self.prepare_request().await?;
         frontend::query_parts(&mut self.stream.write_buf, parts)?;
         self.send(1).await?;
-        let mut error = None;
-        let mut answered = false;
+        let mut response = Response::new(Shape::Simple);
         let mut tag = None;
         loop {
-            match self.read_or_first_error(&mut error).await? {
-                BackendMessage::CommandComplete(t) => {
-                    answered = true;
-                    tag = Some(t);
-                }
-                BackendMessage::EmptyQueryResponse => answered = true,
-                BackendMessage::ErrorResponse(db) => {
-                    answered = true;
-                    error.get_or_insert(Error::db(db));
-                }
-                BackendMessage::ReadyForQuery(_) if answered => break,
-                other => return Err(self.unexpected(&other, "a command")),
+            match self.next_step(&mut response).await? {
+                Step::Complete { tag: t, .. } => tag = t,
+                Step::Message(BackendMessage::EmptyQueryResponse) | Step::Failed => {}
+                Step::Over => break,
+                other => return Err(self.unexpected_step(other, "a command")),
             }
         }
-        match error {
-            Some(e) => Err(e),
-            None => Ok(tag),
-        }
+        response.finish().map(|()| tag)
     }
 }

@@ -1,0 +1,382 @@
+//! The one reader of a request's response: what each backend message means for the request
+//! in flight, which error wins, and when the request is over. Pure — messages in, steps out;
+//! no I/O, no clock — so that the fuzz target and a proptest can drive it.
+//!
+//! Every request the connection sends ends with exactly one ReadyForQuery per Sync (or per
+//! simple Query), and is read through a [`Response`] of the request's [`Shape`]:
+//!
+//! - [`Shape::Extended`]: extended-protocol statements up to one Sync (a query, an `Atomic`'s
+//!   pipeline, a portal's Execute): per statement CloseComplete, ParseComplete,
+//!   ParameterDescription, RowDescription or NoData, BindComplete, rows, and a completion
+//!   (CommandComplete, EmptyQueryResponse, PortalSuspended); after an error the server skips
+//!   to the Sync (§55.2.3).
+//! - [`Shape::Describe`]: Parse, Describe and Sync: a statement's description, no execution.
+//! - [`Shape::Simple`]: a simple Query (§55.2.2): any number of statements, each with a
+//!   RowDescription, rows and CommandComplete, an EmptyQueryResponse, an error, or a COPY's
+//!   messages.
+//! - [`Shape::Drain`]: the rest of a request nobody waits for any more: anything up to its
+//!   ReadyForQuery is skipped.
+//!
+//! The rules, decided here and nowhere else:
+//!
+//! - **The first error wins.** The first ErrorResponse is the request's error; later ones
+//!   (a statement after the failed one in a simple Query) are dropped. If the connection then
+//!   fails before ReadyForQuery — PgBouncer in statement mode drops a client whose block
+//!   failed — the server's error for the request is still the one reported.
+//! - **The request is over at ReadyForQuery**, which may only come once the request has
+//!   answered (a completion or an error, or a description for [`Shape::Describe`]): a
+//!   ReadyForQuery before that is not ours.
+//! - **Anything the shape does not allow** (a BindComplete in a simple Query, COPY data in an
+//!   extended one, a second RowDescription where none can be) is a protocol error: the
+//!   connection's byte stream can no longer be trusted.
+//!
+//! Notices, parameter changes and notifications can arrive at any time (§55.2.7) and never
+//! reach a `Response`: the connection deals with them on the way.
+
+use bytes::Bytes;
+
+use crate::error::Error;
+use crate::protocol::{BackendMessage, DataRow};
+
+/// What a request sent, and so what its response may hold.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Shape {
+    Extended,
+    Describe,
+    Simple,
+    Drain,
+}
+
+impl Shape {
+    /// What the request is, for a protocol error's message.
+    pub(crate) fn during(self) -> &'static str {
+        match self {
+            Shape::Extended => "an extended-protocol request",
+            Shape::Describe => "Describe",
+            Shape::Simple => "a simple query",
+            Shape::Drain => "the rest of an abandoned request",
+        }
+    }
+}
+
+/// What a message meant for the request.
+#[derive(Debug)]
+pub(crate) enum Step {
+    /// A row of the current statement's result.
+    Row(DataRow),
+    /// A statement finished: CommandComplete's row count, and its tag for the simple protocol
+    /// (whose results keep it); [`Shape::Extended`] reads only the count.
+    Complete { rows: u64, tag: Option<Bytes> },
+    /// Any other message the shape allows (descriptions, BindComplete, EmptyQueryResponse,
+    /// PortalSuspended, COPY messages), for the caller to read.
+    Message(BackendMessage),
+    /// The server refused a statement; the request's error is [`Response::error`] (the first
+    /// one). The server goes on to the Sync (extended) or the next statement (simple).
+    Failed,
+    /// ReadyForQuery: the request is over ([`Response::finish`] gives its outcome).
+    Over,
+}
+
+/// The state of one request's response: its shape, its first error, and whether it has
+/// answered yet.
+#[derive(Debug)]
+pub(crate) struct Response {
+    shape: Shape,
+    error: Option<Error>,
+    answered: bool,
+}
+
+impl Response {
+    pub(crate) fn new(shape: Shape) -> Response {
+        Response {
+            shape,
+            error: None,
+            answered: shape == Shape::Drain,
+        }
+    }
+
+    /// The shape this response was opened with.
+    pub(crate) fn shape(&self) -> Shape {
+        self.shape
+    }
+
+    /// Whether a DataRow may be taken in place (the shape has rows).
+    pub(crate) fn takes_rows(&self) -> bool {
+        self.shape != Shape::Describe
+    }
+
+    /// The request's error so far: the first the server sent.
+    pub(crate) fn error(&self) -> Option<&Error> {
+        self.error.as_ref()
+    }
+
+    /// Rewrites the request's error (to add what it means, e.g. a pooler's missing statement).
+    pub(crate) fn map_error(&mut self, f: impl FnOnce(Error) -> Error) {
+        self.error = self.error.take().map(f);
+    }
+
+    /// Records an error of the caller's for the request (a value that could not be decoded),
+    /// unless the server's came first; the rest of the response is read, and it is the
+    /// request's outcome.
+    pub(crate) fn fail_with(&mut self, error: Error) {
+        self.error.get_or_insert(error);
+        self.answered = true;
+    }
+
+    /// Takes a message of the response. `Err` gives back a message the shape does not allow.
+    pub(crate) fn accept(
+        &mut self,
+        msg: BackendMessage,
+    ) -> std::result::Result<Step, BackendMessage> {
+        use BackendMessage as M;
+        let extended = matches!(self.shape, Shape::Extended | Shape::Describe);
+        let step = match msg {
+            M::ReadyForQuery(_) if self.answered => return Ok(Step::Over),
+            M::ErrorResponse(db) => {
+                self.error.get_or_insert_with(|| Error::db(db));
+                self.answered = true;
+                Step::Failed
+            }
+            _ if self.shape == Shape::Drain => Step::Message(msg),
+            M::DataRow(row) if self.shape != Shape::Describe => Step::Row(row),
+            M::CommandComplete(tag) if self.shape != Shape::Describe => {
+                self.answered = true;
+                let rows = crate::row::rows_affected(&tag);
+                let tag = (self.shape == Shape::Simple).then_some(tag);
+                Step::Complete { rows, tag }
+            }
+            M::EmptyQueryResponse if self.shape != Shape::Describe => {
+                self.answered = true;
+                Step::Message(msg)
+            }
+            M::PortalSuspended if self.shape == Shape::Extended => {
+                self.answered = true;
+                Step::Message(msg)
+            }
+            M::RowDescription(_) | M::NoData if self.shape == Shape::Describe => {
+                self.answered = true;
+                Step::Message(msg)
+            }
+            M::RowDescription(_) if self.shape != Shape::Describe => Step::Message(msg),
+            M::ParseComplete
+            | M::BindComplete
+            | M::CloseComplete
+            | M::ParameterDescription(_)
+            | M::NoData
+                if extended =>
+            {
+                Step::Message(msg)
+            }
+            M::CopyInResponse(_) | M::CopyOutResponse(_) | M::CopyData(_) | M::CopyDone
+                if self.shape == Shape::Simple =>
+            {
+                Step::Message(msg)
+            }
+            other => return Err(other),
+        };
+        Ok(step)
+    }
+
+    /// Takes a row found whole in the read buffer (the fast path for what `accept` makes of a
+    /// DataRow), for a shape that [takes rows](Self::takes_rows).
+    pub(crate) fn accept_row(&mut self, row: DataRow) -> Step {
+        debug_assert!(self.takes_rows());
+        Step::Row(row)
+    }
+
+    /// Takes a CommandComplete whose count was read in place (the fast path; only for shapes
+    /// that do not keep the tag).
+    pub(crate) fn accept_count(&mut self, rows: u64) -> Step {
+        debug_assert!(self.takes_counts());
+        self.answered = true;
+        Step::Complete { rows, tag: None }
+    }
+
+    /// Whether a CommandComplete may be read in place, without its tag.
+    pub(crate) fn takes_counts(&self) -> bool {
+        matches!(self.shape, Shape::Extended | Shape::Drain)
+    }
+
+    /// Whether a BindComplete may be taken in place.
+    pub(crate) fn takes_bind_complete(&self) -> bool {
+        matches!(self.shape, Shape::Extended | Shape::Drain)
+    }
+
+    /// The connection failed with `e` before the request was over: the error to report. The
+    /// server's own error for the request wins over the connection's (the server refused the
+    /// request, then the session ended); an error of ours (a timeout) gives way to the
+    /// connection's fuller story.
+    pub(crate) fn lost(&mut self, e: Error) -> Error {
+        match self.error.take() {
+            Some(first) if first.kind() == crate::ErrorKind::Db => first,
+            _ => e,
+        }
+    }
+
+    /// The request's outcome once it is over: its first error, if any.
+    pub(crate) fn finish(self) -> crate::Result<()> {
+        match self.error {
+            Some(e) => Err(e),
+            None => Ok(()),
+        }
+    }
+
+    /// Takes the request's error (for a caller that reports it itself).
+    pub(crate) fn take_error(&mut self) -> Option<Error> {
+        self.error.take()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::protocol::TransactionStatus;
+    use proptest::prelude::*;
+
+    fn db(code: &str) -> BackendMessage {
+        let mut body = Vec::new();
+        for (t, v) in [(b'S', "ERROR"), (b'V', "ERROR"), (b'C', code), (b'M', "m")] {
+            body.push(t);
+            body.extend_from_slice(v.as_bytes());
+            body.push(0);
+        }
+        body.push(0);
+        BackendMessage::decode(b'E', Bytes::from(body)).unwrap()
+    }
+
+    fn ready() -> BackendMessage {
+        BackendMessage::ReadyForQuery(TransactionStatus::Idle)
+    }
+
+    fn complete(tag: &'static str) -> BackendMessage {
+        BackendMessage::CommandComplete(Bytes::from_static(tag.as_bytes()))
+    }
+
+    #[test]
+    fn the_first_error_wins_and_the_request_ends_at_ready_for_query() {
+        let mut r = Response::new(Shape::Simple);
+        assert!(matches!(r.accept(db("42P01")), Ok(Step::Failed)));
+        assert!(matches!(r.accept(db("22012")), Ok(Step::Failed)));
+        assert!(matches!(r.accept(ready()), Ok(Step::Over)));
+        assert_eq!(r.finish().unwrap_err().code(), Some("42P01"));
+    }
+
+    #[test]
+    fn ready_for_query_before_an_answer_is_not_ours() {
+        for shape in [Shape::Extended, Shape::Simple, Shape::Describe] {
+            let mut r = Response::new(shape);
+            assert!(r.accept(ready()).is_err(), "{shape:?}");
+        }
+        let mut r = Response::new(Shape::Drain);
+        assert!(matches!(r.accept(ready()), Ok(Step::Over)));
+        let mut r = Response::new(Shape::Extended);
+        assert!(matches!(
+            r.accept(BackendMessage::BindComplete),
+            Ok(Step::Message(_))
+        ));
+        assert!(matches!(
+            r.accept(complete("SELECT 1")),
+            Ok(Step::Complete { rows: 1, tag: None })
+        ));
+        assert!(matches!(r.accept(ready()), Ok(Step::Over)));
+        assert!(r.finish().is_ok());
+    }
+
+    #[test]
+    fn each_shape_refuses_what_its_request_cannot_bring() {
+        let mut r = Response::new(Shape::Simple);
+        assert!(r.accept(BackendMessage::BindComplete).is_err());
+        let mut r = Response::new(Shape::Extended);
+        assert!(r.accept(BackendMessage::CopyDone).is_err());
+        let mut r = Response::new(Shape::Describe);
+        assert!(r.accept(complete("SELECT 1")).is_err());
+        let mut r = Response::new(Shape::Simple);
+        match r.accept(complete("INSERT 0 3")) {
+            Ok(Step::Complete {
+                rows: 3,
+                tag: Some(tag),
+            }) => assert_eq!(&tag[..], b"INSERT 0 3"),
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn a_lost_connection_keeps_the_servers_error_for_the_request() {
+        let mut r = Response::new(Shape::Extended);
+        let _ = r.accept(db("25P02"));
+        let e = r.lost(Error::closed("gone"));
+        assert_eq!(e.code(), Some("25P02"));
+        let mut r = Response::new(Shape::Extended);
+        r.fail_with(Error::timeout("slow"));
+        assert_eq!(
+            r.lost(Error::closed("gone")).kind(),
+            crate::ErrorKind::Closed
+        );
+    }
+
+    fn any_message() -> impl Strategy<Value = BackendMessage> {
+        prop_oneof![
+            Just(ready()),
+            Just(BackendMessage::BindComplete),
+            Just(BackendMessage::ParseComplete),
+            Just(BackendMessage::CloseComplete),
+            Just(BackendMessage::NoData),
+            Just(BackendMessage::EmptyQueryResponse),
+            Just(BackendMessage::PortalSuspended),
+            Just(BackendMessage::CopyDone),
+            Just(complete("SELECT 2")),
+            Just(db("40001")),
+            Just(db("23505")),
+        ]
+    }
+
+    proptest! {
+        /// Model check: for any message sequence, the request is over exactly at the first
+        /// ReadyForQuery that follows an answer, and its error is the first one sent.
+        #[test]
+        fn any_sequence_ends_where_the_model_says(
+            shape in prop::sample::select(vec![Shape::Extended, Shape::Simple, Shape::Describe, Shape::Drain]),
+            msgs in prop::collection::vec(any_message(), 0..24),
+        ) {
+            let mut r = Response::new(shape);
+            let mut answered = shape == Shape::Drain;
+            let mut first_error: Option<String> = None;
+            for msg in msgs {
+                let is_ready = matches!(msg, BackendMessage::ReadyForQuery(_));
+                let error = match &msg {
+                    BackendMessage::ErrorResponse(db) => Some(db.code().to_owned()),
+                    _ => None,
+                };
+                let completes = match &msg {
+                    BackendMessage::CommandComplete(_) | BackendMessage::EmptyQueryResponse => {
+                        shape != Shape::Describe
+                    }
+                    BackendMessage::PortalSuspended => shape == Shape::Extended,
+                    BackendMessage::NoData => shape == Shape::Describe,
+                    _ => false,
+                };
+                match r.accept(msg) {
+                    Ok(Step::Over) => {
+                        prop_assert!(is_ready && answered);
+                        let got = r.finish().err().and_then(|e| e.code().map(str::to_owned));
+                        prop_assert_eq!(got, first_error);
+                        return Ok(());
+                    }
+                    Ok(_) => {
+                        prop_assert!(!is_ready);
+                        if let Some(code) = error {
+                            first_error.get_or_insert(code);
+                            answered = true;
+                        }
+                        answered |= completes;
+                    }
+                    Err(_) => {
+                        prop_assert!(shape != Shape::Drain);
+                        prop_assert!(!is_ready || !answered);
+                        return Ok(());
+                    }
+                }
+            }
+        }
+    }
+}
