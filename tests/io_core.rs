@@ -394,3 +394,73 @@ async fn when_the_server_is_full_a_waiter_gets_the_next_connection_that_comes_ba
     short.close_connection_pool().await.unwrap();
     engine.close_connection_pool().await.unwrap();
 }
+
+/// The plain path: a connection over a tokio `UnixStream` the caller opened
+/// (`Connection::connect_stream`), which uses none of `socket.rs`'s readability-only
+/// registration or asking again, carries the same work: a result larger than the socket's
+/// buffers streamed, a value larger than them sent, and a COPY whose server talks back on
+/// every row while it is written.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_connection_over_a_plain_tokio_socket_does_the_same_work() {
+    use futures::TryStreamExt;
+    let cluster = common::cluster();
+    let path = cluster
+        .socket_dir()
+        .join(format!(".s.PGSQL.{}", cluster.port()));
+    let socket = tokio::net::UnixStream::connect(path).await.unwrap();
+    let config = common::socket_config(TempCluster::SUPERUSER);
+    let mut conn = pgengine::Connection::connect_stream(socket, &config)
+        .await
+        .unwrap();
+
+    let rows = bounded("a streamed result", async {
+        let mut stream = conn
+            .query_stream("SELECT g, repeat('r', 100) FROM generate_series(1, 200000) g")
+            .await?;
+        let mut n = 0i32;
+        while let Some(row) = stream.try_next().await? {
+            n += 1;
+            assert_eq!(row.get::<_, i32>(0), n);
+        }
+        Ok::<_, pgengine::Error>(n)
+    })
+    .await
+    .unwrap();
+    assert_eq!(rows, 200_000);
+
+    let big = vec![3u8; 64 << 20];
+    let len: i32 = bounded(
+        "a large value",
+        conn.query_one(("SELECT length($1::bytea)", (&big,))),
+    )
+    .await
+    .unwrap()
+    .get(0);
+    assert_eq!(len, 64 << 20);
+
+    conn.simple_query(
+        "DROP TABLE IF EXISTS io_plain; CREATE TABLE io_plain (id int);
+         CREATE OR REPLACE FUNCTION io_plain_notice() RETURNS trigger LANGUAGE plpgsql AS $$
+         BEGIN RAISE NOTICE 'row % %', NEW.id, repeat('n', 500); RETURN NEW; END $$;
+         CREATE TRIGGER io_plain_notice BEFORE INSERT ON io_plain
+         FOR EACH ROW EXECUTE FUNCTION io_plain_notice();",
+    )
+    .await
+    .unwrap();
+    let notices = Arc::new(AtomicUsize::new(0));
+    let counter = notices.clone();
+    conn.set_notice_handler(move |_: &pgengine::DbError| {
+        counter.fetch_add(1, Ordering::Relaxed);
+    });
+    const ROWS: usize = 100_000;
+    let copied = bounded("a noisy COPY over a plain socket", async {
+        let mut sink = conn.copy_in("COPY io_plain FROM STDIN").await?;
+        let data: String = (0..ROWS).map(|i| format!("{i}\n")).collect();
+        sink.write(data.as_bytes()).await?;
+        sink.finish().await
+    })
+    .await
+    .unwrap();
+    assert_eq!(copied, ROWS as u64);
+    assert_eq!(notices.load(Ordering::Relaxed), ROWS);
+}

@@ -51,7 +51,7 @@ use stream::MessageStream;
 pub use copy::{BinaryCopyInWriter, CopyInSink, CopyOutStream};
 pub use extended::RowStream;
 pub(crate) use extended::SentQuery;
-pub use stream::Transport;
+pub use socket::Transport;
 
 pub use crate::protocol::TransactionStatus;
 
@@ -280,7 +280,7 @@ impl Connection {
     /// # }
     /// ```
     pub async fn connect_stream(stream: impl Transport, config: &Config) -> Result<Connection> {
-        let socket = stream::Socket::Other(Box::new(stream));
+        let socket = socket::Socket::Other(Box::new(stream));
         let s = startup::start_on(socket, config, None).await?;
         Ok(Connection::from_startup(s))
     }

@@ -7,7 +7,8 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpStream, UnixStream};
 
 use super::socket::ReadWatchedSocket;
-use super::stream::{MessageStream, Socket};
+use super::socket::Socket;
+use super::stream::MessageStream;
 use super::tls::TlsConnector;
 use crate::config::{
     ChannelBinding as ChannelBindingMode, Config, Host, HostAddr, LoadBalanceHosts, SslMode,

@@ -7,20 +7,18 @@
 //! decoded them). Writes are batched: callers encode a whole pipeline into
 //! `write_buf` and [`MessageStream::flush`] sends it with one `write_all`.
 //!
-//! While a result's rows stream in, an empty socket is asked again for a few tens of
-//! microseconds before the reader sleeps (see [`STREAM_SPIN`]): waking a sleeping reader for
-//! each packet costs the server more than the rows did when client and server run on two cores.
+//! How bytes move between the buffers and the socket — the readability-only registration and
+//! the short wait for more rows before sleeping — is `socket.rs`'s business, measured there.
 
 use std::future::poll_fn;
 use std::io;
 use std::pin::Pin;
 use std::task::{Context, Poll, ready};
-use std::time::{Duration, Instant};
 
 use bytes::{Buf, BufMut, BytesMut};
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, ReadBuf};
 
-use super::socket::ReadWatchedSocket;
+use super::socket::{AskAgain, Socket};
 use crate::error::{Error, Result};
 use crate::protocol::{self, BackendMessage, DataRow};
 
@@ -37,161 +35,6 @@ const MAX_RESERVE: usize = 1 << 20;
 /// What the write buffer starts with, and the most it keeps between requests: a request that
 /// needed more (a large parameter) gives the rest back once it is sent or refused.
 const WRITE_KEEP: usize = 8 * 1024;
-
-/// Any byte stream a connection can run over, besides TCP and Unix sockets (an in-memory
-/// pipe in tests and fuzzing, a tunnel).
-pub trait Transport: AsyncRead + AsyncWrite + Unpin + Send + 'static {}
-
-impl<T: AsyncRead + AsyncWrite + Unpin + Send + 'static> Transport for T {}
-
-/// A TCP or Unix-domain socket, or another transport.
-pub(crate) enum Socket {
-    Tcp(ReadWatchedSocket<std::net::TcpStream>),
-    Unix(ReadWatchedSocket<std::os::unix::net::UnixStream>),
-    /// TLS over TCP (boxed: the session state is large, and plain sockets should stay small).
-    Tls(Box<tokio_rustls::client::TlsStream<Socket>>),
-    Other(Box<dyn Transport>),
-}
-
-impl std::fmt::Debug for Socket {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        match self {
-            Socket::Tcp(s) => s.fmt(f),
-            Socket::Unix(s) => s.fmt(f),
-            Socket::Tls(s) => s.get_ref().0.fmt(f),
-            Socket::Other(_) => f.write_str("Transport"),
-        }
-    }
-}
-
-impl Socket {
-    /// Asks the socket for more bytes again and again, yielding the CPU between two tries, for
-    /// at most [`STREAM_SPIN`]; `Pending` if none came (or the transport is TLS or another
-    /// stream, which only the runtime reads). Also says whether asking again did not pay: the
-    /// first yield gave our core away, or nothing came in time.
-    fn wait_for_rows(&self, buf: &mut ReadBuf<'_>) -> (Poll<io::Result<()>>, bool) {
-        let started = Instant::now();
-        std::thread::yield_now();
-        let shared = started.elapsed() > CORE_SHARED;
-        loop {
-            let read = match self {
-                Socket::Tcp(s) => s.read_now(buf),
-                Socket::Unix(s) => s.read_now(buf),
-                Socket::Tls(_) | Socket::Other(_) => return (Poll::Pending, false),
-            };
-            return match read {
-                Ok(true) => (Poll::Ready(Ok(())), shared),
-                Ok(false) if started.elapsed() < STREAM_SPIN => {
-                    std::thread::yield_now();
-                    continue;
-                }
-                Ok(false) => (Poll::Pending, true),
-                Err(e) => (Poll::Ready(Err(e)), shared),
-            };
-        }
-    }
-}
-
-impl AsyncRead for Socket {
-    fn poll_read(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &mut ReadBuf<'_>,
-    ) -> Poll<io::Result<()>> {
-        match self.get_mut() {
-            Socket::Tcp(s) => Pin::new(s).poll_read(cx, buf),
-            Socket::Unix(s) => Pin::new(s).poll_read(cx, buf),
-            Socket::Tls(s) => Pin::new(s).poll_read(cx, buf),
-            Socket::Other(s) => Pin::new(s).poll_read(cx, buf),
-        }
-    }
-}
-
-impl AsyncWrite for Socket {
-    fn poll_write(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &[u8],
-    ) -> Poll<io::Result<usize>> {
-        match self.get_mut() {
-            Socket::Tcp(s) => Pin::new(s).poll_write(cx, buf),
-            Socket::Unix(s) => Pin::new(s).poll_write(cx, buf),
-            Socket::Tls(s) => Pin::new(s).poll_write(cx, buf),
-            Socket::Other(s) => Pin::new(s).poll_write(cx, buf),
-        }
-    }
-
-    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        match self.get_mut() {
-            Socket::Tcp(s) => Pin::new(s).poll_flush(cx),
-            Socket::Unix(s) => Pin::new(s).poll_flush(cx),
-            Socket::Tls(s) => Pin::new(s).poll_flush(cx),
-            Socket::Other(s) => Pin::new(s).poll_flush(cx),
-        }
-    }
-
-    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        match self.get_mut() {
-            Socket::Tcp(s) => Pin::new(s).poll_shutdown(cx),
-            Socket::Unix(s) => Pin::new(s).poll_shutdown(cx),
-            Socket::Tls(s) => Pin::new(s).poll_shutdown(cx),
-            Socket::Other(s) => Pin::new(s).poll_shutdown(cx),
-        }
-    }
-}
-
-/// How long a reader in the middle of a result's rows keeps looking for more before it sleeps.
-///
-/// The server sends rows 8 KiB at a time. A client that reads faster than that finds the socket
-/// empty after each piece; if it then sleeps, every piece the server sends must wake it, and
-/// waking a thread costs the server — on a virtual machine's idle core — more than the rows
-/// did (measured: the fastest reader of the batch benchmark was its slowest on two cores). So
-/// while rows stream, an empty socket is asked again for this long, handing the CPU to anyone
-/// who wants it between two tries (the server itself, when it shares the core), before the
-/// reader sleeps.
-const STREAM_SPIN: Duration = Duration::from_micros(50);
-
-/// A yield that took longer than this gave our core to another thread.
-///
-/// Asking again only pays while the server works on another core. When it shares ours, it
-/// either runs during our first yield (which then takes long) or cannot run while we ask (and
-/// nothing comes in time); the same when rows come slowly. When most of the last 16 waits went
-/// one of these ways (so not a passing neighbour), the reader sleeps at once for the next
-/// [`SPIN_PAUSE`] waits.
-const CORE_SHARED: Duration = Duration::from_micros(20);
-
-/// How many waits for rows sleep at once after asking again was found not to pay.
-const SPIN_PAUSE: u32 = 1024;
-
-/// Whether waits for rows ask the socket again: yes, unless most of the last 16 that did found
-/// it did not pay, and then not for the next [`SPIN_PAUSE`] waits.
-#[derive(Debug, Default)]
-struct AskAgain {
-    /// Waits left that sleep at once.
-    paused: u32,
-    /// One bit per recent wait that asked: asking did not pay.
-    fruitless: u16,
-}
-
-impl AskAgain {
-    /// Whether this wait asks again (a paused one counts down the pause).
-    fn allowed(&mut self) -> bool {
-        if self.paused > 0 {
-            self.paused -= 1;
-            return false;
-        }
-        true
-    }
-
-    /// How a wait that asked went.
-    fn record(&mut self, fruitless: bool) {
-        self.fruitless = self.fruitless << 1 | u16::from(fruitless);
-        if self.fruitless.count_ones() >= 12 {
-            self.paused = SPIN_PAUSE;
-            self.fruitless = 0;
-        }
-    }
-}
 
 /// A socket that reads and writes whole protocol messages.
 #[derive(Debug)]
@@ -527,7 +370,7 @@ mod tests {
     fn pair() -> (MessageStream, std::os::unix::net::UnixStream) {
         let (ours, theirs) = std::os::unix::net::UnixStream::pair().unwrap();
         ours.set_nonblocking(true).unwrap();
-        let socket = Socket::Unix(ReadWatchedSocket::new(ours).unwrap());
+        let socket = Socket::Unix(super::super::socket::ReadWatchedSocket::new(ours).unwrap());
         (MessageStream::new(socket, 1 << 20), theirs)
     }
 
@@ -536,30 +379,6 @@ mod tests {
             .await
             .expect("the reader never woke up")
             .unwrap()
-    }
-
-    #[test]
-    fn asking_again_pauses_when_most_recent_waits_found_it_did_not_pay() {
-        let mut ask = AskAgain::default();
-        // Half in vain, half not: never paused.
-        for i in 0..100 {
-            assert!(ask.allowed());
-            ask.record(i % 2 == 0);
-        }
-        // Twelve in vain in a row: the next SPIN_PAUSE waits sleep at once, then it asks again.
-        let mut ask = AskAgain::default();
-        for _ in 0..11 {
-            assert!(ask.allowed());
-            ask.record(true);
-        }
-        assert!(ask.allowed());
-        ask.record(true);
-        for _ in 0..SPIN_PAUSE {
-            assert!(!ask.allowed());
-        }
-        assert!(ask.allowed());
-        ask.record(false);
-        assert!(ask.allowed(), "the pause starts a fresh count");
     }
 
     /// Puts `bytes` in the read buffer as if they had just been read.

@@ -28,7 +28,7 @@ use rustls::pki_types::{
 };
 use rustls::{CertificateError, DigitallySignedStruct, RootCertStore, SignatureScheme};
 
-use super::stream::Socket;
+use super::socket::Socket;
 use crate::config::{Config, SslMode, SslNegotiation};
 use crate::error::{Error, Result};
 
