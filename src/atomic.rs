@@ -116,14 +116,17 @@ impl Atomic {
                         if let Err(rollback) = conn.command(&["ROLLBACK"]).await {
                             tracing::debug!(
                                 target: "pgengine::query",
-                                "rolling back a failed Atomic failed too: {rollback}"
+                                "rolling back a failed Atomic failed too: {}",
+                                rollback.redacted()
                             );
                             clean = false;
                         }
                     }
                     // A cached statement invalidated by DDL: nothing was committed, so the
                     // whole run can go again once (the statement is prepared afresh).
-                    let stale = matches!(e.code(), Some("0A000") | Some("26000"));
+                    // (A pooler took our prepared statements: the connection has switched to
+                    // unnamed ones, and the run works again.)
+                    let stale = matches!(e.code(), Some("0A000") | Some("26000") | Some("42P05"));
                     if stale && clean && !retried {
                         retried = true;
                         continue;

@@ -98,6 +98,7 @@ struct Options {
     drain_timeout: Option<Duration>,
     keep_abandoned: bool,
     keep_session: bool,
+    after_connect: Option<crate::pool::AfterConnect>,
 }
 
 struct Inner {
@@ -108,6 +109,9 @@ struct Inner {
     /// start/close.
     pool: RwLock<Option<RunningPool>>,
     next_query_id: AtomicU64,
+    /// Set once a connection of this engine found a transaction-mode pooler in front of the
+    /// server: every connection of the engine then uses unnamed statements.
+    pooler_seen: Arc<std::sync::atomic::AtomicBool>,
 }
 
 /// A started pool, with the pipeline that carries queries over it when pipelining is on.
@@ -204,6 +208,37 @@ impl EngineBuilder {
         self
     }
 
+    /// Runs `hook` on every new connection of the engine (pooled, or fresh without a pool)
+    /// before its first use: set a `search_path`, look up types, prepare statements. Its
+    /// failure closes the connection, and the acquire that opened it fails with the hook's
+    /// error. What it changes in the session is where the session begins: when the pool puts
+    /// a session back as it began (after a `SET`, say, see
+    /// [`reset_session`](Self::reset_session)), the hook runs again.
+    ///
+    /// ```no_run
+    /// # async fn demo(config: pgengine::Config) -> pgengine::Result<()> {
+    /// let engine = pgengine::PostgresEngine::builder(config)
+    ///     .after_connect(|conn| {
+    ///         Box::pin(async move {
+    ///             conn.simple_query("SET search_path TO app, public").await?;
+    ///             Ok(())
+    ///         })
+    ///     })
+    ///     .build();
+    /// # Ok(())
+    /// # }
+    /// ```
+    pub fn after_connect<F>(mut self, hook: F) -> Self
+    where
+        F: for<'c> Fn(&'c mut Connection) -> futures::future::BoxFuture<'c, Result<()>>
+            + Send
+            + Sync
+            + 'static,
+    {
+        self.options.after_connect = Some(crate::pool::AfterConnect::new(hook));
+        self
+    }
+
     /// Adds a named engine, typically for a read replica: `engine.node(name)` returns it.
     pub fn extra_node(mut self, name: impl Into<String>, engine: PostgresEngine) -> Self {
         self.nodes.insert(name.into(), engine);
@@ -219,6 +254,7 @@ impl EngineBuilder {
                 nodes: self.nodes,
                 pool: RwLock::new(None),
                 next_query_id: AtomicU64::new(1),
+                pooler_seen: Default::default(),
             }),
         }
     }
@@ -354,8 +390,9 @@ impl PostgresEngine {
     /// How this engine opens connections, pooled or fresh: one place for the settings.
     fn manager(&self) -> ConnectionManager {
         let options = &self.inner.options;
-        let mut manager =
-            ConnectionManager::new(self.inner.config.clone()).query_timeout(options.query_timeout);
+        let mut manager = ConnectionManager::new(self.inner.config.clone())
+            .query_timeout(options.query_timeout)
+            .pooler_flag(self.inner.pooler_seen.clone());
         if let Some(capacity) = options.statement_cache_capacity {
             manager = manager.statement_cache_capacity(capacity);
         }
@@ -365,6 +402,7 @@ impl PostgresEngine {
         manager
             .cancel_abandoned(!options.keep_abandoned)
             .reset_session(!options.keep_session)
+            .after_connect(options.after_connect.clone())
     }
 
     fn current_pool(&self) -> Option<Pool<ConnectionManager>> {
@@ -657,7 +695,14 @@ impl PostgresEngine {
                 }
             }
             Err(e) => {
-                tracing::info!(target: "pgengine::query", query_id = id, duration_ms = ms, error = %e, "failed");
+                tracing::info!(
+                    target: "pgengine::query",
+                    query_id = id,
+                    duration_ms = ms,
+                    code = e.code(),
+                    error = %e.redacted(),
+                    "failed"
+                );
             }
         }
     }

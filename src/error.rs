@@ -299,6 +299,65 @@ impl Error {
     pub fn safe_to_retry(&self) -> bool {
         self.0.safe_to_retry
     }
+
+    /// This error as it may be logged: its kind, what pgengine was doing, and for a server
+    /// error the SQLSTATE, severity and the schema, table, column, data type and constraint it
+    /// names — never the server's message, detail, hint or where-context, which can quote a
+    /// value (`invalid input syntax for type integer: "…"`, a unique violation's `Key (…)=(…)`).
+    /// Every log line of pgengine's that reports an error uses it; `Display` keeps everything,
+    /// for the caller.
+    ///
+    /// ```
+    /// # fn demo(e: pgengine::Error) {
+    /// tracing::warn!(error = %e.redacted(), "the import failed");
+    /// # }
+    /// ```
+    pub fn redacted(&self) -> Redacted<'_> {
+        Redacted(self)
+    }
+}
+
+/// An [`Error`] rendered without anything that can hold a value (see [`Error::redacted`]).
+pub struct Redacted<'a>(&'a Error);
+
+impl fmt::Display for Redacted<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let e = &self.0.0;
+        write!(f, "{}", e.kind)?;
+        if !e.message.is_empty() && e.db.is_none() {
+            // Our own words: they never quote a value.
+            write!(f, ": {}", e.message)?;
+        } else if !e.message.is_empty() {
+            // Context added to a server error is ours too.
+            write!(f, ": {}", e.message)?;
+        }
+        if let Some(db) = &e.db {
+            write!(
+                f,
+                ": SQLSTATE {} ({})",
+                db.code,
+                db.severity_nonlocalized.as_deref().unwrap_or(&db.severity)
+            )?;
+            for (what, name) in [
+                ("schema", &db.schema),
+                ("table", &db.table),
+                ("column", &db.column),
+                ("data type", &db.datatype),
+                ("constraint", &db.constraint),
+            ] {
+                if let Some(name) = name {
+                    write!(f, ", {what} {name}")?;
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+impl fmt::Debug for Redacted<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        fmt::Display::fmt(self, f)
+    }
 }
 
 impl fmt::Debug for Error {

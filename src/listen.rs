@@ -520,7 +520,8 @@ impl Reconnect {
     async fn run(self, cause: Error) -> Result<Box<Connection>> {
         tracing::warn!(
             target: "pgengine::listen",
-            "lost the listening connection, reconnecting: {cause}"
+            "lost the listening connection, reconnecting: {}",
+            cause.redacted()
         );
         let mut wait = self.options.get_min_backoff();
         let mut attempt = 1u32;
@@ -546,7 +547,8 @@ impl Reconnect {
                     tracing::error!(
                         target: "pgengine::listen",
                         attempt,
-                        "giving up reconnecting: {e}"
+                        "giving up reconnecting: {}",
+                        e.redacted()
                     );
                     return Err(e);
                 }
@@ -554,7 +556,8 @@ impl Reconnect {
                     target: "pgengine::listen",
                     attempt,
                     retry_in_ms = wait.as_millis() as u64,
-                    "reconnect attempt failed: {e}"
+                    "reconnect attempt failed: {}",
+                    e.redacted()
                 ),
             }
             tokio::time::sleep(jittered(wait)).await;
@@ -604,7 +607,11 @@ impl Stream for Listener {
         loop {
             if let Err(e) = ready!(this.poll_settle(cx)) {
                 // The caller who asked for that work went away before its answer came.
-                tracing::debug!(target: "pgengine::listen", "an abandoned LISTEN/UNLISTEN failed: {e}");
+                tracing::debug!(
+                    target: "pgengine::listen",
+                    "an abandoned LISTEN/UNLISTEN failed: {}",
+                    e.redacted()
+                );
             }
             if let Some(n) = this.salvaged.pop_front() {
                 return Poll::Ready(Some(Ok(ListenEvent::Notification(n))));

@@ -254,7 +254,8 @@ impl TransactionBuilder {
                     if let Err(rollback_error) = tx.rollback().await {
                         tracing::warn!(
                             target: "pgengine::transaction",
-                            "rollback after an error failed: {rollback_error}"
+                            "rollback after an error failed: {}",
+                            rollback_error.redacted()
                         );
                     }
                 }

@@ -78,11 +78,19 @@ pub(crate) struct StatementCache {
     /// Names are never reused on one connection, so a late CloseComplete or a stale name can
     /// never be confused with a newer statement.
     next_id: u64,
+    /// A random number drawn for this cache, in every statement name (`pge_<tag>_<n>`): no
+    /// other connection or client names a statement the same, so a statement looked for on
+    /// the wrong server session (behind a transaction-mode pooler) is missing (SQLSTATE
+    /// 26000), never another client's statement of the same shape.
+    tag: u64,
 }
 
 impl StatementCache {
-    pub(crate) fn new(capacity: usize) -> StatementCache {
+    /// A cache of `capacity` statements whose names carry `tag` (drawn at random by the
+    /// connection; the cache itself draws nothing).
+    pub(crate) fn new(capacity: usize, tag: u64) -> StatementCache {
         StatementCache {
+            tag,
             capacity,
             entries: HashMap::default(),
             clock: 0,
@@ -115,7 +123,7 @@ impl StatementCache {
             return Arc::from("");
         }
         self.next_id += 1;
-        Arc::from(format!("pge_{}", self.next_id))
+        Arc::from(format!("pge_{:016x}_{}", self.tag, self.next_id))
     }
 
     /// Makes room for one more entry: returns the names of statements evicted to do so, which
@@ -226,7 +234,7 @@ mod tests {
 
     #[test]
     fn evicts_least_recently_used() {
-        let mut c = StatementCache::new(2);
+        let mut c = StatementCache::new(2, 7);
         let a = stmt(&mut c);
         assert!(c.make_room().is_empty());
         c.insert("a", a.clone());
@@ -237,7 +245,7 @@ mod tests {
         assert_eq!(c.get("a").unwrap().name, a.name);
         let evicted = c.make_room();
         assert_eq!(evicted.len(), 1);
-        assert_eq!(&*evicted[0], "pge_2");
+        assert_eq!(&*evicted[0], "pge_0000000000000007_2");
         let d = stmt(&mut c);
         c.insert("d", d);
         assert!(c.get("b").is_none());
@@ -247,7 +255,7 @@ mod tests {
 
     #[test]
     fn capacity_zero_keeps_nothing_and_uses_the_unnamed_statement() {
-        let mut c = StatementCache::new(0);
+        let mut c = StatementCache::new(0, 7);
         let s = stmt(&mut c);
         assert_eq!(&*s.name, "");
         assert!(c.make_room().is_empty());
@@ -256,11 +264,15 @@ mod tests {
     }
 
     #[test]
-    fn names_are_never_reused() {
-        let mut c = StatementCache::new(1);
+    fn names_are_never_reused_and_carry_the_caches_tag() {
+        let mut c = StatementCache::new(1, 7);
         let names: Vec<_> = (0..5).map(|_| c.next_name()).collect();
         let mut unique = names.clone();
         unique.dedup();
         assert_eq!(names, unique);
+        // Two caches (two connections, two clients) never name a statement alike.
+        let mut other = StatementCache::new(1, 0xfeed);
+        assert_eq!(&*other.next_name(), "pge_000000000000feed_1");
+        assert_ne!(c.next_name(), other.next_name());
     }
 }

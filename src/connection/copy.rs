@@ -176,7 +176,7 @@ impl Connection {
                 // Statements before the COPY in the same string: their results are not asked
                 // for.
                 Step::Row(_)
-                | Step::Complete { .. }
+                | Step::Complete(_)
                 | Step::Message(BackendMessage::RowDescription(_))
                 | Step::Message(BackendMessage::EmptyQueryResponse) => {}
                 other => return Err(self.unexpected_step(other, "the start of a COPY")),
@@ -342,7 +342,7 @@ impl CopyInSink<'_> {
 
         let mut response = self.response;
         let copied = match conn.next_step(&mut response).await? {
-            Step::Complete { rows, .. } => rows,
+            Step::Complete(done) => done.rows(),
             Step::Failed => return Err(conn.end_copy(response).await),
             other => return Err(conn.unexpected_step(other, "the end of a COPY FROM STDIN")),
         };
@@ -634,7 +634,8 @@ impl CopyOutStream<'_> {
                 Step::Message(BackendMessage::CopyDone) if self.state == OutState::Data => {
                     self.state = OutState::Rest;
                 }
-                Step::Complete { rows, .. } if self.rows_affected.is_none() => {
+                Step::Complete(done) if self.rows_affected.is_none() => {
+                    let rows = done.rows();
                     self.state = OutState::Rest;
                     self.rows_affected = Some(rows);
                 }

@@ -210,7 +210,7 @@ impl Connection {
         loop {
             match self.next_step(&mut response).await? {
                 Step::Row(data) => rows.push_back(data),
-                Step::Complete { rows, .. } => rows_affected = Some(rows),
+                Step::Complete(done) => rows_affected = Some(done.rows()),
                 Step::Message(
                     BackendMessage::EmptyQueryResponse | BackendMessage::PortalSuspended,
                 )
@@ -773,23 +773,20 @@ impl Connection {
                 })?,
             }));
         }
-        let stale = match &kind {
-            PlanKind::Cached { statement } => match response.error().and_then(Error::code) {
+        let stale = if response.error().is_some_and(is_ours_elsewhere) {
+            // A transaction-mode pooler: nothing ran, and unnamed statements will work.
+            self.note_pooler();
+            true
+        } else {
+            match (&kind, response.error().and_then(Error::code)) {
                 // The plan no longer fits the tables: drop this statement.
-                Some("0A000") => {
+                (PlanKind::Cached { statement }, Some("0A000")) => {
                     self.statements.remove(sql);
                     self.closes_due.push(statement.name.clone());
                     true
                 }
-                // Our statements were dropped behind our back (DEALLOCATE ALL, DISCARD
-                // ALL): none of them exists any more.
-                Some("26000") => {
-                    self.statements.clear();
-                    true
-                }
                 _ => false,
-            },
-            PlanKind::New { .. } | PlanKind::Pending { .. } => false,
+            }
         };
         response.map_error(explain_pooler);
         Ok(Err(stale))
@@ -807,21 +804,26 @@ impl Connection {
     }
 }
 
-/// Our named statements missing (26000) or already there (42P05) mean the statements of this
-/// connection live on some other server session: a pooler in transaction or statement mode
-/// hands each transaction a different one. Say so, and what to do.
+/// Whether `error` says that one of our named statements is missing on the server session
+/// (26000) or already there (42P05): the statements of this connection live on some other
+/// server session.
+fn is_ours_elsewhere(error: &Error) -> bool {
+    error
+        .as_db_error()
+        .is_some_and(|db| matches!(db.code(), "26000" | "42P05") && db.message().contains("\"pge_"))
+}
+
+/// Says what a missing statement of ours means, and that running the work again will work
+/// (the connection has switched to unnamed statements, see `Connection::note_pooler`).
 fn explain_pooler(error: Error) -> Error {
-    let ours = error.as_db_error().is_some_and(|db| {
-        matches!(db.code(), "26000" | "42P05") && db.message().contains("\"pge_")
-    });
-    if !ours {
+    if !is_ours_elsewhere(&error) {
         return error;
     }
     error.context(
-        "a prepared statement of pgengine's statement cache is unknown to (or already on) the \
-         server session: is the connection going through PgBouncer (or another pooler) in \
-         transaction or statement pooling mode? There, turn the cache off with \
-         statement_cache_capacity(0)",
+        "a prepared statement of this connection is missing on the server session: a pooler in \
+         transaction or statement mode (PgBouncer) gives each transaction its own server \
+         session. This engine uses unnamed statements from now on, so running the transaction \
+         again will work (statement_cache_capacity(0) sets that from the start)",
     )
 }
 
@@ -1001,7 +1003,7 @@ impl Connection {
                 Step::Row(data) => {
                     rows.push(Row::new(columns.clone(), data).map_err(|e| self.fail(e))?);
                 }
-                Step::Complete { rows: n, .. } => return Ok(Some((rows, n))),
+                Step::Complete(done) => return Ok(Some((rows, done.rows()))),
                 Step::Message(BackendMessage::EmptyQueryResponse) => return Ok(Some((rows, 0))),
                 Step::Failed => return Ok(None),
                 other => return Err(self.unexpected_step(other, "a pipelined query")),
@@ -1086,7 +1088,7 @@ impl RowStream<'_> {
                         return Poll::Ready(Some(Err(self.conn.fail(e))));
                     }
                 },
-                Step::Complete { rows, .. } => self.rows_affected = Some(rows),
+                Step::Complete(done) => self.rows_affected = Some(done.rows()),
                 // An error: read on to ReadyForQuery, and end with it there.
                 Step::Message(
                     BackendMessage::EmptyQueryResponse | BackendMessage::PortalSuspended,
@@ -1172,7 +1174,7 @@ impl Connection {
                     rows.push(Row::new(columns.clone(), data).map_err(|e| self.fail(e))?);
                 }
                 Step::Message(BackendMessage::PortalSuspended) => more = Some(true),
-                Step::Complete { .. } | Step::Message(BackendMessage::EmptyQueryResponse) => {
+                Step::Complete(_) | Step::Message(BackendMessage::EmptyQueryResponse) => {
                     more = Some(false);
                 }
                 Step::Failed => {}
@@ -1245,17 +1247,26 @@ impl Connection {
             Err(e) => return Ok(Err(e)),
         };
         let mut response = Response::new(Shape::Extended);
-        let rows = match self
+        let mut stale = false;
+        let started = self
             .read_query_start(&mut response, query.sql(), plan)
-            .await?
-        {
+            .await?;
+        let rows = match started {
             Ok(columns) => self.read_rows(&mut response, columns).await?,
-            Err(_) => None,
+            Err(s) => {
+                stale = s;
+                None
+            }
         };
         // Read on to the query's ReadyForQuery. An error then is the query's, unless the
         // connection broke, after which nothing more can be read.
         match (self.finish(response).await, rows) {
             (Err(e), _) if self.is_broken() => Err(e),
+            // Refused before it ran, in a way that a new attempt fixes (a pooler took our
+            // statements, a plan went stale): the engine runs it again on its own.
+            (Err(_), _) if stale && self.status == TransactionStatus::Idle => {
+                Ok(Err(Error::needs_own_run()))
+            }
             (Err(e), _) => Ok(Err(e)),
             (Ok(()), Some(rows)) => Ok(Ok(rows)),
             (Ok(()), None) => Err(self.protocol_error("a query failed without an error")),

@@ -158,6 +158,10 @@ pub struct Connection {
     watch: Watch,
     /// The protocol's minor version: 0 for 3.0, 2 for 3.2.
     protocol_minor: u16,
+    /// Shared by the connections of one engine: set once one of them found a pooler in
+    /// transaction or statement mode in front of the server (see `Connection::note_pooler`),
+    /// after which every one of them uses the unnamed statement only.
+    pooler_seen: Option<std::sync::Arc<std::sync::atomic::AtomicBool>>,
 }
 
 /// The default for [`Connection::set_drain_timeout`].
@@ -302,7 +306,8 @@ impl Connection {
             },
             notice_handler: Box::new(log_notice),
             notifications: VecDeque::new(),
-            statements: StatementCache::new(DEFAULT_STATEMENT_CACHE_CAPACITY),
+            statements: StatementCache::new(DEFAULT_STATEMENT_CACHE_CAPACITY, rand::random()),
+            pooler_seen: None,
             closes_due: Vec::new(),
             types: HashMap::new(),
             watch: Watch {
@@ -425,6 +430,49 @@ impl Connection {
         self.closes_due.extend(evicted);
     }
 
+    /// Shares `flag` with the other connections of an engine: when one of them finds a
+    /// transaction-mode pooler in front of the server, all of them switch to unnamed
+    /// statements (see [`note_pooler`](Self::note_pooler)).
+    pub(crate) fn share_pooler_flag(
+        &mut self,
+        flag: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    ) {
+        if flag.load(std::sync::atomic::Ordering::Relaxed) {
+            self.use_unnamed_statements();
+        }
+        self.pooler_seen = Some(flag);
+    }
+
+    /// Our prepared statement is missing on the server session (26000) — or one we prepare
+    /// is already there (42P05) —, though this connection prepared it and nobody here
+    /// dropped it: a pooler in transaction or statement mode (PgBouncer) gives each
+    /// transaction whichever server session is free. From now on this connection, and every
+    /// connection of its engine, uses only the unnamed statement, which never outlives its
+    /// transaction. (Statement names carry a random part of the connection's own, so on a
+    /// wrong session a name is missing, never another client's statement.) A pooler that
+    /// carries named statements across sessions (PgBouncer 1.21+ with
+    /// `max_prepared_statements`) never gets here, and keeps the cache.
+    fn note_pooler(&mut self) {
+        if self.statements.capacity() > 0 {
+            tracing::warn!(
+                target: "pgengine::connection",
+                "prepared statements do not survive between transactions here (a pooler in \
+                 transaction or statement mode?): switching to unnamed statements"
+            );
+        }
+        self.use_unnamed_statements();
+        if let Some(flag) = &self.pooler_seen {
+            flag.store(true, std::sync::atomic::Ordering::Relaxed);
+        }
+    }
+
+    /// Forgets every prepared statement (they live on server sessions we no longer reach)
+    /// and caches none from now on.
+    fn use_unnamed_statements(&mut self) {
+        self.statements.clear();
+        let _ = self.statements.set_capacity(0);
+    }
+
     /// Sets how long a request may take, from being sent until the server says it is ready
     /// again (a row stream's rows included); a query's own [`Query::timeout`] overrides it.
     /// When the time is up, the running statement is cancelled on the server and the request
@@ -493,6 +541,12 @@ impl Connection {
         Ok(())
     }
 
+    /// Takes the session as it is now as where it begins: what an `after_connect` hook set up
+    /// is not a change to undo.
+    pub(crate) fn settle_session(&mut self) {
+        self.stream.clear_session_changed();
+    }
+
     /// Whether the session may have been changed since the connection opened or was last
     /// [reset](Self::reset_session): a statement that changes it was sent (`SET`, `RESET`,
     /// `LISTEN`, `DECLARE`, `PREPARE`, `DISCARD`, `LOAD`, `DO`, a temporary table, a call of
@@ -557,6 +611,16 @@ impl Connection {
             // The cancel of an earlier request must land before the next request is sent:
             // the server applies it to whatever runs when it arrives.
             let _ = task.await;
+        }
+        if self.stream.take_statements_dropped() {
+            // DISCARD ALL or DEALLOCATE ALL ran: the server has none of our statements.
+            self.statements.clear();
+        }
+        if self.statements.capacity() > 0
+            && let Some(flag) = &self.pooler_seen
+            && flag.load(std::sync::atomic::Ordering::Relaxed)
+        {
+            self.use_unnamed_statements();
         }
         self.stream.undo_write(0);
         Ok(())
@@ -633,7 +697,11 @@ impl Connection {
                     ))
                 })
             {
-                tracing::debug!(target: "pgengine::cancel", "cancel request failed: {e}");
+                tracing::debug!(
+                    target: "pgengine::cancel",
+                    "cancel request failed: {}",
+                    e.redacted()
+                );
             }
         }));
     }
@@ -740,9 +808,7 @@ impl Connection {
         let mut cx = Context::from_waker(&waker);
         while matches!(self.stream.next_whole_tag(), Some(b'N' | b'S' | b'A')) {
             match self.stream.poll_message(&mut cx) {
-                Poll::Ready(Ok(msg)) => {
-                    let _ = self.take_async(msg);
-                }
+                Poll::Ready(Ok(msg)) => self.take_async(msg),
                 Poll::Ready(Err(e)) => return Err(e),
                 Poll::Pending => break,
             }
@@ -787,10 +853,10 @@ impl Connection {
                     return Poll::Pending;
                 }
             };
-            let Some(msg) = self.take_async(msg) else {
-                continue;
-            };
             match msg {
+                BackendMessage::NoticeResponse(_)
+                | BackendMessage::ParameterStatus { .. }
+                | BackendMessage::NotificationResponse { .. } => self.take_async(msg),
                 BackendMessage::ReadyForQuery(status) => {
                     if self.pending == 0 {
                         return Poll::Ready(Err(
@@ -821,8 +887,9 @@ impl Connection {
 
     /// Deals with a message that can arrive at any time (§55.2.7 "Asynchronous Operations"):
     /// a notice goes to the handler, a parameter's new value is kept, a notification is
-    /// queued. Any other message is given back.
-    fn take_async(&mut self, msg: BackendMessage) -> Option<BackendMessage> {
+    /// queued. Any other message is dropped (the callers pass only these three).
+    #[cold]
+    fn take_async(&mut self, msg: BackendMessage) {
         match msg {
             BackendMessage::NoticeResponse(notice) => (self.notice_handler)(&notice),
             BackendMessage::ParameterStatus { name, value } => {
@@ -844,9 +911,8 @@ impl Connection {
                     payload,
                 });
             }
-            other => return Some(other),
+            other => debug_assert!(false, "not an asynchronous message: {:?}", other.tag()),
         }
-        None
     }
 
     /// Polls for the next step of the request read through `r`: the one read path of every
@@ -854,30 +920,40 @@ impl Connection {
     /// the buffer already are taken in place — a result's messages arrive back to back, and
     /// the general path must look out for notices, status reports and ReadyForQuery — and
     /// everything else goes through [`poll_read`](Self::poll_read) and `r`'s rules.
+    #[inline(always)]
     pub(super) fn poll_step(
         &mut self,
         r: &mut Response,
         cx: &mut Context<'_>,
     ) -> Poll<Result<Step>> {
-        if let Some(reason) = &self.broken {
-            // Nothing more can be read: never wait on a stream that cannot be trusted.
-            let e = Error::closed(format!("the connection is broken: {reason}"));
-            return Poll::Ready(Err(r.lost(e)));
-        }
-        if r.takes_rows() {
+        // A result's rows, the bulk of what arrives, take this much and no more.
+        if self.stream.next_tag() == Some(b'D') && r.takes_rows() && self.broken.is_none() {
             match self.stream.take_data_row() {
                 Ok(Some(row)) => return Poll::Ready(Ok(r.accept_row(row))),
                 Ok(None) => {}
                 Err(e) => return Poll::Ready(Err(self.fail(e))),
             }
         }
-        if r.takes_bind_complete() && self.stream.take_bind_complete() {
-            return Poll::Ready(Ok(Step::Message(BackendMessage::BindComplete)));
+        self.poll_step_general(r, cx)
+    }
+
+    /// [`poll_step`](Self::poll_step) for everything but a row whole in the buffer.
+    fn poll_step_general(&mut self, r: &mut Response, cx: &mut Context<'_>) -> Poll<Result<Step>> {
+        if let Some(reason) = &self.broken {
+            // Nothing more can be read: never wait on a stream that cannot be trusted.
+            let e = Error::closed(format!("the connection is broken: {reason}"));
+            return Poll::Ready(Err(r.lost(e)));
         }
-        if r.takes_counts()
-            && let Some(rows) = self.stream.take_command_complete()
-        {
-            return Poll::Ready(Ok(r.accept_count(rows)));
+        match self.stream.next_tag() {
+            Some(b'2') if r.takes_bind_complete() && self.stream.take_bind_complete() => {
+                return Poll::Ready(Ok(Step::Message(BackendMessage::BindComplete)));
+            }
+            Some(b'C') if r.takes_counts() => {
+                if let Some(rows) = self.stream.take_command_complete() {
+                    return Poll::Ready(Ok(r.accept_count(rows)));
+                }
+            }
+            _ => {}
         }
         let msg = match ready!(self.poll_read(cx)) {
             Ok(msg) => msg,
@@ -916,7 +992,7 @@ impl Connection {
     pub(super) fn unexpected_step(&mut self, step: Step, during: &str) -> Error {
         let tag = match step {
             Step::Row(_) => 'D',
-            Step::Complete { .. } => 'C',
+            Step::Complete(_) => 'C',
             Step::Message(msg) => msg.tag() as char,
             Step::Failed => 'E',
             Step::Over => 'Z',

@@ -64,9 +64,8 @@ impl Shape {
 pub(crate) enum Step {
     /// A row of the current statement's result.
     Row(DataRow),
-    /// A statement finished: CommandComplete's row count, and its tag for the simple protocol
-    /// (whose results keep it); [`Shape::Extended`] reads only the count.
-    Complete { rows: u64, tag: Option<Bytes> },
+    /// A statement finished (CommandComplete).
+    Complete(Completion),
     /// Any other message the shape allows (descriptions, BindComplete, EmptyQueryResponse,
     /// PortalSuspended, COPY messages), for the caller to read.
     Message(BackendMessage),
@@ -75,6 +74,32 @@ pub(crate) enum Step {
     Failed,
     /// ReadyForQuery: the request is over ([`Response::finish`] gives its outcome).
     Over,
+}
+
+/// What a CommandComplete said: the row count, read in place from a tag whole in the buffer,
+/// or the tag itself (the simple protocol's results keep it).
+#[derive(Debug)]
+pub(crate) enum Completion {
+    Rows(u64),
+    Tag(Bytes),
+}
+
+impl Completion {
+    /// The row count of the tag (`INSERT 0 5` → 5; 0 for a command without one).
+    pub(crate) fn rows(&self) -> u64 {
+        match self {
+            Completion::Rows(n) => *n,
+            Completion::Tag(tag) => crate::row::rows_affected(tag),
+        }
+    }
+
+    /// The tag, if it was kept.
+    pub(crate) fn into_tag(self) -> Option<Bytes> {
+        match self {
+            Completion::Rows(_) => None,
+            Completion::Tag(tag) => Some(tag),
+        }
+    }
 }
 
 /// The state of one request's response: its shape, its first error, and whether it has
@@ -87,6 +112,7 @@ pub(crate) struct Response {
 }
 
 impl Response {
+    #[inline]
     pub(crate) fn new(shape: Shape) -> Response {
         Response {
             shape,
@@ -96,16 +122,19 @@ impl Response {
     }
 
     /// The shape this response was opened with.
+    #[inline]
     pub(crate) fn shape(&self) -> Shape {
         self.shape
     }
 
     /// Whether a DataRow may be taken in place (the shape has rows).
+    #[inline]
     pub(crate) fn takes_rows(&self) -> bool {
         self.shape != Shape::Describe
     }
 
     /// The request's error so far: the first the server sent.
+    #[inline]
     pub(crate) fn error(&self) -> Option<&Error> {
         self.error.as_ref()
     }
@@ -124,6 +153,7 @@ impl Response {
     }
 
     /// Takes a message of the response. `Err` gives back a message the shape does not allow.
+    #[inline]
     pub(crate) fn accept(
         &mut self,
         msg: BackendMessage,
@@ -141,9 +171,7 @@ impl Response {
             M::DataRow(row) if self.shape != Shape::Describe => Step::Row(row),
             M::CommandComplete(tag) if self.shape != Shape::Describe => {
                 self.answered = true;
-                let rows = crate::row::rows_affected(&tag);
-                let tag = (self.shape == Shape::Simple).then_some(tag);
-                Step::Complete { rows, tag }
+                Step::Complete(Completion::Tag(tag))
             }
             M::EmptyQueryResponse if self.shape != Shape::Describe => {
                 self.answered = true;
@@ -179,6 +207,7 @@ impl Response {
 
     /// Takes a row found whole in the read buffer (the fast path for what `accept` makes of a
     /// DataRow), for a shape that [takes rows](Self::takes_rows).
+    #[inline]
     pub(crate) fn accept_row(&mut self, row: DataRow) -> Step {
         debug_assert!(self.takes_rows());
         Step::Row(row)
@@ -186,18 +215,21 @@ impl Response {
 
     /// Takes a CommandComplete whose count was read in place (the fast path; only for shapes
     /// that do not keep the tag).
+    #[inline]
     pub(crate) fn accept_count(&mut self, rows: u64) -> Step {
         debug_assert!(self.takes_counts());
         self.answered = true;
-        Step::Complete { rows, tag: None }
+        Step::Complete(Completion::Rows(rows))
     }
 
     /// Whether a CommandComplete may be read in place, without its tag.
+    #[inline]
     pub(crate) fn takes_counts(&self) -> bool {
         matches!(self.shape, Shape::Extended | Shape::Drain)
     }
 
     /// Whether a BindComplete may be taken in place.
+    #[inline]
     pub(crate) fn takes_bind_complete(&self) -> bool {
         matches!(self.shape, Shape::Extended | Shape::Drain)
     }
@@ -274,10 +306,10 @@ mod tests {
             r.accept(BackendMessage::BindComplete),
             Ok(Step::Message(_))
         ));
-        assert!(matches!(
-            r.accept(complete("SELECT 1")),
-            Ok(Step::Complete { rows: 1, tag: None })
-        ));
+        match r.accept(complete("SELECT 1")) {
+            Ok(Step::Complete(c)) => assert_eq!(c.rows(), 1),
+            other => panic!("{other:?}"),
+        }
         assert!(matches!(r.accept(ready()), Ok(Step::Over)));
         assert!(r.finish().is_ok());
     }
@@ -292,10 +324,10 @@ mod tests {
         assert!(r.accept(complete("SELECT 1")).is_err());
         let mut r = Response::new(Shape::Simple);
         match r.accept(complete("INSERT 0 3")) {
-            Ok(Step::Complete {
-                rows: 3,
-                tag: Some(tag),
-            }) => assert_eq!(&tag[..], b"INSERT 0 3"),
+            Ok(Step::Complete(done)) => {
+                assert_eq!(done.rows(), 3);
+                assert_eq!(&done.into_tag().unwrap()[..], b"INSERT 0 3");
+            }
             other => panic!("{other:?}"),
         }
     }

@@ -52,7 +52,8 @@ impl Connection {
                         .ok_or_else(|| self.protocol_error("DataRow before RowDescription"))?;
                     rows.push(SimpleRow::new(cols, data).map_err(|e| self.fail(e))?);
                 }
-                Step::Complete { tag, .. } => {
+                Step::Complete(done) => {
+                    let tag = done.into_tag();
                     let tag = tag.unwrap_or_default();
                     results.push(SimpleQueryResult {
                         columns: columns.take().unwrap_or_else(|| Arc::from([])),
@@ -88,11 +89,8 @@ impl Connection {
                 other => return Err(self.unexpected_step(other, "a simple query")),
             }
         }
-        // A statement like DISCARD ALL or DEALLOCATE ALL drops our prepared statements.
-        if results
-            .iter()
-            .any(|r| r.tag == "DISCARD ALL" || r.tag == "DEALLOCATE ALL")
-        {
+        // A DISCARD ALL or DEALLOCATE ALL dropped our prepared statements.
+        if self.stream.take_statements_dropped() {
             self.statements.clear();
         }
         response.finish().map(|()| results)
@@ -111,7 +109,7 @@ impl Connection {
         let mut tag = None;
         loop {
             match self.next_step(&mut response).await? {
-                Step::Complete { tag: t, .. } => tag = t,
+                Step::Complete(done) => tag = done.into_tag(),
                 Step::Message(BackendMessage::EmptyQueryResponse) | Step::Failed => {}
                 Step::Over => break,
                 other => return Err(self.unexpected_step(other, "a command")),

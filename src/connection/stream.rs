@@ -56,6 +56,8 @@ pub(crate) struct MessageStream {
     session_changed: bool,
     /// A SQL `PREPARE` has completed since [`MessageStream::clear_session_changed`].
     sql_prepared: bool,
+    /// `DISCARD ALL` or `DEALLOCATE ALL` completed: the statement cache's statements are gone.
+    statements_dropped: bool,
     /// The read buffer grew past [`READ_CHUNK`] for a long message or a backlog: it is
     /// replaced by a fresh one once it is empty (see [`MessageStream::release_memory`]).
     read_buf_grown: bool,
@@ -93,6 +95,7 @@ impl MessageStream {
             last_read_full: true,
             session_changed: false,
             sql_prepared: false,
+            statements_dropped: false,
             read_buf_grown: false,
         }
     }
@@ -102,7 +105,15 @@ impl MessageStream {
     /// only as long as they live), and an empty write buffer past [`WRITE_KEEP`] is too. Called
     /// when a request ends and when one is refused before sending, so an idle connection holds
     /// [`READ_CHUNK`] + [`WRITE_KEEP`] at most.
+    #[inline]
     pub(crate) fn release_memory(&mut self) {
+        if self.read_buf_grown || self.write_buf.capacity() > WRITE_KEEP {
+            self.release_grown_buffers();
+        }
+    }
+
+    #[cold]
+    fn release_grown_buffers(&mut self) {
         if self.read_buf_grown && self.read_buf.is_empty() {
             self.read_buf = BytesMut::with_capacity(READ_CHUNK);
             self.read_buf_grown = false;
@@ -142,10 +153,16 @@ impl MessageStream {
         self.sql_prepared
     }
 
+    /// Whether `DISCARD ALL` or `DEALLOCATE ALL` completed since the last call.
+    pub(crate) fn take_statements_dropped(&mut self) -> bool {
+        std::mem::take(&mut self.statements_dropped)
+    }
+
     fn note_tag(&mut self, tag: &[u8]) {
         if changes_session(tag) {
             self.session_changed = true;
             self.sql_prepared |= tag == b"PREPARE";
+            self.statements_dropped |= matches!(tag, b"DISCARD ALL" | b"DEALLOCATE ALL");
         }
     }
 
@@ -175,6 +192,8 @@ impl MessageStream {
             }
             match ready!(Pin::new(&mut self.socket).poll_write(cx, &self.write_buf)) {
                 Ok(0) => break Err(io::Error::from(io::ErrorKind::WriteZero)),
+                // All of it in one go, as a request that fits the socket's buffer goes.
+                Ok(n) if n == self.write_buf.len() => self.write_buf.clear(),
                 Ok(n) => self.write_buf.advance(n),
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
                 Err(e) => break Err(e),
@@ -189,6 +208,12 @@ impl MessageStream {
     /// server waits on (see `Connection::flush`).
     pub(crate) fn poll_receive(&mut self, cx: &mut Context<'_>) -> Poll<Result<()>> {
         self.poll_fill(cx, false)
+    }
+
+    /// The first byte in the read buffer: the tag of the next message, whole or not.
+    #[inline]
+    pub(crate) fn next_tag(&self) -> Option<u8> {
+        self.read_buf.first().copied()
     }
 
     /// The tag of the next message, if it is whole in the read buffer.
@@ -207,6 +232,7 @@ impl MessageStream {
 
     /// Polls for the next message: decodes one from the buffer if it is all there, otherwise
     /// reads more. Cancel-safe: bytes already read stay in the buffer.
+    #[inline]
     pub(crate) fn poll_message(&mut self, cx: &mut Context<'_>) -> Poll<Result<BackendMessage>> {
         loop {
             if let Some(msg) = protocol::read_message(&mut self.read_buf, self.max_message_len)? {
@@ -223,6 +249,7 @@ impl MessageStream {
     /// Takes the next message if it is a DataRow that is whole in the buffer already. The rows
     /// of a result arrive back to back, and taking them here spares each one the general read
     /// path, which must look out for notices, status reports and ReadyForQuery.
+    #[inline]
     pub(crate) fn take_data_row(&mut self) -> Result<Option<DataRow>> {
         if self.read_buf.first() != Some(&b'D') {
             return Ok(None);
@@ -260,8 +287,10 @@ impl MessageStream {
         let count = crate::row::rows_affected(tag);
         let changes = changes_session(tag);
         let prepared = tag == b"PREPARE";
+        let dropped = matches!(tag, b"DISCARD ALL" | b"DEALLOCATE ALL");
         self.session_changed |= changes;
         self.sql_prepared |= prepared;
+        self.statements_dropped |= dropped;
         self.read_buf.advance(1 + len);
         self.streaming = false;
         Some(count)

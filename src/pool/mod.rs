@@ -33,7 +33,7 @@ use tokio::sync::{Notify, oneshot};
 use crate::error::{Error, Result};
 
 pub(crate) use pipelined::Pipeline;
-pub use postgres::ConnectionManager;
+pub use postgres::{AfterConnect, ConnectionManager};
 
 /// What to do with a resource that comes back to the pool.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -223,6 +223,14 @@ pub struct PoolStats {
     pub opened: u64,
     /// Resources closed or discarded, ever.
     pub closed: u64,
+    /// Attempts to open a resource that failed, ever (a refused or failed connect, a failed
+    /// `after_connect` hook).
+    pub connect_failures: u64,
+    /// The time acquires spent waiting, in all: from the call until a resource was handed
+    /// over or the acquire gave up.
+    pub acquire_wait_total: Duration,
+    /// The longest any one acquire waited.
+    pub acquire_wait_max: Duration,
 }
 
 struct Idle<R> {
@@ -261,6 +269,10 @@ struct PoolInner<M: Manager> {
     timeouts: AtomicU64,
     opened: AtomicU64,
     closed_count: AtomicU64,
+    connect_failures: AtomicU64,
+    /// Nanoseconds acquires waited, in all and at most.
+    wait_total_ns: AtomicU64,
+    wait_max_ns: AtomicU64,
 }
 
 /// A pool of resources made by `M`. Cheap to clone: clones share the pool.
@@ -303,6 +315,9 @@ impl<M: Manager> Pool<M> {
             timeouts: AtomicU64::new(0),
             opened: AtomicU64::new(0),
             closed_count: AtomicU64::new(0),
+            connect_failures: AtomicU64::new(0),
+            wait_total_ns: AtomicU64::new(0),
+            wait_max_ns: AtomicU64::new(0),
         });
         let pool = Pool { inner };
         if pool.inner.options.min_idle > 0
@@ -335,6 +350,11 @@ impl<M: Manager> Pool<M> {
         let started = tokio::time::Instant::now();
         let mut waited_on = WaitedOn::Others;
         let outcome = tokio::time::timeout_at(deadline, self.acquire_inner(&mut waited_on)).await;
+        let waited = u64::try_from(started.elapsed().as_nanos()).unwrap_or(u64::MAX);
+        self.inner
+            .wait_total_ns
+            .fetch_add(waited, Ordering::Relaxed);
+        self.inner.wait_max_ns.fetch_max(waited, Ordering::Relaxed);
         match outcome {
             Ok(r) => r,
             Err(_) => {
@@ -493,6 +513,11 @@ impl<M: Manager> Pool<M> {
             timeouts: self.inner.timeouts.load(Ordering::Relaxed),
             opened: self.inner.opened.load(Ordering::Relaxed),
             closed: self.inner.closed_count.load(Ordering::Relaxed),
+            connect_failures: self.inner.connect_failures.load(Ordering::Relaxed),
+            acquire_wait_total: Duration::from_nanos(
+                self.inner.wait_total_ns.load(Ordering::Relaxed),
+            ),
+            acquire_wait_max: Duration::from_nanos(self.inner.wait_max_ns.load(Ordering::Relaxed)),
         }
     }
 
@@ -664,7 +689,10 @@ impl<M: Manager> Permit<M> {
                 pool.opened.fetch_add(1, Ordering::Relaxed);
                 Ok(Pooled::new(&pool, resource, Instant::now(), None))
             }
-            Err(e) => Err(e), // Drop frees the slot and passes it on
+            Err(e) => {
+                pool.connect_failures.fetch_add(1, Ordering::Relaxed);
+                Err(e) // Drop frees the slot and passes it on
+            }
         }
     }
 }
@@ -868,7 +896,11 @@ async fn maintain<M: Manager>(pool: Weak<PoolInner<M>>) {
             match permit.open().await {
                 Ok(pooled) => drop(pooled), // returns to the idle list (or a waiter)
                 Err(e) => {
-                    tracing::warn!(target: "pgengine::pool", "could not open a connection: {e}");
+                    tracing::warn!(
+                        target: "pgengine::pool",
+                        "could not open a connection: {}",
+                        e.redacted()
+                    );
                     break;
                 }
             }

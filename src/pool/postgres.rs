@@ -16,6 +16,48 @@ pub struct ConnectionManager {
     drain_timeout: std::time::Duration,
     cancel_abandoned: bool,
     reset_session: bool,
+    /// Set once a connection found a transaction-mode pooler in front of the server; shared
+    /// by every connection this manager (and its clones) opens.
+    pooler_seen: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    after_connect: Option<AfterConnect>,
+}
+
+/// A hook run on every new connection before its first use, and again after the pool put
+/// its session back as it began (see
+/// [`EngineBuilder::after_connect`](crate::engine::EngineBuilder::after_connect)).
+#[derive(Clone)]
+pub struct AfterConnect(std::sync::Arc<HookFn>);
+
+/// The hook's signature: it borrows the connection for as long as its future runs.
+type HookFn =
+    dyn for<'c> Fn(&'c mut Connection) -> futures::future::BoxFuture<'c, Result<()>> + Send + Sync;
+
+impl AfterConnect {
+    /// Wraps `hook`.
+    pub fn new<F>(hook: F) -> AfterConnect
+    where
+        F: for<'c> Fn(&'c mut Connection) -> futures::future::BoxFuture<'c, Result<()>>
+            + Send
+            + Sync
+            + 'static,
+    {
+        AfterConnect(std::sync::Arc::new(hook))
+    }
+
+    /// Runs the hook on `conn`; what it changed in the session is where the session begins.
+    async fn run(&self, conn: &mut Connection) -> Result<()> {
+        (self.0)(conn)
+            .await
+            .map_err(|e| e.context("the after_connect hook failed"))?;
+        conn.settle_session();
+        Ok(())
+    }
+}
+
+impl std::fmt::Debug for AfterConnect {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("AfterConnect")
+    }
 }
 
 impl ConnectionManager {
@@ -28,7 +70,26 @@ impl ConnectionManager {
             drain_timeout: crate::connection::DEFAULT_DRAIN_TIMEOUT,
             cancel_abandoned: true,
             reset_session: true,
+            pooler_seen: Default::default(),
+            after_connect: None,
         }
+    }
+
+    /// Runs `hook` on every connection it opens, before its first use (see
+    /// [`EngineBuilder::after_connect`](crate::engine::EngineBuilder::after_connect)).
+    pub fn after_connect(mut self, hook: Option<AfterConnect>) -> ConnectionManager {
+        self.after_connect = hook;
+        self
+    }
+
+    /// Shares the "a pooler was found" flag of another manager (an engine's pooled and fresh
+    /// connections share one).
+    pub(crate) fn pooler_flag(
+        mut self,
+        flag: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    ) -> ConnectionManager {
+        self.pooler_seen = flag;
+        self
     }
 
     /// Sets whether a returned connection on which a command changed the session (`SET`,
@@ -81,6 +142,11 @@ impl Manager for ConnectionManager {
         conn.set_query_timeout(self.query_timeout);
         conn.set_drain_timeout(self.drain_timeout);
         conn.set_cancel_abandoned(self.cancel_abandoned);
+        conn.share_pooler_flag(self.pooler_seen.clone());
+        if let Some(hook) = &self.after_connect {
+            // A failure drops (closes) the connection: nobody gets one the hook did not set up.
+            hook.run(&mut conn).await?;
+        }
         Ok(Box::new(conn))
     }
 
@@ -102,11 +168,16 @@ impl Manager for ConnectionManager {
     }
 
     async fn recycle(&self, conn: &mut Self::Resource) -> Result<()> {
-        if self.reset_session {
-            conn.reset_session().await
-        } else {
-            conn.reset().await
+        if !self.reset_session {
+            return conn.reset().await;
         }
+        let reset = conn.session_changed();
+        conn.reset_session().await?;
+        if reset && let Some(hook) = &self.after_connect {
+            // The reset undid what the hook set up too: set it up again.
+            hook.run(conn).await?;
+        }
+        Ok(())
     }
 
     async fn health_check(&self, conn: &mut Self::Resource) -> Result<()> {

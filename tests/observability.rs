@@ -1,0 +1,266 @@
+//! What an engine tells its operators, against the real cluster: no parameter value ever in a
+//! log line, whatever fails and wherever; the pool's counts and wait times; the
+//! `after_connect` hook on every new connection.
+
+mod common;
+
+use std::io::Write;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use pgengine::pool::PoolOptions;
+use pgengine::testing::TempCluster;
+use pgengine::{PostgresEngine, Query};
+
+/// Log lines, captured whole.
+#[derive(Clone, Default)]
+struct Captured(Arc<Mutex<Vec<u8>>>);
+
+impl Write for Captured {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.0.lock().unwrap().extend_from_slice(buf);
+        Ok(buf.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+impl Captured {
+    fn text(&self) -> String {
+        String::from_utf8_lossy(&self.0.lock().unwrap()).into_owned()
+    }
+}
+
+const CANARY: &str = "canary-7f3a91";
+/// A canary the server quotes in an out-of-range message (22003).
+const NUMBER_CANARY: &str = "745196270";
+
+#[tokio::test]
+async fn no_parameter_value_reaches_a_log_line_whatever_fails() {
+    let logs = Captured::default();
+    let writer = logs.clone();
+    let subscriber = tracing_subscriber::fmt()
+        .with_max_level(tracing::Level::TRACE)
+        .with_writer(move || writer.clone())
+        .with_ansi(false)
+        .finish();
+    let _guard = tracing::subscriber::set_default(subscriber);
+
+    let config = common::tcp_config(TempCluster::SUPERUSER);
+    let node = PostgresEngine::builder(config.clone())
+        .log_queries(true)
+        .build();
+    let engine = PostgresEngine::builder(config)
+        .log_queries(true)
+        .extra_node("node", node)
+        .build();
+    engine
+        .run_ddl(
+            "DROP TABLE IF EXISTS obs_t; CREATE TABLE obs_t (
+                 short varchar(5), uniq text UNIQUE, chk text CHECK (length(chk) < 5))",
+        )
+        .await
+        .unwrap();
+    engine
+        .execute(("INSERT INTO obs_t (uniq) VALUES ($1)", (CANARY,)))
+        .await
+        .unwrap();
+
+    // Every failure shape, each with the canary as a parameter value.
+    let failing = || {
+        vec![
+            ("22P02", Query::new("SELECT $1::text::int4").bind(CANARY)),
+            (
+                "22001",
+                Query::new("INSERT INTO obs_t (short) VALUES ($1)").bind(CANARY),
+            ),
+            (
+                "23505",
+                Query::new("INSERT INTO obs_t (uniq) VALUES ($1)").bind(CANARY),
+            ),
+            (
+                "23514",
+                Query::new("INSERT INTO obs_t (chk) VALUES ($1)").bind(CANARY),
+            ),
+            (
+                "22003",
+                Query::new("SELECT $1::text::int2").bind(NUMBER_CANARY),
+            ),
+        ]
+    };
+    for pipelined in [false, true] {
+        let mut options = PoolOptions::default().max_size(2);
+        if pipelined {
+            options = options.pipeline(2);
+        }
+        engine.start_connection_pool(options).await.unwrap();
+        for (code, query) in failing() {
+            let e = engine.query(query).await.unwrap_err();
+            assert_eq!(e.code(), Some(code), "{e}");
+        }
+        engine.close_connection_pool().await.unwrap();
+    }
+    for (code, query) in failing() {
+        // A node, a transaction (and an engine query routed into it), a savepoint scope, an
+        // Atomic, a batch.
+        let e = engine.node("node").unwrap().query(query).await.unwrap_err();
+        assert_eq!(e.code(), Some(code));
+        let inner = engine.clone();
+        let sql = query_text(code);
+        let e = engine
+            .transaction()
+            .run(|tx| async move {
+                tx.savepoint_scope(|_| async move { inner.execute(bound(sql)).await })
+                    .await
+            })
+            .await
+            .unwrap_err();
+        assert_eq!(e.code(), Some(code));
+        let mut atomic = engine.atomic();
+        atomic.add(bound(sql));
+        assert_eq!(atomic.await.unwrap_err().code(), Some(code));
+        if sql.starts_with("SELECT") {
+            let e = engine.batch(bound(sql), 10).await.unwrap_err();
+            assert_eq!(e.code(), Some(code));
+        }
+    }
+    // COPY data with the canary in a column that refuses it.
+    let mut conn = engine.acquire().await.unwrap();
+    let mut sink = conn.copy_in("COPY obs_t (chk) FROM STDIN").await.unwrap();
+    sink.write(format!("{CANARY}\n").as_bytes()).await.unwrap();
+    assert_eq!(sink.finish().await.unwrap_err().code(), Some("23514"));
+    drop(conn);
+
+    let text = logs.text();
+    assert!(
+        text.contains("failed"),
+        "the failures were logged at all:\n{text}"
+    );
+    for line in text.lines() {
+        assert!(
+            !line.contains(CANARY) && !line.contains(NUMBER_CANARY),
+            "a value reached the log: {line}"
+        );
+    }
+}
+
+fn query_text(code: &str) -> &'static str {
+    match code {
+        "22P02" => "SELECT $1::text::int4",
+        "22001" => "INSERT INTO obs_t (short) VALUES ($1)",
+        "23505" => "INSERT INTO obs_t (uniq) VALUES ($1)",
+        "23514" => "INSERT INTO obs_t (chk) VALUES ($1)",
+        _ => "SELECT $1::text::int2",
+    }
+}
+
+fn bound(sql: &'static str) -> Query {
+    let value = if sql.ends_with("int2") {
+        NUMBER_CANARY
+    } else {
+        CANARY
+    };
+    Query::new(sql).bind(value)
+}
+
+#[tokio::test]
+async fn the_pool_counts_failed_connects_and_measures_acquire_waits() {
+    let engine = PostgresEngine::new(common::tcp_config(TempCluster::SUPERUSER));
+    engine
+        .start_connection_pool(PoolOptions::default().max_size(1))
+        .await
+        .unwrap();
+    let held = engine.acquire().await.unwrap();
+    let waiter = {
+        let engine = engine.clone();
+        tokio::spawn(async move { engine.acquire().await.map(|_| ()) })
+    };
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    drop(held);
+    waiter.await.unwrap().unwrap();
+    let stats = engine.pool_stats().unwrap();
+    assert_eq!(stats.acquired, 2);
+    assert!(
+        stats.acquire_wait_max >= Duration::from_millis(150),
+        "{stats:?}"
+    );
+    assert!(stats.acquire_wait_total >= stats.acquire_wait_max);
+    assert_eq!(stats.connect_failures, 0);
+    engine.close_connection_pool().await.unwrap();
+
+    // A server that refuses: every failed connect is counted.
+    let mut wrong = common::tcp_config(TempCluster::SUPERUSER);
+    wrong.dbname("no_such_database");
+    let engine = PostgresEngine::new(wrong);
+    engine
+        .start_connection_pool(PoolOptions::default().max_size(2))
+        .await
+        .unwrap();
+    for _ in 0..3 {
+        let e = engine.acquire().await.unwrap_err();
+        assert_eq!(e.code(), Some("3D000"), "{e}");
+    }
+    assert_eq!(engine.pool_stats().unwrap().connect_failures, 3);
+}
+
+#[tokio::test]
+async fn after_connect_sets_up_every_new_connection_and_again_after_a_reset() {
+    let setup = PostgresEngine::new(common::tcp_config(TempCluster::SUPERUSER));
+    setup
+        .run_ddl("CREATE SCHEMA IF NOT EXISTS obs_app; CREATE TABLE IF NOT EXISTS obs_app.marker (x int)")
+        .await
+        .unwrap();
+    let runs = Arc::new(Mutex::new(0));
+    let counted = runs.clone();
+    let engine = PostgresEngine::builder(common::tcp_config(TempCluster::SUPERUSER))
+        .after_connect(move |conn| {
+            let counted = counted.clone();
+            Box::pin(async move {
+                *counted.lock().unwrap() += 1;
+                conn.simple_query("SET search_path TO obs_app, public")
+                    .await?;
+                Ok(())
+            })
+        })
+        .build();
+    engine
+        .start_connection_pool(PoolOptions::default().max_size(1))
+        .await
+        .unwrap();
+    let path = |engine: PostgresEngine| async move {
+        engine
+            .query_one("SELECT current_setting('search_path')")
+            .await
+            .unwrap()
+            .get::<_, String>(0)
+    };
+    assert_eq!(path(engine.clone()).await, "obs_app, public");
+    // The hook's setting is where the session begins: no reset for it, one run.
+    assert_eq!(path(engine.clone()).await, "obs_app, public");
+    assert_eq!(*runs.lock().unwrap(), 1);
+    // A SET through the engine is undone, and the hook runs again after the reset.
+    engine.execute("SET search_path TO public").await.unwrap();
+    assert_eq!(path(engine.clone()).await, "obs_app, public");
+    assert_eq!(*runs.lock().unwrap(), 2);
+    engine.close_connection_pool().await.unwrap();
+
+    // A failing hook: the connection is not handed out, and the error is the hook's.
+    let engine = PostgresEngine::builder(common::tcp_config(TempCluster::SUPERUSER))
+        .after_connect(|conn| {
+            Box::pin(async move {
+                conn.simple_query("SELECT 1/0").await?;
+                Ok(())
+            })
+        })
+        .build();
+    engine
+        .start_connection_pool(PoolOptions::default().max_size(1))
+        .await
+        .unwrap();
+    let e = engine.query("SELECT 1").await.unwrap_err();
+    assert_eq!(e.code(), Some("22012"), "{e}");
+    assert!(e.to_string().contains("after_connect"), "{e}");
+    let stats = engine.pool_stats().unwrap();
+    assert_eq!((stats.size, stats.connect_failures), (0, 1), "{stats:?}");
+}
