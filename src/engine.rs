@@ -167,8 +167,10 @@ impl EngineBuilder {
         self
     }
 
-    /// Sets the prepared-statement cache capacity of every connection (0 for PgBouncer in
-    /// transaction pooling mode).
+    /// Sets the prepared-statement cache capacity of every connection (0: the unnamed
+    /// statement only). Behind a pooler in transaction or statement mode there is no need: the
+    /// engine notices the first missing statement of its own and switches to unnamed
+    /// statements by itself, running that query again; 0 does so from the start.
     pub fn statement_cache_capacity(mut self, capacity: usize) -> Self {
         self.options.statement_cache_capacity = Some(capacity);
         self
