@@ -37,6 +37,11 @@ use crate::row::{Row, SimpleQueryResult};
 use crate::sql::Control;
 use crate::transaction::{PostgresTransaction, TransactionBuilder};
 
+/// How long an engine without a pool waits for a fresh connection when it has no query
+/// timeout of its own: as long as a pool waits for one by default
+/// ([`PoolOptions::acquire_timeout`]).
+pub const FRESH_CONNECT_TIMEOUT: Duration = Duration::from_secs(30);
+
 /// How long `close_connection_pool` waits for checked-out connections to come back.
 const CLOSE_WAIT: Duration = Duration::from_secs(30);
 
@@ -349,12 +354,26 @@ impl PostgresEngine {
         self.inner.nodes.keys().map(String::as_str)
     }
 
-    /// Borrows a connection: from the pool if one runs, else a fresh one.
+    /// Borrows a connection: from the pool if one runs (within its `acquire_timeout`), else a
+    /// fresh one, opened within the engine's query timeout, or [`FRESH_CONNECT_TIMEOUT`]
+    /// without one (a server that accepts and never answers cannot hold a query forever).
     pub async fn acquire(&self) -> Result<EngineConnection> {
         let pool = self.current_pool();
         match pool {
             Some(pool) => Ok(EngineConnection::Pooled(pool.acquire().await?)),
-            None => Ok(EngineConnection::Fresh(self.manager().connect().await?)),
+            None => {
+                let limit = self
+                    .inner
+                    .options
+                    .query_timeout
+                    .unwrap_or(FRESH_CONNECT_TIMEOUT);
+                let conn = tokio::time::timeout(limit, self.manager().connect())
+                    .await
+                    .map_err(|_| {
+                        Error::timeout(format!("opening a connection took longer than {limit:?}"))
+                    })??;
+                Ok(EngineConnection::Fresh(conn))
+            }
         }
     }
 

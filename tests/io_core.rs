@@ -93,6 +93,27 @@ async fn a_transactions_pipeline_of_100000_statements_is_read_while_it_is_writte
         .unwrap()
         .get(0);
     assert_eq!(stored, 100_000);
+    // And 1 KB answers: 100 MB come back while the transaction's pipeline goes out.
+    let inner = engine.clone();
+    let lengths = bounded(
+        "a transaction's pipeline of 1 KB answers",
+        engine.transaction().run(|_tx| async move {
+            let mut atomic = inner.atomic();
+            for _ in 0..100_000 {
+                atomic.add("SELECT repeat('y', 1000)");
+            }
+            Ok(atomic
+                .run()
+                .await?
+                .iter()
+                .map(|(rows, _)| rows[0].get::<_, &str>(0).len())
+                .collect::<Vec<_>>())
+        }),
+    )
+    .await
+    .unwrap();
+    assert_eq!(lengths.len(), 100_000);
+    assert!(lengths.iter().all(|&n| n == 1000));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -167,6 +188,69 @@ async fn a_copy_whose_trigger_sends_a_notice_for_every_row_goes_through() {
         .unwrap()
         .get(0);
     assert_eq!(n, ROWS as i64);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_copy_of_one_gibibyte_whose_trigger_sends_a_notice_for_every_row_goes_through() {
+    let mut conn = pgengine::Connection::connect(&common::socket_config(TempCluster::SUPERUSER))
+        .await
+        .unwrap();
+    conn.simple_query(
+        "DROP TABLE IF EXISTS io_big; CREATE UNLOGGED TABLE io_big (id int, payload text);
+         CREATE OR REPLACE FUNCTION io_big_notice() RETURNS trigger LANGUAGE plpgsql AS $$
+         BEGIN RAISE NOTICE 'row % %', NEW.id, repeat('n', 500); RETURN NEW; END $$;
+         CREATE TRIGGER io_big_notice BEFORE INSERT ON io_big
+         FOR EACH ROW EXECUTE FUNCTION io_big_notice();",
+    )
+    .await
+    .unwrap();
+    let notices = Arc::new(AtomicUsize::new(0));
+    let counter = notices.clone();
+    conn.set_notice_handler(move |_: &pgengine::DbError| {
+        counter.fetch_add(1, Ordering::Relaxed);
+    });
+    // 10,240 rows of 100 KiB: 1 GiB sent, 5 MB of notices back while it goes.
+    const ROWS: usize = 10_240;
+    let payload = "p".repeat(100 * 1024);
+    let copied = bounded("a 1 GiB noisy COPY", async {
+        let mut sink = conn.copy_in("COPY io_big FROM STDIN").await?;
+        for i in 0..ROWS {
+            sink.write(format!("{i}\t").as_bytes()).await?;
+            sink.write(payload.as_bytes()).await?;
+            sink.write(b"\n").await?;
+        }
+        sink.finish().await
+    })
+    .await
+    .unwrap();
+    assert_eq!(copied, ROWS as u64);
+    assert_eq!(notices.load(Ordering::Relaxed), ROWS);
+    let total: i64 = conn
+        .query_one("SELECT sum(length(payload))::int8 FROM io_big")
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(total, (ROWS * payload.len()) as i64);
+    conn.simple_query("DROP TABLE io_big").await.unwrap();
+}
+
+#[tokio::test]
+async fn an_engine_without_a_pool_does_not_wait_forever_to_connect() {
+    let (config, server) = silent_server().await;
+    let engine = PostgresEngine::builder(config)
+        .query_timeout(Duration::from_secs(1))
+        .build();
+    let started = Instant::now();
+    let e = bounded(
+        "a fresh connect to a silent server",
+        engine.query("SELECT 1"),
+    )
+    .await
+    .unwrap_err();
+    assert_eq!(e.kind(), ErrorKind::Timeout, "{e}");
+    assert!(e.to_string().contains("opening a connection"), "{e}");
+    assert!(started.elapsed() < Duration::from_secs(1 + 10));
+    server.abort();
 }
 
 #[tokio::test]
