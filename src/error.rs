@@ -615,30 +615,62 @@ fn parse_position(value: &str) -> Result<u32, Error> {
         .map_err(|_| Error::protocol("error position is not a number"))
 }
 
+impl DbError {
+    /// The message as `Display` and `Debug` show it: for a data exception (SQLSTATE class
+    /// 22), whose message quotes the input it refused (`invalid input syntax for type
+    /// integer: "…"`), every double-quoted part is masked; other messages are kept whole.
+    /// [`message`](Self::message) has the server's text as it came.
+    fn shown_message(&self) -> std::borrow::Cow<'_, str> {
+        if !self.code.starts_with("22") || !self.message.contains('"') {
+            return std::borrow::Cow::Borrowed(&self.message);
+        }
+        let mut shown = String::with_capacity(self.message.len());
+        for (i, part) in self.message.split('"').enumerate() {
+            if i > 0 {
+                shown.push('"');
+            }
+            // Odd parts were between quotes.
+            shown.push_str(if i % 2 == 1 { "…" } else { part });
+        }
+        std::borrow::Cow::Owned(shown)
+    }
+}
+
+/// Like `Display`, it leaves out what can quote a value the query carried: the detail (a
+/// unique violation's `Key (…)=(…)`, a check violation's failing row), the where-context and
+/// the quoted input of a data exception. Every field is still there through the accessors.
 impl fmt::Debug for DbError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         let mut d = f.debug_struct("DbError");
         d.field("severity", &self.severity)
             .field("code", &self.code)
-            .field("message", &self.message);
+            .field("message", &self.shown_message());
         macro_rules! opt {
             ($($name:ident),*) => {$(
                 if let Some(v) = &self.$name { d.field(stringify!($name), v); }
             )*};
         }
-        opt!(
-            detail, hint, position, where_, schema, table, column, datatype, constraint
-        );
+        opt!(hint, position, schema, table, column, datatype, constraint);
         opt!(file, line, routine);
-        d.finish()
+        d.finish_non_exhaustive()
     }
 }
 
+/// `SEVERITY CODE: message`, and the hint. The detail and where-context are left out, and a
+/// data exception's quoted input is masked: they can quote the values a query carried
+/// (parameter values never appear in an error's `Display`); [`DbError::detail`],
+/// [`DbError::message`] and the other accessors have everything the server sent.
 impl fmt::Display for DbError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{} {}: {}", self.severity, self.code, self.message)?;
-        if let Some(detail) = &self.detail {
-            write!(f, "\nDETAIL: {detail}")?;
+        write!(
+            f,
+            "{} {}: {}",
+            self.severity,
+            self.code,
+            self.shown_message()
+        )?;
+        if self.detail.is_some() {
+            write!(f, " (detail left out: see DbError::detail)")?;
         }
         if let Some(hint) = &self.hint {
             write!(f, "\nHINT: {hint}")?;

@@ -1,5 +1,5 @@
 //! What an engine tells its operators, against the real cluster: no parameter value ever in a
-//! log line, whatever fails and wherever; the pool's counts and wait times; the
+//! log line or an error's `Display` or `Debug`, whatever fails and wherever; the pool's counts and wait times; the
 //! `after_connect` hook on every new connection.
 
 mod common;
@@ -98,6 +98,25 @@ async fn no_parameter_value_reaches_a_log_line_whatever_fails() {
         for (code, query) in failing() {
             let e = engine.query(query).await.unwrap_err();
             assert_eq!(e.code(), Some(code), "{e}");
+            // Nor in the error's Display or Debug; the server's own words are still there.
+            for shown in [
+                format!("{e}"),
+                format!("{e:?}"),
+                format!("{}", e.redacted()),
+            ] {
+                assert!(
+                    !shown.contains(CANARY) && !shown.contains(NUMBER_CANARY),
+                    "{code}: {shown}"
+                );
+            }
+            let db = e.as_db_error().unwrap();
+            let full = format!("{} {}", db.message(), db.detail().unwrap_or(""));
+            if code != "22001" {
+                assert!(
+                    full.contains(CANARY) || full.contains(NUMBER_CANARY),
+                    "{code}: {full}"
+                );
+            }
         }
         engine.close_connection_pool().await.unwrap();
     }

@@ -244,13 +244,15 @@ impl fmt::Debug for Connection {
     }
 }
 
+/// The default notice handler: the notice's severity and SQLSTATE, and its message as
+/// [`DbError`]'s `Display` shows it (a `RAISE NOTICE` that formats a value is the caller's to
+/// log: a handler of their own sees every field).
 fn log_notice(notice: &DbError) {
     tracing::info!(
         target: "pgengine::notice",
         severity = notice.severity(),
         code = notice.code(),
-        "{}",
-        notice.message()
+        "{notice}"
     );
 }
 
