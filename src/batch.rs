@@ -91,8 +91,8 @@ impl BatchBuilder {
         let started = conn
             .start_portal(self.query.sql(), self.query.params(), batch_size)
             .await;
-        let columns = match started {
-            Ok(columns) => columns,
+        let (columns, traced) = match started {
+            Ok(started) => started,
             Err(e) => {
                 if own && !conn.is_broken() {
                     let _ = conn.command(&["ROLLBACK"]).await;
@@ -108,6 +108,8 @@ impl BatchBuilder {
             in_flight: 1,
             exhausted: false,
             first: None,
+            traced: Some(traced),
+            rows: 0,
         };
         let columns = inner.columns.clone();
         if inner
@@ -180,6 +182,11 @@ struct Inner {
     exhausted: bool,
     /// A batch read ahead (to learn its column types) and not yet handed out.
     first: Option<Vec<Row>>,
+    /// The query's trace: ended with the rows counted once the portal is done, with the
+    /// error if one ends it (dropped early: abandoned).
+    traced: Option<crate::connection::Traced>,
+    /// Rows read so far.
+    rows: u64,
 }
 
 impl Inner {
@@ -206,12 +213,19 @@ impl Inner {
         self.in_flight -= 1;
         match read {
             Ok((rows, more)) => {
+                self.rows += rows.len() as u64;
                 if !more {
                     self.exhausted = true;
+                    if let Some(traced) = self.traced.take() {
+                        traced.succeeded(self.rows);
+                    }
                 }
                 Ok((!rows.is_empty()).then_some(rows))
             }
             Err(e) => {
+                if let Some(traced) = self.traced.take() {
+                    traced.failed(&e);
+                }
                 self.abort().await;
                 Err(e)
             }

@@ -23,7 +23,6 @@
 use std::collections::BTreeMap;
 use std::fmt;
 use std::ops::{Deref, DerefMut};
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, RwLock};
 use std::time::{Duration, Instant};
 
@@ -113,7 +112,6 @@ struct Inner {
     /// The running pool and its pipeline, if any. Read on every query; written only by
     /// start/close.
     pool: RwLock<Option<RunningPool>>,
-    next_query_id: AtomicU64,
     /// Set once a connection of this engine found a transaction-mode pooler in front of the
     /// server: every connection of the engine then uses unnamed statements.
     pooler_seen: Arc<std::sync::atomic::AtomicBool>,
@@ -159,8 +157,12 @@ impl EngineBuilder {
         self
     }
 
-    /// Logs every query (target `pgengine::query`, info level): an id, the SQL, the duration
-    /// and the row count. Parameter values are never logged.
+    /// Logs every query of the engine's connections (target `pgengine::query`, info level),
+    /// whatever sends it — the engine, a transaction, a savepoint, an `Atomic`'s statements, a
+    /// batch, the pipelined pool, COPY: an id and the SQL when it goes out, then the duration
+    /// and the row count, or the SQLSTATE and the error without the server's message.
+    /// Parameter values are never logged. (Every query is also a `tracing` span, logged or
+    /// not: see the crate's observability notes in the README.)
     pub fn log_queries(mut self, on: bool) -> Self {
         self.options.log_queries = on;
         self
@@ -260,7 +262,6 @@ impl EngineBuilder {
                 options: self.options,
                 nodes: self.nodes,
                 pool: RwLock::new(None),
-                next_query_id: AtomicU64::new(1),
                 pooler_seen: Default::default(),
             }),
         }
@@ -360,18 +361,25 @@ impl PostgresEngine {
     pub async fn acquire(&self) -> Result<EngineConnection> {
         let pool = self.current_pool();
         match pool {
-            Some(pool) => Ok(EngineConnection::Pooled(pool.acquire().await?)),
+            Some(pool) => {
+                let started = Instant::now();
+                let mut pooled = pool.acquire().await?;
+                pooled.note_acquire_wait(started.elapsed());
+                Ok(EngineConnection::Pooled(pooled))
+            }
             None => {
                 let limit = self
                     .inner
                     .options
                     .query_timeout
                     .unwrap_or(FRESH_CONNECT_TIMEOUT);
-                let conn = tokio::time::timeout(limit, self.manager().connect())
+                let started = Instant::now();
+                let mut conn = tokio::time::timeout(limit, self.manager().connect())
                     .await
                     .map_err(|_| {
                         Error::timeout(format!("opening a connection took longer than {limit:?}"))
                     })??;
+                conn.note_acquire_wait(started.elapsed());
                 Ok(EngineConnection::Fresh(conn))
             }
         }
@@ -421,6 +429,7 @@ impl PostgresEngine {
             manager = manager.drain_timeout(limit);
         }
         manager
+            .log_queries(options.log_queries)
             .cancel_abandoned(!options.keep_abandoned)
             .reset_session(!options.keep_session)
             .after_connect(options.after_connect.clone())
@@ -618,20 +627,15 @@ impl PostgresEngine {
     /// Runs a query and returns its rows. Inside a transaction scope on this task, it runs in
     /// that transaction.
     pub async fn query(&self, query: impl ToQuery) -> Result<Vec<Row>> {
-        let started = self.log_start(query.sql());
-        if let Some(tx) = crate::transaction::current(self) {
-            let result = tx.query(&query).await;
-            self.log_end(
-                started,
-                &result.as_ref().map(|rows| (rows.len() as u64, Some(rows))),
-            );
-            return result;
+        let result = match crate::transaction::current(self) {
+            Some(tx) => tx.query(&query).await,
+            None => self.run_outside(&query).await.map(|(rows, _)| rows),
+        };
+        if let (true, Ok(rows)) = (self.inner.options.log_responses, &result) {
+            for row in rows {
+                tracing::debug!(target: "pgengine::query", "{row:?}");
+            }
         }
-        let result = self.run_outside(&query).await.map(|(rows, _)| rows);
-        self.log_end(
-            started,
-            &result.as_ref().map(|rows| (rows.len() as u64, Some(rows))),
-        );
         result
     }
 
@@ -664,67 +668,18 @@ impl PostgresEngine {
 
     /// Runs a statement and returns the number of rows it affected.
     pub async fn execute(&self, query: impl ToQuery) -> Result<u64> {
-        let started = self.log_start(query.sql());
-        if let Some(tx) = crate::transaction::current(self) {
-            let result = tx.execute(&query).await;
-            self.log_end(started, &result.as_ref().map(|n| (*n, None)));
-            return result;
+        match crate::transaction::current(self) {
+            Some(tx) => tx.execute(&query).await,
+            None => self.run_outside(&query).await.map(|(_, n)| n),
         }
-        let result = self.run_outside(&query).await.map(|(_, n)| n);
-        self.log_end(started, &result.as_ref().map(|n| (*n, None)));
-        result
     }
 
     /// Runs DDL (or any SQL without parameters), several statements allowed, with the simple
     /// query protocol.
     pub async fn run_ddl(&self, sql: &str) -> Result<Vec<SimpleQueryResult>> {
-        let started = self.log_start(sql);
-        let result = match crate::transaction::current(self) {
+        match crate::transaction::current(self) {
             Some(tx) => tx.simple_query(sql).await,
             None => self.run_simple_outside(sql).await,
-        };
-        let count = result
-            .as_ref()
-            .map(|r| (r.iter().map(|r| r.rows_affected()).sum(), None));
-        self.log_end(started, &count);
-        result
-    }
-
-    fn log_start(&self, sql: &str) -> Option<(u64, Instant)> {
-        if !self.inner.options.log_queries {
-            return None;
-        }
-        let id = self.inner.next_query_id.fetch_add(1, Ordering::Relaxed);
-        tracing::info!(target: "pgengine::query", query_id = id, sql, "query");
-        Some((id, Instant::now()))
-    }
-
-    fn log_end(
-        &self,
-        started: Option<(u64, Instant)>,
-        outcome: &Result<(u64, Option<&Vec<Row>>), &Error>,
-    ) {
-        let Some((id, at)) = started else { return };
-        let ms = at.elapsed().as_secs_f64() * 1000.0;
-        match outcome {
-            Ok((rows, response)) => {
-                tracing::info!(target: "pgengine::query", query_id = id, duration_ms = ms, rows, "done");
-                if let (true, Some(response)) = (self.inner.options.log_responses, response) {
-                    for row in response.iter() {
-                        tracing::debug!(target: "pgengine::query", query_id = id, "{row:?}");
-                    }
-                }
-            }
-            Err(e) => {
-                tracing::info!(
-                    target: "pgengine::query",
-                    query_id = id,
-                    duration_ms = ms,
-                    code = e.code(),
-                    error = %e.redacted(),
-                    "failed"
-                );
-            }
         }
     }
 }

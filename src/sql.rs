@@ -205,6 +205,15 @@ pub fn count_placeholders(sql: &str) -> usize {
         .unwrap_or(0)
 }
 
+/// The first keyword of `sql` (after comments and white space), if it starts with one: the
+/// statement's operation, as a trace names it.
+pub(crate) fn first_keyword(sql: &str) -> Option<&str> {
+    match tokens(sql).next()? {
+        Token::Word(w) => Some(w),
+        _ => None,
+    }
+}
+
 /// A statement that controls the transaction block.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum Control {

@@ -209,11 +209,22 @@ impl TransactionBuilder {
                 nested: true,
             });
         }
+        let span = tracing::info_span!(
+            target: "pgengine::transaction",
+            "transaction",
+            otel.name = "transaction",
+            db.system.name = "postgresql",
+            pgengine.outcome = tracing::field::Empty,
+        );
         let mut conn = self.engine.acquire().await?;
+        // The transaction's statements are traced as its children while it holds the
+        // connection (see `TxConn`'s Drop).
+        conn.set_trace_parent(Some(span.clone()));
         conn.command(&[&self.begin_sql()]).await?;
         let state = TxState::Active.after_reply(conn.transaction_status());
         Ok(PostgresTransaction {
             shared: Arc::new(Shared {
+                span,
                 engine: self.engine,
                 cancel: conn.cancel_token(),
                 conn: Arc::new(Mutex::new(TxConn {
@@ -309,8 +320,18 @@ pub(crate) struct TxConn {
     savepoints: Vec<String>,
 }
 
+impl Drop for TxConn {
+    fn drop(&mut self) {
+        // The connection goes back to the pool: its next user's statements are not ours.
+        self.conn.set_trace_parent(None);
+    }
+}
+
 struct Shared {
     engine: PostgresEngine,
+    /// The transaction's trace (target `pgengine::transaction`): its statements' spans are
+    /// its children, and its outcome is recorded when it ends.
+    span: tracing::Span,
     /// Kept outside the mutex: a cancel is needed exactly while a query holds it.
     cancel: crate::connection::CancelToken,
     /// The connection and the state; one query at a time.
@@ -486,6 +507,13 @@ impl PostgresTransaction {
         }
         let result = c.conn.command(&["COMMIT"]).await;
         c.after_reply();
+        let outcome = match (&result, c.state) {
+            (Ok(Some(tag)), _) if tag == "ROLLBACK" => "rolled back",
+            (Ok(_), _) => "committed",
+            (Err(_), TxState::RolledBack) => "rolled back",
+            (Err(_), _) => "commit failed",
+        };
+        self.shared.span.record("pgengine.outcome", outcome);
         match result {
             Ok(Some(tag)) if tag == "ROLLBACK" => {
                 // The server answers COMMIT with ROLLBACK when the block had failed.
@@ -512,6 +540,7 @@ impl PostgresTransaction {
     pub async fn rollback(&self) -> Result<()> {
         let mut c = self.lock(true).await?;
         let result = c.conn.command(&["ROLLBACK"]).await;
+        self.shared.span.record("pgengine.outcome", "rolled back");
         c.after_reply();
         result?;
         c.state = TxState::RolledBack;

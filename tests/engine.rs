@@ -456,12 +456,21 @@ async fn queries_are_logged_without_their_parameter_values() {
     engine.query("SELECT 1/0").await.unwrap_err();
     let text = logs.text();
     assert!(text.contains("SELECT length($1::text) AS n"), "{text}");
+    // Each query's start and end carry one id (numbered across the process).
+    let id_of = |needle: &str| -> String {
+        let line = text
+            .lines()
+            .find(|l| l.contains(needle))
+            .unwrap_or_else(|| panic!("no line with {needle}: {text}"));
+        let at = line.rfind("query_id=").expect("an id") + "query_id=".len();
+        line[at..].split_whitespace().next().unwrap().to_owned()
+    };
+    let started = id_of("sql=\"SELECT length");
+    let done = id_of(": done");
+    assert_eq!(started, done, "{text}");
+    assert!(text.contains("duration_ms") && text.contains("rows=1"), "{text}");
     assert!(
-        text.contains("query_id=1") && text.contains("duration_ms") && text.contains("rows=1"),
-        "{text}"
-    );
-    assert!(
-        text.contains("query_id=2") && text.contains("failed"),
+        text.contains(": failed") && text.contains("code=\"22012\""),
         "{text}"
     );
     assert!(

@@ -283,3 +283,156 @@ async fn after_connect_sets_up_every_new_connection_and_again_after_a_reset() {
     let stats = engine.pool_stats().unwrap();
     assert_eq!((stats.size, stats.connect_failures), (0, 1), "{stats:?}");
 }
+
+#[tokio::test]
+async fn every_entry_point_traces_its_queries_with_the_database_conventions() {
+    use futures::StreamExt;
+    let logs = Captured::default();
+    let writer = logs.clone();
+    let subscriber = tracing_subscriber::fmt()
+        .with_max_level(tracing::Level::TRACE)
+        .with_span_events(tracing_subscriber::fmt::format::FmtSpan::CLOSE)
+        .with_writer(move || writer.clone())
+        .with_ansi(false)
+        .finish();
+    let _guard = tracing::subscriber::set_default(subscriber);
+
+    let config = common::tcp_config(TempCluster::SUPERUSER);
+    let engine = PostgresEngine::builder(config.clone())
+        .log_queries(true)
+        .extra_node("node", PostgresEngine::new(config.clone()))
+        .build();
+    engine
+        .run_ddl("DROP TABLE IF EXISTS obs_trace; CREATE TABLE obs_trace (x int)")
+        .await
+        .unwrap();
+    // Fresh connections, a pool, a pipelined pool.
+    engine.query("SELECT 1 AS ep_fresh").await.unwrap();
+    engine
+        .start_connection_pool(PoolOptions::default().max_size(2))
+        .await
+        .unwrap();
+    engine.query("SELECT 1 AS ep_pooled").await.unwrap();
+    engine.close_connection_pool().await.unwrap();
+    engine
+        .start_connection_pool(PoolOptions::default().max_size(2).pipeline(2))
+        .await
+        .unwrap();
+    engine.query("SELECT 1 AS ep_pipelined").await.unwrap();
+    assert_eq!(
+        engine
+            .query("SELECT 1/0 AS ep_fails")
+            .await
+            .unwrap_err()
+            .code(),
+        Some("22012")
+    );
+    // A node, a transaction with a savepoint and an engine query routed into it.
+    engine
+        .node("node")
+        .unwrap()
+        .query("SELECT 1 AS ep_node")
+        .await
+        .unwrap();
+    let inner = engine.clone();
+    engine
+        .transaction()
+        .run(|tx| async move {
+            tx.query("SELECT 1 AS ep_tx").await?;
+            tx.savepoint_scope(|_| async move { inner.query("SELECT 1 AS ep_savepoint").await })
+                .await
+        })
+        .await
+        .unwrap();
+    // An Atomic's statements, a batch, COPY both ways, a LISTEN.
+    let mut atomic = engine.atomic();
+    atomic.add("INSERT INTO obs_trace VALUES (1) -- ep_atomic_a");
+    atomic.add("INSERT INTO obs_trace VALUES (2) -- ep_atomic_b");
+    atomic.await.unwrap();
+    let mut batch = engine
+        .batch("SELECT x AS ep_batch FROM obs_trace", 1)
+        .await
+        .unwrap();
+    while batch.next_batch().await.unwrap().is_some() {}
+    drop(batch);
+    {
+        let mut conn = engine.acquire().await.unwrap();
+        let mut sink = conn
+            .copy_in("COPY obs_trace FROM STDIN -- ep_copy_in")
+            .await
+            .unwrap();
+        sink.write(b"3\n").await.unwrap();
+        sink.finish().await.unwrap();
+        let out = conn
+            .copy_out("COPY obs_trace TO STDOUT -- ep_copy_out")
+            .await
+            .unwrap();
+        let chunks: Vec<_> = out.collect().await;
+        assert_eq!(chunks.len(), 3);
+    }
+    let listener = engine.listen("ep_channel").await.unwrap();
+    drop(listener);
+    engine.close_connection_pool().await.unwrap();
+
+    let text = logs.text();
+    // Each a span of its own, closed, with the conventions' fields.
+    let closed_span = |marker: &str| {
+        text.lines()
+            .find(|l| l.contains(marker) && l.contains("query{") && l.ends_with_close())
+            .unwrap_or_else(|| panic!("no closed query span for {marker}:\n{text}"))
+            .to_owned()
+    };
+    for marker in [
+        "ep_fresh",
+        "ep_pooled",
+        "ep_pipelined",
+        "ep_node",
+        "ep_tx",
+        "ep_savepoint",
+        "ep_atomic_a",
+        "ep_atomic_b",
+        "ep_batch",
+        "ep_copy_in",
+        "ep_copy_out",
+        "ep_channel",
+    ] {
+        let line = closed_span(marker);
+        for field in [
+            "db.system.name=\"postgresql\"",
+            "db.operation.name=",
+            "db.query.text=",
+            "server.address=",
+            "server.port=",
+        ] {
+            assert!(line.contains(field), "{marker} lacks {field}: {line}");
+        }
+    }
+    assert!(closed_span("ep_fails").contains("db.response.status_code=\"22012\""));
+    assert!(closed_span("ep_pooled").contains("db.response.returned_rows=1"));
+    assert!(closed_span("ep_pooled").contains("pgengine.acquire_wait_us="));
+    assert!(closed_span("ep_pipelined").contains("pgengine.pipeline_wait_us="));
+    // The transaction's statements are its children, and its outcome is recorded.
+    assert!(closed_span("ep_tx").contains("transaction{"));
+    assert!(closed_span("ep_savepoint").contains("transaction{"));
+    assert!(
+        text.lines()
+            .any(|l| l.contains("transaction{") && l.contains("pgengine.outcome=\"committed\"")),
+        "{text}"
+    );
+    // log_queries logs every path too: the Atomic's statements are logged one by one.
+    assert!(
+        text.lines()
+            .any(|l| l.contains("pgengine::query: query") && l.contains("ep_atomic_b")),
+        "{text}"
+    );
+}
+
+trait EndsWithClose {
+    fn ends_with_close(&self) -> bool;
+}
+
+impl EndsWithClose for str {
+    fn ends_with_close(&self) -> bool {
+        self.contains(": close time.busy=")
+    }
+}

@@ -25,6 +25,7 @@ use futures::Stream;
 use postgres_types::{IsNull, ToSql, Type};
 
 use super::Connection;
+use super::instrument::Traced;
 use super::response::{Response, Shape, Step};
 use crate::error::{DbError, Error, Result};
 use crate::protocol::{BackendMessage, CopyFormat, frontend};
@@ -78,11 +79,12 @@ impl Connection {
     ///
     /// [`ErrorKind::Conversion`]: crate::ErrorKind::Conversion
     pub async fn copy_in(&mut self, sql: &str) -> Result<CopyInSink<'_>> {
-        let (format, response) = self.start_copy(sql, Direction::In).await?;
+        let (format, response, traced) = self.start_copy(sql, Direction::In).await?;
         Ok(CopyInSink {
             conn: self,
             format,
             response,
+            traced: Some(traced),
             buf: BytesMut::with_capacity(FLUSH_AT + 1024),
             ended: None,
         })
@@ -117,11 +119,12 @@ impl Connection {
     ///
     /// [`ErrorKind::Conversion`]: crate::ErrorKind::Conversion
     pub async fn copy_out(&mut self, sql: &str) -> Result<CopyOutStream<'_>> {
-        let (format, response) = self.start_copy(sql, Direction::Out).await?;
+        let (format, response, traced) = self.start_copy(sql, Direction::Out).await?;
         Ok(CopyOutStream {
             conn: self,
             format,
             response,
+            traced: Some(traced),
             state: OutState::Data,
             rows_affected: None,
         })
@@ -131,8 +134,23 @@ impl Connection {
     /// response is read through the returned one. Anything else that ends the request (an
     /// error, a COPY the other way, no COPY at all) is read through to ReadyForQuery and
     /// returned as an error, leaving the connection ready.
-    async fn start_copy(&mut self, sql: &str, wanted: Direction) -> Result<(CopyFormat, Response)> {
+    async fn start_copy(
+        &mut self,
+        sql: &str,
+        wanted: Direction,
+    ) -> Result<(CopyFormat, Response, Traced)> {
         self.prepare_request().await?;
+        let traced = self.trace(sql);
+        match self.send_copy(sql, wanted).await {
+            Ok((format, response)) => Ok((format, response, traced)),
+            Err(e) => {
+                traced.failed(&e);
+                Err(e)
+            }
+        }
+    }
+
+    async fn send_copy(&mut self, sql: &str, wanted: Direction) -> Result<(CopyFormat, Response)> {
         frontend::query(&mut self.stream.write_buf, sql)?;
         self.send(1).await?;
         let mut response = Response::new(Shape::Simple);
@@ -268,6 +286,8 @@ pub struct CopyInSink<'a> {
     format: CopyFormat,
     /// The COPY's response, read at its end (and glanced at while data goes out).
     response: Response,
+    /// The COPY's trace, ended by `finish` (dropped otherwise: abandoned).
+    traced: Option<Traced>,
     /// Data not sent yet, less than [`FLUSH_AT`] between calls.
     buf: BytesMut,
     /// Set when the COPY ended before `finish` or `abort`; every later call reports it.
@@ -330,7 +350,19 @@ impl CopyInSink<'_> {
     /// Sends the rest of the data and CopyDone, and returns the number of rows copied (from
     /// the `COPY n` CommandComplete). A server error — a malformed value (`22P02`), a unique
     /// violation (`23505`), … — is returned with its SQLSTATE, and nothing is copied.
-    pub async fn finish(self) -> Result<u64> {
+    pub async fn finish(mut self) -> Result<u64> {
+        let traced = self.traced.take();
+        let result = self.finish_copy().await;
+        if let Some(traced) = traced {
+            match &result {
+                Ok(rows) => traced.succeeded(*rows),
+                Err(e) => traced.failed(e),
+            }
+        }
+        result
+    }
+
+    async fn finish_copy(self) -> Result<u64> {
         self.check_open()?;
         let conn = &mut *self.conn;
         if !self.buf.is_empty() {
@@ -584,6 +616,8 @@ pub struct CopyOutStream<'a> {
     format: CopyFormat,
     /// The COPY's response: its first error is returned once ReadyForQuery has arrived.
     response: Response,
+    /// The COPY's trace, ended with the stream.
+    traced: Option<Traced>,
     state: OutState,
     rows_affected: Option<u64>,
 }
@@ -624,6 +658,9 @@ impl CopyOutStream<'_> {
                 Ok(step) => step,
                 Err(e) => {
                     self.state = OutState::Done;
+                    if let Some(traced) = self.traced.take() {
+                        traced.failed(&e);
+                    }
                     return Poll::Ready(Some(Err(e)));
                 }
             };
@@ -642,7 +679,14 @@ impl CopyOutStream<'_> {
                 Step::Failed => self.state = OutState::Rest,
                 Step::Over => {
                     self.state = OutState::Done;
-                    return Poll::Ready(self.response.take_error().map(Err));
+                    let error = self.response.take_error();
+                    if let Some(traced) = self.traced.take() {
+                        match &error {
+                            Some(e) => traced.failed(e),
+                            None => traced.succeeded(self.rows_affected.unwrap_or(0)),
+                        }
+                    }
+                    return Poll::Ready(error.map(Err));
                 }
                 Step::Message(BackendMessage::CopyInResponse(_)) => {
                     // A COPY FROM STDIN after ours in the same string waits for data, and

@@ -30,6 +30,7 @@ use postgres_types::{Format, IsNull, ToSql, Type, WrongType};
 
 use super::Connection;
 use super::cache::Statement;
+use super::instrument::{Traced, Waited};
 use super::response::{Response, Shape, Step};
 use crate::error::{Error, Result};
 use crate::protocol::{BackendMessage, Target, TransactionStatus, frontend};
@@ -189,7 +190,7 @@ impl Connection {
     /// ```
     pub async fn query_stream(&mut self, query: impl ToQuery) -> Result<RowStream<'_>> {
         let sql = query.sql();
-        let (columns, mut response) = self
+        let (columns, mut response, traced) = self
             .start_extended(sql, query.params(), query.time_limit())
             .await?;
         if !self.needs_lookup(columns.iter().map(Column::type_oid)) {
@@ -197,6 +198,7 @@ impl Connection {
                 conn: self,
                 columns,
                 response,
+                traced: Some(traced),
                 state: StreamState::Rows,
                 rows_affected: None,
             });
@@ -208,7 +210,14 @@ impl Connection {
         let mut rows = std::collections::VecDeque::new();
         let mut rows_affected = None;
         loop {
-            match self.next_step(&mut response).await? {
+            let step = match self.next_step(&mut response).await {
+                Ok(step) => step,
+                Err(e) => {
+                    traced.failed(&e);
+                    return Err(e);
+                }
+            };
+            match step {
                 Step::Row(data) => rows.push_back(data),
                 Step::Complete(done) => rows_affected = Some(done.rows()),
                 Step::Message(
@@ -220,6 +229,10 @@ impl Connection {
             }
         }
         let error = response.take_error();
+        match &error {
+            Some(e) => traced.failed(e),
+            None => traced.succeeded(rows_affected.unwrap_or(rows.len() as u64)),
+        }
         let columns: Arc<[Column]> = self.resolve_columns(&columns).await?.into();
         if let Some(statement) = self.statements.get(sql).cloned() {
             self.statements
@@ -229,6 +242,7 @@ impl Connection {
             conn: self,
             columns,
             response: Response::new(Shape::Drain),
+            traced: None,
             state: StreamState::Buffered { rows, error },
             rows_affected,
         })
@@ -242,27 +256,36 @@ impl Connection {
         sql: &str,
         params: &dyn Params,
         timeout: Option<std::time::Duration>,
-    ) -> Result<(Arc<[Column]>, Response)> {
+    ) -> Result<(Arc<[Column]>, Response, Traced)> {
         self.prepare_request().await?;
+        let traced = self.trace(sql);
         let mut retried = false;
-        loop {
-            let plan = self.write_query_or_describe(sql, params, 0).await?;
+        let error = loop {
+            let plan = match self.write_query_or_describe(sql, params, 0).await {
+                Ok(plan) => plan,
+                Err(e) => break e,
+            };
             frontend::sync(&mut self.stream.write_buf);
             self.limit_next_request(timeout);
-            self.send(1).await?;
+            if let Err(e) = self.send(1).await {
+                break e;
+            }
             let mut response = Response::new(Shape::Extended);
-            match self.read_query_start(&mut response, sql, plan).await? {
-                Ok(columns) => return Ok((columns, response)),
-                Err(stale) => {
+            match self.read_query_start(&mut response, sql, plan).await {
+                Ok(Ok(columns)) => return Ok((columns, response, traced)),
+                Ok(Err(stale)) => {
                     let error = self.fail_request(response).await;
                     if stale && !retried && self.status == TransactionStatus::Idle {
                         retried = true;
                         continue;
                     }
-                    return Err(error);
+                    break error;
                 }
+                Err(e) => break e,
             }
-        }
+        };
+        traced.failed(&error);
+        Err(error)
     }
 
     /// Writes one query's messages (without Sync), first asking the server for the
@@ -842,6 +865,9 @@ impl Connection {
             .await
             .map_err(|(i, e)| (Some(i), e))?;
         frontend::sync(&mut self.stream.write_buf);
+        // One trace per statement; the wait for the connection is the first one's.
+        let mut traces: Vec<Option<Traced>> =
+            queries.iter().map(|q| Some(self.trace(q.sql()))).collect();
         self.send(1).await.map_err(|e| (None, e))?;
 
         let mut results = Vec::with_capacity(queries.len());
@@ -866,12 +892,27 @@ impl Connection {
                 Err(_) => None,
             };
             match rows {
-                Some(r) => results.push(r),
+                Some(r) => {
+                    if let Some(traced) = traces[i].take() {
+                        traced.succeeded(r.1);
+                    }
+                    results.push(r);
+                }
                 None => failed = Some(i),
             }
         }
         match (self.finish(response).await, failed) {
-            (Err(e), failed) => return Err((failed, e)),
+            (Err(e), failed) => {
+                // The failed statement's trace says why; those after it did not run, and
+                // the ones before it were rolled back with it inside a transaction block.
+                if let Some(traced) = failed.and_then(|i| traces[i].take()) {
+                    traced.failed(&e);
+                }
+                for traced in traces.into_iter().flatten() {
+                    traced.skipped();
+                }
+                return Err((failed, e));
+            }
             (Ok(()), Some(i)) => {
                 return Err((
                     Some(i),
@@ -1041,6 +1082,8 @@ pub struct RowStream<'a> {
     columns: Arc<[Column]>,
     /// The query's response, read as the stream is polled.
     response: Response,
+    /// The query's trace, ended with the stream (dropped early: abandoned).
+    traced: Option<Traced>,
     state: StreamState,
     rows_affected: Option<u64>,
 }
@@ -1075,17 +1118,14 @@ impl RowStream<'_> {
             }
             let step = match ready!(self.conn.poll_step(&mut self.response, cx)) {
                 Ok(step) => step,
-                Err(e) => {
-                    self.state = StreamState::Done;
-                    return Poll::Ready(Some(Err(e)));
-                }
+                Err(e) => return Poll::Ready(Some(Err(self.end_with(e)))),
             };
             match step {
                 Step::Row(data) => match Row::new(self.columns.clone(), data) {
                     Ok(row) => return Poll::Ready(Some(Ok(row))),
                     Err(e) => {
-                        self.state = StreamState::Done;
-                        return Poll::Ready(Some(Err(self.conn.fail(e))));
+                        let e = self.conn.fail(e);
+                        return Poll::Ready(Some(Err(self.end_with(e))));
                     }
                 },
                 Step::Complete(done) => self.rows_affected = Some(done.rows()),
@@ -1096,16 +1136,31 @@ impl RowStream<'_> {
                 | Step::Failed => {}
                 Step::Over => {
                     self.state = StreamState::Done;
-                    return Poll::Ready(self.response.take_error().map(Err));
+                    return Poll::Ready(match self.response.take_error() {
+                        Some(e) => Some(Err(self.end_with(e))),
+                        None => {
+                            if let Some(traced) = self.traced.take() {
+                                traced.succeeded(self.rows_affected.unwrap_or(0));
+                            }
+                            None
+                        }
+                    });
                 }
                 other => {
-                    self.state = StreamState::Done;
-                    return Poll::Ready(Some(Err(self
-                        .conn
-                        .unexpected_step(other, "a row stream"))));
+                    let e = self.conn.unexpected_step(other, "a row stream");
+                    return Poll::Ready(Some(Err(self.end_with(e))));
                 }
             }
         }
+    }
+
+    /// Ends the stream with `e`, and its trace.
+    fn end_with(&mut self, e: Error) -> Error {
+        self.state = StreamState::Done;
+        if let Some(traced) = self.traced.take() {
+            traced.failed(&e);
+        }
+        e
     }
 }
 
@@ -1136,16 +1191,29 @@ impl Connection {
         sql: &str,
         params: &dyn Params,
         max_rows: i32,
-    ) -> Result<Arc<[Column]>> {
+    ) -> Result<(Arc<[Column]>, Traced)> {
         self.prepare_request().await?;
         let plan = self.write_query_or_describe(sql, params, max_rows).await?;
         frontend::sync(&mut self.stream.write_buf);
-        self.send(1).await?;
-        let mut response = Response::new(Shape::Extended);
-        match self.read_query_start(&mut response, sql, plan).await? {
-            // The first batch's rows follow, read by `read_portal_batch`.
-            Ok(columns) => Ok(columns),
-            Err(_) => Err(self.fail_request(response).await),
+        let traced = self.trace(sql);
+        let started = match self.send(1).await {
+            Ok(()) => {
+                let mut response = Response::new(Shape::Extended);
+                match self.read_query_start(&mut response, sql, plan).await {
+                    // The first batch's rows follow, read by `read_portal_batch`.
+                    Ok(Ok(columns)) => Ok(columns),
+                    Ok(Err(_)) => Err(self.fail_request(response).await),
+                    Err(e) => Err(e),
+                }
+            }
+            Err(e) => Err(e),
+        };
+        match started {
+            Ok(columns) => Ok((columns, traced)),
+            Err(e) => {
+                traced.failed(&e);
+                Err(e)
+            }
         }
     }
 
@@ -1195,8 +1263,16 @@ impl Connection {
     }
 }
 
-/// One query written by [`Connection::send_each`]: what reading its answer needs.
-pub(crate) struct SentQuery(Result<Plan>);
+/// One query written by [`Connection::send_each`]: what reading its answer needs, and its
+/// trace.
+pub(crate) struct SentQuery(Result<Plan>, Option<Traced>);
+
+/// Where a query handed to [`Connection::send_each`] came from: its caller's span (it is sent
+/// from another task) and how long it waited in the pipeline's queue.
+pub(crate) struct QueryOrigin<'a> {
+    pub(crate) span: &'a tracing::Span,
+    pub(crate) queued: std::time::Duration,
+}
 
 /// Many independent requests in one write (for the engine's pipelined mode).
 impl Connection {
@@ -1207,24 +1283,34 @@ impl Connection {
     /// first. The caller makes the connection ready (`finish_pending`) before the first. A
     /// query the pipeline cannot carry (its statement must be described by the server first)
     /// is not sent; its answer is an error saying to run it on its own.
-    pub(crate) async fn send_each(&mut self, queries: &[&dyn ToQuery]) -> Result<Vec<SentQuery>> {
+    pub(crate) async fn send_each(
+        &mut self,
+        queries: &[&dyn ToQuery],
+        origins: &[QueryOrigin<'_>],
+    ) -> Result<Vec<SentQuery>> {
         let mut sent = Vec::with_capacity(queries.len());
         let mut syncs = 0;
-        for q in queries {
+        let waited = self.waited_for_connection.take();
+        for (q, origin) in queries.iter().zip(origins) {
             let mark = self.stream.write_buf.len();
             match self.write_query(q.sql(), q.params(), 0) {
                 Ok(Written::Plan(plan)) => {
                     frontend::sync(&mut self.stream.write_buf);
                     syncs += 1;
-                    sent.push(SentQuery(Ok(plan)));
+                    let waited = Waited {
+                        connection: waited,
+                        pipeline: Some(origin.queued),
+                    };
+                    let traced = self.instrument.start(q.sql(), Some(origin.span), waited);
+                    sent.push(SentQuery(Ok(plan), Some(traced)));
                 }
                 Ok(Written::NeedsDescribe) => {
                     self.stream.undo_write(mark);
-                    sent.push(SentQuery(Err(Error::needs_own_run())));
+                    sent.push(SentQuery(Err(Error::needs_own_run()), None));
                 }
                 Err(e) => {
                     self.stream.undo_write(mark);
-                    sent.push(SentQuery(Err(e)));
+                    sent.push(SentQuery(Err(e), None));
                 }
             }
         }
@@ -1242,10 +1328,26 @@ impl Connection {
         query: &dyn ToQuery,
         sent: SentQuery,
     ) -> Result<Result<(Vec<Row>, u64)>> {
-        let plan = match sent.0 {
+        let SentQuery(plan, traced) = sent;
+        let plan = match plan {
             Ok(plan) => plan,
             Err(e) => return Ok(Err(e)),
         };
+        let answer = self.read_traced_answer(query, plan).await;
+        if let Some(traced) = traced {
+            match &answer {
+                Ok(Ok((_, rows))) => traced.succeeded(*rows),
+                Ok(Err(e)) | Err(e) => traced.failed(e),
+            }
+        }
+        answer
+    }
+
+    async fn read_traced_answer(
+        &mut self,
+        query: &dyn ToQuery,
+        plan: Plan,
+    ) -> Result<Result<(Vec<Row>, u64)>> {
         let mut response = Response::new(Shape::Extended);
         let mut stale = false;
         let started = self

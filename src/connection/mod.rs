@@ -24,6 +24,7 @@
 mod cache;
 mod copy;
 mod extended;
+mod instrument;
 mod notify;
 mod response;
 mod simple;
@@ -50,7 +51,8 @@ use stream::MessageStream;
 
 pub use copy::{BinaryCopyInWriter, CopyInSink, CopyOutStream};
 pub use extended::RowStream;
-pub(crate) use extended::SentQuery;
+pub(crate) use extended::{QueryOrigin, SentQuery};
+pub(crate) use instrument::Traced;
 pub use socket::Transport;
 
 pub use crate::protocol::TransactionStatus;
@@ -158,6 +160,13 @@ pub struct Connection {
     watch: Watch,
     /// The protocol's minor version: 0 for 3.0, 2 for 3.2.
     protocol_minor: u16,
+    /// Traces (and with `log_queries`, logs) every request sent.
+    instrument: instrument::Instrument,
+    /// How long the caller waited for this connection before its next request (the pool's
+    /// acquire), for that request's trace.
+    waited_for_connection: Option<Duration>,
+    /// The span the requests' traces belong to while a transaction holds the connection.
+    trace_parent: Option<tracing::Span>,
     /// Shared by the connections of one engine: set once one of them found a pooler in
     /// transaction or statement mode in front of the server (see `Connection::note_pooler`),
     /// after which every one of them uses the unnamed statement only.
@@ -270,7 +279,7 @@ impl Connection {
     /// ```
     pub async fn connect(config: &Config) -> Result<Connection> {
         let s = startup::connect(config).await?;
-        Ok(Connection::from_startup(s))
+        Ok(Connection::from_startup(s, config))
     }
 
     /// Runs startup and authentication over a stream the caller opened (a tunnel, an
@@ -288,10 +297,19 @@ impl Connection {
     pub async fn connect_stream(stream: impl Transport, config: &Config) -> Result<Connection> {
         let socket = socket::Socket::Other(Box::new(stream));
         let s = startup::start_on(socket, config, None).await?;
-        Ok(Connection::from_startup(s))
+        Ok(Connection::from_startup(s, config))
     }
 
-    fn from_startup(s: startup::Startup) -> Connection {
+    fn from_startup(s: startup::Startup, config: &Config) -> Connection {
+        let (address, port) = match &s.target {
+            Some(target) => (target.host.to_string(), target.port),
+            None => ("stream".to_owned(), 0),
+        };
+        let namespace = config
+            .get_dbname()
+            .or(config.get_user())
+            .unwrap_or_default()
+            .to_owned();
         let mut conn = Connection {
             stream: s.stream,
             status: s.status,
@@ -310,6 +328,9 @@ impl Connection {
             notifications: VecDeque::new(),
             statements: StatementCache::new(DEFAULT_STATEMENT_CACHE_CAPACITY, rand::random()),
             pooler_seen: None,
+            instrument: instrument::Instrument::new(&namespace, &address, port),
+            waited_for_connection: None,
+            trace_parent: None,
             closes_due: Vec::new(),
             types: HashMap::new(),
             watch: Watch {
@@ -430,6 +451,33 @@ impl Connection {
         // Statements that no longer fit are closed in front of the next request.
         let evicted = self.statements.set_capacity(capacity);
         self.closes_due.extend(evicted);
+    }
+
+    /// Logs every request this connection sends (`log_queries` of its engine): an event when
+    /// it goes out, and one when it ends.
+    pub(crate) fn set_log_queries(&mut self, on: bool) {
+        self.instrument.set_log_queries(on);
+    }
+
+    /// Traces this connection's requests as children of `span` (a transaction's), or of the
+    /// caller's current span again with `None`.
+    pub(crate) fn set_trace_parent(&mut self, span: Option<tracing::Span>) {
+        self.trace_parent = span;
+    }
+
+    /// The caller waited `d` for this connection: recorded on the next request's trace.
+    pub(crate) fn note_acquire_wait(&mut self, d: Duration) {
+        self.waited_for_connection = Some(d);
+    }
+
+    /// Starts the trace of a request sent now (see [`instrument`]).
+    fn trace(&mut self, sql: &str) -> instrument::Traced {
+        let waited = instrument::Waited {
+            connection: self.waited_for_connection.take(),
+            pipeline: None,
+        };
+        self.instrument
+            .start(sql, self.trace_parent.as_ref(), waited)
     }
 
     /// Shares `flag` with the other connections of an engine: when one of them finds a

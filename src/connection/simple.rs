@@ -31,6 +31,16 @@ impl Connection {
     /// ```
     pub async fn simple_query(&mut self, sql: &str) -> Result<Vec<SimpleQueryResult>> {
         self.prepare_request().await?;
+        let traced = self.trace(sql);
+        let result = self.run_simple_query(sql).await;
+        match &result {
+            Ok(results) => traced.succeeded(results.iter().map(|r| r.rows_affected()).sum()),
+            Err(e) => traced.failed(e),
+        }
+        result
+    }
+
+    async fn run_simple_query(&mut self, sql: &str) -> Result<Vec<SimpleQueryResult>> {
         if crate::sql::effects(sql).session {
             self.stream.note_session_change();
         }
@@ -103,6 +113,22 @@ impl Connection {
     /// connection is ready again.
     pub(crate) async fn command(&mut self, parts: &[&str]) -> Result<Option<bytes::Bytes>> {
         self.prepare_request().await?;
+        // The text is put together only for someone watching: this is the savepoints' path.
+        let text = if self.instrument.watching() {
+            parts.concat()
+        } else {
+            String::new()
+        };
+        let traced = self.trace(&text);
+        let result = self.run_command(parts).await;
+        match &result {
+            Ok(_) => traced.succeeded(0),
+            Err(e) => traced.failed(e),
+        }
+        result
+    }
+
+    async fn run_command(&mut self, parts: &[&str]) -> Result<Option<bytes::Bytes>> {
         frontend::query_parts(&mut self.stream.write_buf, parts)?;
         self.send(1).await?;
         let mut response = Response::new(Shape::Simple);

@@ -48,7 +48,7 @@ use std::time::Instant;
 use tokio::sync::{mpsc, oneshot};
 
 use super::{ConnectionManager, Pool};
-use crate::connection::{Connection, SentQuery, TransactionStatus};
+use crate::connection::{Connection, QueryOrigin, SentQuery, TransactionStatus};
 use crate::error::{Error, Result, TransactionError};
 use crate::query::{EncodedParam, ToQuery};
 use crate::row::Row;
@@ -67,6 +67,10 @@ struct Request {
     /// When the query stops waiting for a connection: `acquire_timeout` after it was queued,
     /// counted once, however many acquires are tried for the queries ahead of it.
     deadline: tokio::time::Instant,
+    /// When it was queued, and the span of the task that queued it: its trace belongs there,
+    /// though the driver's task sends it.
+    queued_at: Instant,
+    span: tracing::Span,
     reply: Reply,
     /// Counts the query in its driver's load until it is answered or dropped.
     _load: LoadTicket,
@@ -228,6 +232,8 @@ impl Pipeline {
             sql: Arc::from(query.sql()),
             params,
             deadline,
+            queued_at: Instant::now(),
+            span: tracing::Span::current(),
             reply,
             _load: LoadTicket::take(&driver.gauge),
         };
@@ -374,8 +380,15 @@ async fn drive(
             if !requests.is_empty() {
                 let queries: Vec<&dyn ToQuery> =
                     requests.iter().map(|r| r as &dyn ToQuery).collect();
-                let sent = conn.send_each(&queries).await;
-                drop(queries);
+                let origins: Vec<QueryOrigin<'_>> = requests
+                    .iter()
+                    .map(|r| QueryOrigin {
+                        span: &r.span,
+                        queued: r.queued_at.elapsed(),
+                    })
+                    .collect();
+                let sent = conn.send_each(&queries, &origins).await;
+                drop((queries, origins));
                 match sent {
                     Ok(sent) => {
                         let sent_at = clock.now();
@@ -671,6 +684,8 @@ mod tests {
             sql: Arc::from("SELECT 1"),
             params: Vec::new(),
             deadline: tokio::time::Instant::now(),
+            queued_at: Instant::now(),
+            span: tracing::Span::none(),
             reply,
             _load: LoadTicket::take(gauge),
         };

@@ -20,6 +20,7 @@ pub struct ConnectionManager {
     /// by every connection this manager (and its clones) opens.
     pooler_seen: std::sync::Arc<std::sync::atomic::AtomicBool>,
     after_connect: Option<AfterConnect>,
+    log_queries: bool,
 }
 
 /// A hook run on every new connection before its first use, and again after the pool put
@@ -72,7 +73,14 @@ impl ConnectionManager {
             reset_session: true,
             pooler_seen: Default::default(),
             after_connect: None,
+            log_queries: false,
         }
+    }
+
+    /// Logs every request of the connections it opens (an engine's `log_queries`).
+    pub fn log_queries(mut self, on: bool) -> ConnectionManager {
+        self.log_queries = on;
+        self
     }
 
     /// Runs `hook` on every connection it opens, before its first use (see
@@ -143,6 +151,7 @@ impl Manager for ConnectionManager {
         conn.set_drain_timeout(self.drain_timeout);
         conn.set_cancel_abandoned(self.cancel_abandoned);
         conn.share_pooler_flag(self.pooler_seen.clone());
+        conn.set_log_queries(self.log_queries);
         if let Some(hook) = &self.after_connect {
             // A failure drops (closes) the connection: nobody gets one the hook did not set up.
             hook.run(&mut conn).await?;
