@@ -468,7 +468,10 @@ async fn queries_are_logged_without_their_parameter_values() {
     let started = id_of("sql=\"SELECT length");
     let done = id_of(": done");
     assert_eq!(started, done, "{text}");
-    assert!(text.contains("duration_ms") && text.contains("rows=1"), "{text}");
+    assert!(
+        text.contains("duration_ms") && text.contains("rows=1"),
+        "{text}"
+    );
     assert!(
         text.contains(": failed") && text.contains("code=\"22012\""),
         "{text}"
