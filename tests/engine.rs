@@ -3,7 +3,6 @@
 
 mod common;
 
-use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use pgengine::pool::PoolOptions;
@@ -370,33 +369,7 @@ async fn extra_nodes_and_versions() {
     );
 }
 
-/// Collects formatted log lines.
-#[derive(Clone, Default)]
-struct Captured(Arc<Mutex<Vec<u8>>>);
-
-impl std::io::Write for Captured {
-    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-        self.0.lock().unwrap().extend_from_slice(buf);
-        Ok(buf.len())
-    }
-    fn flush(&mut self) -> std::io::Result<()> {
-        Ok(())
-    }
-}
-
-impl Captured {
-    fn text(&self) -> String {
-        String::from_utf8_lossy(&self.0.lock().unwrap()).into_owned()
-    }
-    fn subscriber(&self) -> impl tracing::Subscriber + Send + Sync + 'static {
-        let out = self.clone();
-        tracing_subscriber::fmt()
-            .with_max_level(tracing::Level::DEBUG)
-            .with_ansi(false)
-            .with_writer(move || out.clone())
-            .finish()
-    }
-}
+use common::Captured;
 
 #[tokio::test]
 async fn prep_database_creates_quoted_extensions_and_warns_without_privilege() {

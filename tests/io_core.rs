@@ -32,6 +32,26 @@ fn engine() -> PostgresEngine {
     PostgresEngine::new(common::socket_config(TempCluster::SUPERUSER))
 }
 
+/// Makes `table` (id int, payload text) whose insert trigger raises a NOTICE of 500 bytes for
+/// every row, and counts the notices `conn` receives.
+async fn noisy_table(conn: &mut pgengine::Connection, table: &str) -> Arc<AtomicUsize> {
+    conn.simple_query(&format!(
+        "DROP TABLE IF EXISTS {table}; CREATE UNLOGGED TABLE {table} (id int, payload text);
+         CREATE OR REPLACE FUNCTION {table}_notice() RETURNS trigger LANGUAGE plpgsql AS $$
+         BEGIN RAISE NOTICE 'row % %', NEW.id, repeat('n', 500); RETURN NEW; END $$;
+         CREATE TRIGGER {table}_notice BEFORE INSERT ON {table}
+         FOR EACH ROW EXECUTE FUNCTION {table}_notice();"
+    ))
+    .await
+    .unwrap();
+    let notices = Arc::new(AtomicUsize::new(0));
+    let counter = notices.clone();
+    conn.set_notice_handler(move |_: &pgengine::DbError| {
+        counter.fetch_add(1, Ordering::Relaxed);
+    });
+    notices
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_atomic_of_100000_statements_is_read_while_it_is_written() {
     let engine = engine();
@@ -144,20 +164,7 @@ async fn a_pipelined_pool_carries_100000_queries_from_64_tasks() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_copy_whose_trigger_sends_a_notice_for_every_row_goes_through() {
     let mut conn = common::connect().await;
-    conn.simple_query(
-        "DROP TABLE IF EXISTS io_noisy; CREATE TABLE io_noisy (id int, payload text);
-         CREATE OR REPLACE FUNCTION io_noisy_notice() RETURNS trigger LANGUAGE plpgsql AS $$
-         BEGIN RAISE NOTICE 'row % %', NEW.id, repeat('n', 500); RETURN NEW; END $$;
-         CREATE TRIGGER io_noisy_notice BEFORE INSERT ON io_noisy
-         FOR EACH ROW EXECUTE FUNCTION io_noisy_notice();",
-    )
-    .await
-    .unwrap();
-    let notices = Arc::new(AtomicUsize::new(0));
-    let counter = notices.clone();
-    conn.set_notice_handler(move |_: &pgengine::DbError| {
-        counter.fetch_add(1, Ordering::Relaxed);
-    });
+    let notices = noisy_table(&mut conn, "io_noisy").await;
     // 200,000 rows of 100 bytes (20 MB) draw 100 MB of notices back while they are sent.
     const ROWS: usize = 200_000;
     let line = |i: usize| format!("{i}\t{}\n", "p".repeat(100 - 2 - i.to_string().len()));
@@ -195,20 +202,7 @@ async fn a_copy_of_one_gibibyte_whose_trigger_sends_a_notice_for_every_row_goes_
     let mut conn = pgengine::Connection::connect(&common::socket_config(TempCluster::SUPERUSER))
         .await
         .unwrap();
-    conn.simple_query(
-        "DROP TABLE IF EXISTS io_big; CREATE UNLOGGED TABLE io_big (id int, payload text);
-         CREATE OR REPLACE FUNCTION io_big_notice() RETURNS trigger LANGUAGE plpgsql AS $$
-         BEGIN RAISE NOTICE 'row % %', NEW.id, repeat('n', 500); RETURN NEW; END $$;
-         CREATE TRIGGER io_big_notice BEFORE INSERT ON io_big
-         FOR EACH ROW EXECUTE FUNCTION io_big_notice();",
-    )
-    .await
-    .unwrap();
-    let notices = Arc::new(AtomicUsize::new(0));
-    let counter = notices.clone();
-    conn.set_notice_handler(move |_: &pgengine::DbError| {
-        counter.fetch_add(1, Ordering::Relaxed);
-    });
+    let notices = noisy_table(&mut conn, "io_big").await;
     // 10,240 rows of 100 KiB: 1 GiB sent, 5 MB of notices back while it goes.
     const ROWS: usize = 10_240;
     let payload = "p".repeat(100 * 1024);
@@ -522,23 +516,10 @@ async fn a_connection_over_a_plain_tokio_socket_does_the_same_work() {
     .get(0);
     assert_eq!(len, 64 << 20);
 
-    conn.simple_query(
-        "DROP TABLE IF EXISTS io_plain; CREATE TABLE io_plain (id int);
-         CREATE OR REPLACE FUNCTION io_plain_notice() RETURNS trigger LANGUAGE plpgsql AS $$
-         BEGIN RAISE NOTICE 'row % %', NEW.id, repeat('n', 500); RETURN NEW; END $$;
-         CREATE TRIGGER io_plain_notice BEFORE INSERT ON io_plain
-         FOR EACH ROW EXECUTE FUNCTION io_plain_notice();",
-    )
-    .await
-    .unwrap();
-    let notices = Arc::new(AtomicUsize::new(0));
-    let counter = notices.clone();
-    conn.set_notice_handler(move |_: &pgengine::DbError| {
-        counter.fetch_add(1, Ordering::Relaxed);
-    });
+    let notices = noisy_table(&mut conn, "io_plain").await;
     const ROWS: usize = 100_000;
     let copied = bounded("a noisy COPY over a plain socket", async {
-        let mut sink = conn.copy_in("COPY io_plain FROM STDIN").await?;
+        let mut sink = conn.copy_in("COPY io_plain (id) FROM STDIN").await?;
         let data: String = (0..ROWS).map(|i| format!("{i}\n")).collect();
         sink.write(data.as_bytes()).await?;
         sink.finish().await

@@ -340,6 +340,17 @@ async fn run_ddl_may_hold_a_whole_block_but_never_half_of_one() {
     engine.close_connection_pool().await.unwrap();
 }
 
+/// Ends the scripted server's session (its script must have run whole) and returns the text
+/// of the first simple Query the client sent.
+async fn first_simple_query(server: MockServer) -> Option<String> {
+    let transcript = server.finish().await;
+    assert!(transcript.failure.is_none(), "{:?}", transcript.failure);
+    transcript.messages.iter().find_map(|m| match m {
+        pgengine::protocol::FrontendMessage::Query(sql) => Some(sql.clone()),
+        _ => None,
+    })
+}
+
 /// The messages of one uncached pipelined `SELECT n` (Parse, Describe, Bind, Execute, Sync).
 fn expect_query() -> Vec<Step> {
     [
@@ -421,15 +432,8 @@ async fn a_pipelined_query_whose_sync_leaves_a_block_open_is_rolled_back_with_th
         .unwrap();
     assert_eq!(row.get::<_, i32>(0), 4);
     engine.close_connection_pool().await.unwrap();
-    let transcript = server.finish().await;
-    assert!(transcript.failure.is_none(), "{:?}", transcript.failure);
-    let rollback = transcript
-        .messages
-        .iter()
-        .find_map(|m| match m {
-            pgengine::protocol::FrontendMessage::Query(sql) => Some(sql.clone()),
-            _ => None,
-        })
+    let rollback = first_simple_query(server)
+        .await
         .expect("a rollback was sent");
     assert_eq!(rollback, "ROLLBACK");
 }
@@ -489,16 +493,7 @@ async fn a_pipelined_query_that_changes_a_reported_parameter_takes_its_connectio
         .unwrap();
     assert_eq!(row.get::<_, i32>(0), 3);
     engine.close_connection_pool().await.unwrap();
-    let transcript = server.finish().await;
-    assert!(transcript.failure.is_none(), "{:?}", transcript.failure);
-    let reset = transcript
-        .messages
-        .iter()
-        .find_map(|m| match m {
-            pgengine::protocol::FrontendMessage::Query(sql) => Some(sql.clone()),
-            _ => None,
-        })
-        .expect("a reset was sent");
+    let reset = first_simple_query(server).await.expect("a reset was sent");
     assert!(
         reset.starts_with("SET SESSION AUTHORIZATION DEFAULT"),
         "{reset:?}"

@@ -4,33 +4,14 @@
 
 mod common;
 
-use std::io::Write;
 use std::sync::{Arc, Mutex};
+
+use common::Captured;
 use std::time::Duration;
 
 use pgengine::pool::PoolOptions;
 use pgengine::testing::TempCluster;
 use pgengine::{PostgresEngine, Query};
-
-/// Log lines, captured whole.
-#[derive(Clone, Default)]
-struct Captured(Arc<Mutex<Vec<u8>>>);
-
-impl Write for Captured {
-    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-        self.0.lock().unwrap().extend_from_slice(buf);
-        Ok(buf.len())
-    }
-    fn flush(&mut self) -> std::io::Result<()> {
-        Ok(())
-    }
-}
-
-impl Captured {
-    fn text(&self) -> String {
-        String::from_utf8_lossy(&self.0.lock().unwrap()).into_owned()
-    }
-}
 
 const CANARY: &str = "canary-7f3a91";
 /// A canary the server quotes in an out-of-range message (22003).
@@ -39,13 +20,7 @@ const NUMBER_CANARY: &str = "745196270";
 #[tokio::test]
 async fn no_parameter_value_reaches_a_log_line_whatever_fails() {
     let logs = Captured::default();
-    let writer = logs.clone();
-    let subscriber = tracing_subscriber::fmt()
-        .with_max_level(tracing::Level::TRACE)
-        .with_writer(move || writer.clone())
-        .with_ansi(false)
-        .finish();
-    let _guard = tracing::subscriber::set_default(subscriber);
+    let _guard = tracing::subscriber::set_default(logs.subscriber_at(tracing::Level::TRACE));
 
     let config = common::tcp_config(TempCluster::SUPERUSER);
     let node = PostgresEngine::builder(config.clone())
@@ -288,14 +263,7 @@ async fn after_connect_sets_up_every_new_connection_and_again_after_a_reset() {
 async fn every_entry_point_traces_its_queries_with_the_database_conventions() {
     use futures::StreamExt;
     let logs = Captured::default();
-    let writer = logs.clone();
-    let subscriber = tracing_subscriber::fmt()
-        .with_max_level(tracing::Level::TRACE)
-        .with_span_events(tracing_subscriber::fmt::format::FmtSpan::CLOSE)
-        .with_writer(move || writer.clone())
-        .with_ansi(false)
-        .finish();
-    let _guard = tracing::subscriber::set_default(subscriber);
+    let _guard = tracing::subscriber::set_default(logs.spans_subscriber());
 
     let config = common::tcp_config(TempCluster::SUPERUSER);
     let engine = PostgresEngine::builder(config.clone())
