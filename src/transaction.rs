@@ -240,37 +240,66 @@ impl TransactionBuilder {
     }
 
     /// Runs `f` in the transaction: commits when it returns `Ok`, rolls back when it returns
-    /// `Err` (and when it panics: the connection is rolled back as it returns to the pool).
-    /// While `f` runs, queries made through the engine on this task use the transaction.
-    /// A nested transaction neither begins nor commits: the outermost one decides.
-    pub async fn run<F, Fut, T>(self, f: F) -> Result<T>
+    /// `Err` — the caller's own error type, any `E: From<pgengine::Error>`, returned unchanged
+    /// — and rolls back when it panics, then lets the panic go on. While `f` runs, queries
+    /// made through the engine on this task use the transaction. A nested transaction neither
+    /// begins nor commits: the outermost one decides.
+    ///
+    /// ```no_run
+    /// # async fn demo(engine: pgengine::PostgresEngine) {
+    /// #[derive(Debug)]
+    /// enum AppError {
+    ///     Db(pgengine::Error),
+    ///     OutOfStock,
+    /// }
+    /// impl From<pgengine::Error> for AppError {
+    ///     fn from(e: pgengine::Error) -> Self {
+    ///         AppError::Db(e)
+    ///     }
+    /// }
+    ///
+    /// let result: Result<(), AppError> = engine
+    ///     .transaction()
+    ///     .run(|tx| async move {
+    ///         let left: i32 = tx.query_one("SELECT stock FROM item WHERE id = 1").await?.get(0);
+    ///         if left == 0 {
+    ///             return Err(AppError::OutOfStock); // rolled back, returned as it is
+    ///         }
+    ///         tx.execute("UPDATE item SET stock = stock - 1 WHERE id = 1").await?;
+    ///         Ok(())
+    ///     })
+    ///     .await;
+    /// # }
+    /// ```
+    pub async fn run<F, Fut, T, E>(self, f: F) -> std::result::Result<T, E>
     where
         F: FnOnce(PostgresTransaction) -> Fut,
-        Fut: Future<Output = Result<T>>,
+        Fut: Future<Output = std::result::Result<T, E>>,
+        E: From<Error>,
     {
+        use futures::FutureExt;
         let tx = self.begin().await?;
-        let result = CURRENT.scope(tx.clone(), f(tx.clone())).await;
+        let outcome = std::panic::AssertUnwindSafe(CURRENT.scope(tx.clone(), f(tx.clone())))
+            .catch_unwind()
+            .await;
         if tx.nested {
-            return result;
+            // The outermost transaction decides, and sees the panic go by.
+            return outcome.unwrap_or_else(|panic| std::panic::resume_unwind(panic));
         }
-        match result {
-            Ok(value) => match tx.state().await {
-                TxState::Active => tx.commit().await.map(|()| value),
-                TxState::Failed => Err(tx.rollback_failed().await),
+        match outcome {
+            Ok(Ok(value)) => match tx.state().await {
+                TxState::Active => Ok(tx.commit().await.map(|()| value)?),
+                TxState::Failed => Err(tx.rollback_failed().await.into()),
                 // Committed or rolled back by hand inside the closure.
                 _ => Ok(value),
             },
-            Err(e) => {
-                if !tx.state().await.is_finished() {
-                    if let Err(rollback_error) = tx.rollback().await {
-                        tracing::warn!(
-                            target: "pgengine::transaction",
-                            "rollback after an error failed: {}",
-                            rollback_error.redacted()
-                        );
-                    }
-                }
+            Ok(Err(e)) => {
+                tx.roll_back_after("an error").await;
                 Err(e)
+            }
+            Err(panic) => {
+                tx.roll_back_after("a panic").await;
+                std::panic::resume_unwind(panic)
             }
         }
     }
@@ -614,22 +643,49 @@ impl PostgresTransaction {
     }
 
     /// Runs `f` inside a new savepoint: releases it when `f` returns `Ok`, rolls back to it
-    /// when `f` returns `Err` (the error is returned; the transaction goes on).
-    pub async fn savepoint_scope<F, Fut, T>(&self, f: F) -> Result<T>
+    /// when `f` returns `Err` (the caller's own error type, returned unchanged; the
+    /// transaction goes on) or panics (the panic goes on).
+    pub async fn savepoint_scope<F, Fut, T, E>(&self, f: F) -> std::result::Result<T, E>
     where
         F: FnOnce(PostgresTransaction) -> Fut,
-        Fut: Future<Output = Result<T>>,
+        Fut: Future<Output = std::result::Result<T, E>>,
+        E: From<Error>,
     {
+        use futures::FutureExt;
         let sp = self.savepoint(None).await?;
-        match f(self.clone()).await {
-            Ok(v) => {
+        match std::panic::AssertUnwindSafe(f(self.clone()))
+            .catch_unwind()
+            .await
+        {
+            Ok(Ok(v)) => {
                 sp.release().await?;
                 Ok(v)
             }
-            Err(e) => {
+            Ok(Err(e)) => {
                 sp.rollback_to().await?;
                 Err(e)
             }
+            Err(panic) => {
+                // Undo the scope's work; the transaction goes on for whoever catches it.
+                let _ = sp.rollback_to().await;
+                std::panic::resume_unwind(panic)
+            }
+        }
+    }
+
+    /// Rolls back a transaction whose scope ended with `why` (an error, a panic), unless it
+    /// finished by hand; a rollback that fails is logged (the connection is then closed, and
+    /// the server rolls back with the session).
+    async fn roll_back_after(&self, why: &str) {
+        if self.state().await.is_finished() {
+            return;
+        }
+        if let Err(e) = self.rollback().await {
+            tracing::warn!(
+                target: "pgengine::transaction",
+                "rollback after {why} failed: {}",
+                e.redacted()
+            );
         }
     }
 

@@ -206,7 +206,7 @@ async fn a_timeout_inside_a_transaction_fails_it() {
     drop(tx);
 
     // The closure form: the error comes out and the block is rolled back.
-    let err = engine
+    let err: pgengine::Error = engine
         .transaction()
         .run(|tx| async move {
             tx.execute("INSERT INTO cancel_tx VALUES (3)").await?;

@@ -516,7 +516,7 @@ async fn pipelined_queries_from_many_tasks_share_connections() {
         .run(|tx| async move {
             let a: i64 = tx.query_one("SELECT txid_current()").await?.get(0);
             let b: i64 = inner.query_one("SELECT txid_current()").await?.get(0);
-            Ok((a, b))
+            Ok::<_, pgengine::Error>((a, b))
         })
         .await
         .unwrap();

@@ -101,7 +101,7 @@ async fn a_transactions_pipeline_of_100000_statements_is_read_while_it_is_writte
             for i in 0..100_000i32 {
                 atomic.add(Query::new("INSERT INTO io_tx VALUES ($1)").bind(i));
             }
-            Ok(atomic.run().await?.len())
+            Ok::<_, pgengine::Error>(atomic.run().await?.len())
         }),
     )
     .await
@@ -122,12 +122,14 @@ async fn a_transactions_pipeline_of_100000_statements_is_read_while_it_is_writte
             for _ in 0..100_000 {
                 atomic.add("SELECT repeat('y', 1000)");
             }
-            Ok(atomic
-                .run()
-                .await?
-                .iter()
-                .map(|(rows, _)| rows[0].get::<_, &str>(0).len())
-                .collect::<Vec<_>>())
+            Ok::<_, pgengine::Error>(
+                atomic
+                    .run()
+                    .await?
+                    .iter()
+                    .map(|(rows, _)| rows[0].get::<_, &str>(0).len())
+                    .collect::<Vec<_>>(),
+            )
         }),
     )
     .await

@@ -116,7 +116,7 @@ async fn every_kind_of_work_in_transaction_mode_without_the_cache() {
                 sp.rollback_to().await?;
                 tx.execute(("INSERT INTO bouncer_t VALUES ($1, 'kept')", (base + 2,)))
                     .await?;
-                Ok(())
+                Ok::<_, pgengine::Error>(())
             })
             .await
             .unwrap();

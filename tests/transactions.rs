@@ -10,7 +10,9 @@ use futures::TryStreamExt;
 use pgengine::connection::BinaryCopyInWriter;
 use pgengine::pool::PoolOptions;
 use pgengine::testing::TempCluster;
-use pgengine::{ErrorKind, PostgresEngine, Query, TransactionError, TxState, Type};
+use pgengine::{
+    ErrorKind, PostgresEngine, Query, TransactionError, TransactionStatus, TxState, Type,
+};
 
 fn engine() -> PostgresEngine {
     PostgresEngine::new(common::tcp_config(TempCluster::SUPERUSER))
@@ -111,7 +113,7 @@ async fn manual_commit_and_manual_rollback_inside_a_scoped_transaction() {
                 tx.execute(format!("INSERT INTO {t} VALUES (1)")).await?;
                 tx.commit().await?;
                 assert_eq!(tx.state().await, TxState::Committed);
-                Ok(())
+                Ok::<_, pgengine::Error>(())
             }
         })
         .await
@@ -129,7 +131,7 @@ async fn manual_commit_and_manual_rollback_inside_a_scoped_transaction() {
                     .await
                     .unwrap_err();
                 assert_eq!(err.transaction_error(), Some(TransactionError::Finished));
-                Ok(())
+                Ok::<_, pgengine::Error>(())
             }
         })
         .await
@@ -144,7 +146,7 @@ async fn txid_is_equal_within_one_transaction_and_different_across_two() {
         engine.transaction().run(|tx| async move {
             let a: i64 = tx.query_one("SELECT txid_current()").await?.get(0);
             let b: i64 = tx.query_one("SELECT txid_current()").await?.get(0);
-            Ok((a, b))
+            Ok::<_, pgengine::Error>((a, b))
         })
     };
     let (a1, a2) = ids().await.unwrap();
@@ -172,7 +174,7 @@ async fn engine_queries_on_the_task_join_the_transaction() {
                 async move { inner.transaction_exists() }
             });
             assert!(!spawned.await.unwrap());
-            Ok((a, b))
+            Ok::<_, pgengine::Error>((a, b))
         })
         .await
         .unwrap();
@@ -300,7 +302,7 @@ async fn nested_transactions_join_or_are_refused() {
                 assert_eq!(err.transaction_error(), Some(TransactionError::Nested));
                 assert!(err.to_string().contains("already active"));
                 tx.execute(format!("INSERT INTO {t} VALUES (1)")).await?;
-                Ok(())
+                Ok::<_, pgengine::Error>(())
             }
         })
         .await
@@ -313,7 +315,7 @@ async fn a_failed_block_is_never_committed() {
     let engine = engine();
     let t = table(&engine, "never").await;
     // Scoped: the closure swallowed the query's error, but the block failed: not committed.
-    let err = engine
+    let err: pgengine::Error = engine
         .transaction()
         .run(|tx| {
             let t = t.clone();
@@ -888,7 +890,7 @@ async fn while_its_connection_is_lent_the_transaction_refuses_instead_of_waiting
             // Given back: everything works again, in the same transaction.
             tx.execute(format!("INSERT INTO {table} VALUES (2)"))
                 .await?;
-            Ok(copied)
+            Ok::<_, pgengine::Error>(copied)
         }),
     )
     .await
@@ -896,4 +898,111 @@ async fn while_its_connection_is_lent_the_transaction_refuses_instead_of_waiting
     .unwrap();
     assert_eq!(copied, 1);
     assert_eq!(values(&engine, &t).await, vec![1, 2]);
+}
+
+/// An application's own error type, as a service would have one.
+#[derive(Debug)]
+enum AppError {
+    Db(pgengine::Error),
+    OutOfStock(&'static str),
+}
+
+impl From<pgengine::Error> for AppError {
+    fn from(e: pgengine::Error) -> AppError {
+        AppError::Db(e)
+    }
+}
+
+#[tokio::test]
+async fn a_scope_fails_with_the_callers_own_error_and_a_panic_rolls_back_too() {
+    let engine = engine();
+    engine
+        .start_connection_pool(PoolOptions::default().max_size(1))
+        .await
+        .unwrap();
+    engine
+        .run_ddl("DROP TABLE IF EXISTS tx_app; CREATE TABLE tx_app (item text)")
+        .await
+        .unwrap();
+    let count = |engine: PostgresEngine| async move {
+        engine
+            .query_one("SELECT count(*) FROM tx_app")
+            .await
+            .unwrap()
+            .get::<_, i64>(0)
+    };
+
+    // The application's error comes back unchanged, and the transaction was rolled back.
+    let result: Result<(), AppError> = engine
+        .transaction()
+        .run(|tx| async move {
+            tx.execute("INSERT INTO tx_app VALUES ('widget')").await?;
+            Err(AppError::OutOfStock("widget"))
+        })
+        .await;
+    assert!(
+        matches!(result, Err(AppError::OutOfStock("widget"))),
+        "{result:?}"
+    );
+    assert_eq!(count(engine.clone()).await, 0);
+    // A server error converts into it through From.
+    let result: Result<(), AppError> = engine
+        .transaction()
+        .run(|tx| async move {
+            tx.execute("SELECT 1/0").await?;
+            Ok(())
+        })
+        .await;
+    assert!(
+        matches!(&result, Err(AppError::Db(e)) if e.code() == Some("22012")),
+        "{result:?}"
+    );
+
+    // A savepoint scope too: its work is undone, the transaction goes on and commits.
+    engine
+        .transaction()
+        .run(|tx| async move {
+            tx.execute("INSERT INTO tx_app VALUES ('kept')").await?;
+            let inner: Result<(), AppError> = tx
+                .savepoint_scope(|tx| async move {
+                    tx.execute("INSERT INTO tx_app VALUES ('undone')").await?;
+                    Err(AppError::OutOfStock("undone"))
+                })
+                .await;
+            assert!(matches!(inner, Err(AppError::OutOfStock(_))));
+            Ok::<_, AppError>(())
+        })
+        .await
+        .unwrap();
+    let items: Vec<String> = engine
+        .query("SELECT item FROM tx_app")
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    assert_eq!(items, ["kept"]);
+
+    // A panic rolls back, and the panic goes on to the caller.
+    let panicked = tokio::spawn({
+        let engine = engine.clone();
+        async move {
+            engine
+                .transaction()
+                .run(|tx| async move {
+                    tx.execute("INSERT INTO tx_app VALUES ('panicked')").await?;
+                    if tx.get_savepoint_id() > 0 {
+                        panic!("the application gave up");
+                    }
+                    Ok::<_, pgengine::Error>(())
+                })
+                .await
+        }
+    })
+    .await;
+    assert!(panicked.unwrap_err().is_panic());
+    assert_eq!(count(engine.clone()).await, 1, "only 'kept' is there");
+    // And the connection was rolled back before it went back: the pool is clean.
+    let conn = engine.acquire().await.unwrap();
+    assert_eq!(conn.transaction_status(), TransactionStatus::Idle);
 }
