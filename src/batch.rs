@@ -155,7 +155,7 @@ impl Deref for BatchConn {
     fn deref(&self) -> &Connection {
         match self {
             BatchConn::Own(c) => c,
-            BatchConn::Transaction(t) => &t.conn,
+            BatchConn::Transaction(t) => t.conn_ref(),
         }
     }
 }
@@ -164,7 +164,7 @@ impl DerefMut for BatchConn {
     fn deref_mut(&mut self) -> &mut Connection {
         match self {
             BatchConn::Own(c) => c,
-            BatchConn::Transaction(t) => &mut t.conn,
+            BatchConn::Transaction(t) => t.conn(),
         }
     }
 }

@@ -228,7 +228,8 @@ impl TransactionBuilder {
                 engine: self.engine,
                 cancel: conn.cancel_token(),
                 conn: Arc::new(Mutex::new(TxConn {
-                    conn,
+                    held: Some(conn),
+                    stats_at_end: Default::default(),
                     state,
                     savepoints: Vec::new(),
                 })),
@@ -316,13 +317,13 @@ impl std::ops::Deref for TxConnection<'_> {
     type Target = crate::Connection;
 
     fn deref(&self) -> &crate::Connection {
-        &self.guard.conn
+        self.guard.conn_ref()
     }
 }
 
 impl std::ops::DerefMut for TxConnection<'_> {
     fn deref_mut(&mut self) -> &mut crate::Connection {
-        &mut self.guard.conn
+        self.guard.conn()
     }
 }
 
@@ -343,7 +344,11 @@ impl fmt::Debug for TxConnection<'_> {
 }
 
 pub(crate) struct TxConn {
-    pub(crate) conn: EngineConnection,
+    /// The connection until the transaction finishes; then it goes back to the pool at once
+    /// (see [`TxConn::release`]), however long the handle lives.
+    held: Option<EngineConnection>,
+    /// Its counters when it was given back.
+    stats_at_end: crate::connection::ConnectionStats,
     state: TxState,
     /// Live savepoints, oldest first.
     savepoints: Vec<String>,
@@ -351,8 +356,7 @@ pub(crate) struct TxConn {
 
 impl Drop for TxConn {
     fn drop(&mut self) {
-        // The connection goes back to the pool: its next user's statements are not ours.
-        self.conn.set_trace_parent(None);
+        self.release();
     }
 }
 
@@ -412,7 +416,11 @@ impl PostgresTransaction {
 
     /// The counters of the transaction's connection (round trips, parses, …).
     pub async fn stats(&self) -> crate::connection::ConnectionStats {
-        self.shared.conn.lock().await.conn.stats()
+        let c = self.shared.conn.lock().await;
+        match &c.held {
+            Some(conn) => conn.stats(),
+            None => c.stats_at_end,
+        }
     }
 
     fn is_finished(&self) -> bool {
@@ -448,7 +456,7 @@ impl PostgresTransaction {
     /// Runs a query in the transaction and returns its rows.
     pub async fn query(&self, query: impl ToQuery) -> Result<Vec<Row>> {
         let mut c = self.lock(false).await?;
-        let result = c.conn.query(&query).await;
+        let result = c.conn().query(&query).await;
         c.after_reply();
         result
     }
@@ -456,7 +464,7 @@ impl PostgresTransaction {
     /// Runs a query that must return exactly one row.
     pub async fn query_one(&self, query: impl ToQuery) -> Result<Row> {
         let mut c = self.lock(false).await?;
-        let result = c.conn.query_one(&query).await;
+        let result = c.conn().query_one(&query).await;
         c.after_reply();
         result
     }
@@ -464,7 +472,7 @@ impl PostgresTransaction {
     /// Runs a query that must return at most one row.
     pub async fn query_opt(&self, query: impl ToQuery) -> Result<Option<Row>> {
         let mut c = self.lock(false).await?;
-        let result = c.conn.query_opt(&query).await;
+        let result = c.conn().query_opt(&query).await;
         c.after_reply();
         result
     }
@@ -472,7 +480,7 @@ impl PostgresTransaction {
     /// Runs a statement and returns the number of rows it affected.
     pub async fn execute(&self, query: impl ToQuery) -> Result<u64> {
         let mut c = self.lock(false).await?;
-        let result = c.conn.execute(&query).await;
+        let result = c.conn().execute(&query).await;
         c.after_reply();
         result
     }
@@ -517,7 +525,7 @@ impl PostgresTransaction {
     /// Runs SQL without parameters (several statements allowed) with the simple protocol.
     pub async fn simple_query(&self, sql: &str) -> Result<Vec<SimpleQueryResult>> {
         let mut c = self.lock(false).await?;
-        let result = c.conn.simple_query(sql).await;
+        let result = c.conn().simple_query(sql).await;
         c.after_reply();
         result
     }
@@ -534,7 +542,7 @@ impl PostgresTransaction {
             drop(c);
             return Err(self.rollback_failed().await);
         }
-        let result = c.conn.command(&["COMMIT"]).await;
+        let result = c.conn().command(&["COMMIT"]).await;
         c.after_reply();
         let outcome = match (&result, c.state) {
             (Ok(Some(tag)), _) if tag == "ROLLBACK" => "rolled back",
@@ -543,7 +551,7 @@ impl PostgresTransaction {
             (Err(_), _) => "commit failed",
         };
         self.shared.span.record("pgengine.outcome", outcome);
-        match result {
+        let outcome = match result {
             Ok(Some(tag)) if tag == "ROLLBACK" => {
                 // The server answers COMMIT with ROLLBACK when the block had failed.
                 c.state = TxState::RolledBack;
@@ -557,24 +565,33 @@ impl PostgresTransaction {
                 Ok(())
             }
             Err(e) => {
-                if !c.conn.is_broken() && c.conn.transaction_status() == TransactionStatus::Idle {
+                if !c.conn().is_broken() && c.conn().transaction_status() == TransactionStatus::Idle
+                {
                     c.state = TxState::RolledBack;
                 }
                 Err(e.context("COMMIT failed; nothing was saved"))
             }
+        };
+        if c.state.is_finished() {
+            c.release();
         }
+        outcome
     }
 
     /// Rolls back. On a nested handle this rolls back the whole (outer) transaction.
     pub async fn rollback(&self) -> Result<()> {
         let mut c = self.lock(true).await?;
-        let result = c.conn.command(&["ROLLBACK"]).await;
+        let result = c.conn().command(&["ROLLBACK"]).await;
         self.shared.span.record("pgengine.outcome", "rolled back");
         c.after_reply();
-        result?;
-        c.state = TxState::RolledBack;
-        c.savepoints.clear();
-        Ok(())
+        if result.is_ok() {
+            c.state = TxState::RolledBack;
+            c.savepoints.clear();
+        }
+        if c.state.is_finished() {
+            c.release();
+        }
+        result.map(|_| ())
     }
 
     /// Rolls back a failed transaction and returns the error that says nothing was saved.
@@ -604,7 +621,10 @@ impl PostgresTransaction {
             None => format!("savepoint_{}", self.get_savepoint_id()),
         };
         let mut c = self.lock(false).await?;
-        let result = c.conn.command(&savepoint_command("SAVEPOINT", &name)).await;
+        let result = c
+            .conn()
+            .command(&savepoint_command("SAVEPOINT", &name))
+            .await;
         c.after_reply();
         result?;
         c.savepoints.push(name.clone());
@@ -618,7 +638,7 @@ impl PostgresTransaction {
         let mut c = self.lock(true).await?;
         let at = c.live_savepoint(name)?;
         let result = c
-            .conn
+            .conn()
             .command(&savepoint_command("ROLLBACK TO SAVEPOINT", name))
             .await;
         c.after_reply();
@@ -633,7 +653,7 @@ impl PostgresTransaction {
         let mut c = self.lock(false).await?;
         let at = c.live_savepoint(name)?;
         let result = c
-            .conn
+            .conn()
             .command(&savepoint_command("RELEASE SAVEPOINT", name))
             .await;
         c.after_reply();
@@ -695,7 +715,7 @@ impl PostgresTransaction {
         queries: &[&dyn ToQuery],
     ) -> std::result::Result<Vec<(Vec<Row>, u64)>, (Option<usize>, Error)> {
         let mut c = self.lock(false).await.map_err(|e| (None, e))?;
-        let result = c.conn.pipeline(queries).await;
+        let result = c.conn().pipeline(queries).await;
         c.after_reply();
         result
     }
@@ -733,12 +753,13 @@ impl PostgresTransaction {
 impl TxConn {
     /// Updates the state from the ReadyForQuery of the reply just read.
     pub(crate) fn after_reply(&mut self) {
-        if self.conn.is_broken() {
+        let Some(conn) = &self.held else { return };
+        if conn.is_broken() {
             // The connection is gone, and with it the transaction (the server rolls back).
             self.state = TxState::RolledBack;
             return;
         }
-        if self.conn.is_busy() {
+        if conn.is_busy() {
             // A statement timed out (or its future was dropped): it was cancelled, or may
             // have finished anyway, and its caller was told it failed. Either way the block
             // must not commit: only a rollback may follow.
@@ -747,13 +768,37 @@ impl TxConn {
             }
             return;
         }
-        self.state = self.state.after_reply(self.conn.transaction_status());
+        self.state = self.state.after_reply(conn.transaction_status());
+    }
+
+    /// The transaction's connection. Only a transaction that is not finished uses it, and
+    /// until then it is held.
+    pub(crate) fn conn(&mut self) -> &mut EngineConnection {
+        self.held
+            .as_mut()
+            .expect("an unfinished transaction holds its connection")
+    }
+
+    pub(crate) fn conn_ref(&self) -> &EngineConnection {
+        self.held
+            .as_ref()
+            .expect("an unfinished transaction holds its connection")
+    }
+
+    /// Gives the connection back to the pool once the transaction has finished: its next
+    /// user may be waiting now, not when the handle goes away.
+    fn release(&mut self) {
+        if let Some(mut conn) = self.held.take() {
+            self.stats_at_end = conn.stats();
+            // Its next user's statements are not ours.
+            conn.set_trace_parent(None);
+        }
     }
 
     /// Fails an active transaction whose connection still owes the answer to an abandoned
     /// statement (see [`TxConn::after_reply`]).
     fn after_abandoned(&mut self) {
-        if self.conn.is_busy() && self.state == TxState::Active {
+        if self.held.as_ref().is_some_and(|c| c.is_busy()) && self.state == TxState::Active {
             self.state = TxState::Failed;
         }
     }

@@ -1006,3 +1006,35 @@ async fn a_scope_fails_with_the_callers_own_error_and_a_panic_rolls_back_too() {
     let conn = engine.acquire().await.unwrap();
     assert_eq!(conn.transaction_status(), TransactionStatus::Idle);
 }
+
+#[tokio::test]
+async fn a_finished_transaction_gives_its_connection_back_at_once() {
+    let engine = engine();
+    engine
+        .start_connection_pool(
+            PoolOptions::default()
+                .max_size(1)
+                .acquire_timeout(Duration::from_secs(2)),
+        )
+        .await
+        .unwrap();
+    for commit in [true, false] {
+        let tx = engine.begin().await.unwrap();
+        tx.query("SELECT 1").await.unwrap();
+        assert_eq!(engine.pool_stats().unwrap().in_use, 1);
+        if commit {
+            tx.commit().await.unwrap();
+        } else {
+            tx.rollback().await.unwrap();
+        }
+        // The handle lives on; the pool's only connection serves someone else already.
+        assert_eq!(engine.pool_stats().unwrap().in_use, 0, "commit {commit}");
+        let one: i32 = engine.query_one("SELECT 1").await.unwrap().get(0);
+        assert_eq!(one, 1);
+        // What the handle can still tell needs no connection; what it would send is refused.
+        assert!(tx.stats().await.round_trips >= 3);
+        let e = tx.query("SELECT 1").await.unwrap_err();
+        assert_eq!(e.transaction_error(), Some(TransactionError::Finished));
+        drop(tx);
+    }
+}
