@@ -446,6 +446,10 @@ fn libpq_connect_error(parsed: &BTreeMap<String, String>, server: &HangUpServer)
         // An explicit empty hostaddr keeps PGHOSTADDR, if set, from sending libpq elsewhere.
         None => conninfo.push_str(" hostaddr=''"),
     }
+    // And the hang-up server's port keeps PGPORT, if set, from sending it to another socket.
+    if !parsed.contains_key("port") {
+        conninfo.push_str(" port=5432");
+    }
 
     let conninfo = CString::new(conninfo).expect("parsed values hold no NUL");
     // SAFETY: `conninfo` is NUL-terminated and outlives the call. PQconnectdb returns a
