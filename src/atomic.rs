@@ -69,7 +69,7 @@ impl Atomic {
             return Ok(Vec::new());
         }
         for (i, q) in queries.iter().enumerate() {
-            if let Some(control) = crate::sql::effects(q.sql()).control.first() {
+            if let Some(control) = crate::sql::statement_effects(q.sql()).control {
                 return Err(Error::transaction(
                     TransactionError::ControlStatement,
                     format!(

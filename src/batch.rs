@@ -66,7 +66,7 @@ impl BatchBuilder {
         }
         let batch_size = i32::try_from(self.batch_size)
             .map_err(|_| Error::config("batch_size must be at most 2147483647"))?;
-        if let Some(control) = crate::sql::effects(self.query.sql()).control.first() {
+        if let Some(control) = crate::sql::statement_effects(self.query.sql()).control {
             // The portal lives in the batch's transaction block: ending it ends the portal.
             return Err(Error::transaction(
                 crate::error::TransactionError::ControlStatement,

@@ -453,8 +453,8 @@ impl PostgresEngine {
     /// a pipelined connection: it runs on one of its own, which the pool puts back as it
     /// began before anyone else uses it.
     async fn run_outside(&self, query: &dyn ToQuery) -> Result<(Vec<Row>, u64)> {
-        let effects = crate::sql::effects(query.sql());
-        if let Some(&control) = effects.control.first() {
+        let effects = crate::sql::statement_effects(query.sql());
+        if let Some(control) = effects.control {
             return Err(control_outside_scope(control));
         }
         if effects.is_plain()

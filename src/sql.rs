@@ -259,11 +259,6 @@ pub(crate) struct Effects {
 }
 
 impl Effects {
-    /// Neither transaction control nor a session change: safe to share a connection.
-    pub(crate) fn is_plain(&self) -> bool {
-        self.control.is_empty() && !self.session
-    }
-
     /// Whether the statements, run in order on one connection that starts idle, end with no
     /// transaction block left open and never end or change a block they did not open. If not,
     /// the first statement that breaks the rule.
@@ -339,11 +334,134 @@ pub(crate) fn effects(sql: &str) -> Effects {
     effects
 }
 
+/// [`effects`] of one statement sent with the extended protocol (the server refuses a Parse
+/// of several): its leading keywords decide, unless the text holds one of the few words that
+/// can change the session from further in (`temp`, `set_config`, `advisory_lock`, in any
+/// case), and then the whole text is read. This runs on every query the engine routes, so
+/// the common statement costs one pass over its bytes and a few tokens, not a full read.
+pub(crate) fn statement_effects(sql: &str) -> StatementEffects {
+    // Applications send the same few statements again and again: the last readings of this
+    // thread are kept, by their whole text (compared byte for byte, so a reading is never
+    // taken for another text).
+    thread_local! {
+        static READ: std::cell::RefCell<Readings> = std::cell::RefCell::new((0, Default::default()));
+    }
+    READ.with(|read| {
+        let mut read = read.borrow_mut();
+        if let Some((_, effects)) = read.1.iter().flatten().find(|(text, _)| **text == *sql) {
+            return *effects;
+        }
+        let effects = StatementEffects::of(&read_statement(sql));
+        let (next, slots) = &mut *read;
+        slots[*next] = Some((Box::from(sql), effects));
+        *next = (*next + 1) % slots.len();
+        effects
+    })
+}
+
+/// The last statements a thread read, and the next slot to fill.
+type Readings = (usize, [Option<(Box<str>, StatementEffects)>; 8]);
+
+/// What one statement does beyond its work: what [`statement_effects`] gives.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub(crate) struct StatementEffects {
+    /// It controls the transaction block.
+    pub(crate) control: Option<Control>,
+    /// It changes (or may change) the session.
+    pub(crate) session: bool,
+}
+
+impl StatementEffects {
+    fn of(effects: &Effects) -> StatementEffects {
+        StatementEffects {
+            control: effects.control.first().copied(),
+            session: effects.session,
+        }
+    }
+
+    /// Neither transaction control nor a session change: safe to share a connection.
+    pub(crate) fn is_plain(&self) -> bool {
+        self.control.is_none() && !self.session
+    }
+}
+
+/// [`statement_effects`] without the memory of what was read.
+fn read_statement(sql: &str) -> Effects {
+    if has_session_marker(sql.as_bytes()) {
+        return effects(sql);
+    }
+    // Most statements (SELECT, INSERT, UPDATE, DELETE, WITH, …) are known by their first word.
+    match tokens(sql).next() {
+        Some(Token::Word(first)) if LEADING_WORDS.iter().any(|k| first.eq_ignore_ascii_case(k)) => {
+        }
+        _ => return Effects::default(),
+    }
+    let mut effects = Effects::default();
+    let mut statement = Statement::default();
+    for token in tokens(sql).take(4) {
+        if token == Token::Semicolon {
+            break;
+        }
+        statement.push(token, &mut effects);
+    }
+    statement.finish(&mut effects);
+    effects
+}
+
+/// The first words of the statements whose effect [`Statement::finish`] reads from their
+/// leading keywords: transaction control and the session-changing statements.
+const LEADING_WORDS: &[&str] = &[
+    "begin",
+    "start",
+    "commit",
+    "end",
+    "rollback",
+    "abort",
+    "savepoint",
+    "release",
+    "prepare",
+    "set",
+    "reset",
+    "listen",
+    "unlisten",
+    "declare",
+    "fetch",
+    "move",
+    "close",
+    "deallocate",
+    "discard",
+    "load",
+    "do",
+    "create",
+];
+
+/// Whether `sql` holds, anywhere and in any case, a word that can change the session from
+/// past a statement's leading keywords: `temp` (`CREATE OR REPLACE TEMP`, `INTO TEMP`,
+/// `pg_temp`), `set_config`, `advisory_lock`.
+fn has_session_marker(b: &[u8]) -> bool {
+    let at = |from: usize, word: &[u8]| {
+        b.get(from..from + word.len())
+            .is_some_and(|w| w.eq_ignore_ascii_case(word))
+    };
+    // One pass, looking closer only at `_` and at an `m`.
+    (0..b.len()).any(|i| match b[i] {
+        b'_' => {
+            (i >= 3 && at(i - 3, b"set") && at(i + 1, b"config"))
+                || (i >= 8 && at(i - 8, b"advisory") && at(i + 1, b"lock"))
+        }
+        // A letter's lower case is its byte with 0x20 set.
+        c if c | 0x20 == b'm' => i >= 2 && at(i - 2, b"temp"),
+        _ => false,
+    })
+}
+
 /// One statement being read: its first three words and what its later words showed.
 #[derive(Default)]
 struct Statement<'a> {
     leading: [&'a str; 3],
     words: usize,
+    /// Every token so far was a word: the leading keywords are still being read.
+    other_seen: bool,
     previous: Option<Token<'a>>,
     /// `CREATE [OR REPLACE] FUNCTION` or `PROCEDURE`: its body may be SQL-standard.
     routine: bool,
@@ -355,8 +473,11 @@ struct Statement<'a> {
 
 impl<'a> Statement<'a> {
     fn push(&mut self, token: Token<'a>, effects: &mut Effects) {
+        if !matches!(token, Token::Word(_)) {
+            self.other_seen = true;
+        }
         if let Token::Word(w) = token {
-            if self.words < 3 {
+            if self.words < 3 && !self.other_seen {
                 self.leading[self.words] = w;
             }
             self.words += 1;
@@ -582,7 +703,8 @@ mod tests {
             ";;",
         ];
         for sql in plain {
-            assert!(effects(sql).is_plain(), "{sql}: {:?}", effects(sql));
+            let e = effects(sql);
+            assert!(e.control.is_empty() && !e.session, "{sql}: {e:?}");
         }
     }
 
@@ -613,6 +735,24 @@ mod tests {
             let _ = effects(&sql);
             let n = count_placeholders(&sql);
             prop_assert!(n == 0 || sql.contains('$'));
+        }
+
+        /// For one statement, the quick reading agrees with the full one.
+        #[test]
+        fn the_quick_reading_of_one_statement_agrees_with_the_full_one(
+            words in prop::collection::vec(prop::sample::select(vec![
+                "SELECT", "begin", "COMMIT", "set", "LOCAL", "x", "=", "1", "CREATE", "OR",
+                "REPLACE", "temp", "TABLE", "INTO", "pg_temp.t", "set_config(", "'a'", "start",
+                "TRANSACTION", "rollback", "TO", "prepare", "release", "pg_advisory_lock(",
+                "/* c */", "$1", "(", ")", ",",
+            ]), 0..8)
+        ) {
+            let sql = words.join(" ");
+            prop_assert_eq!(read_statement(&sql), effects(&sql), "{}", sql);
+            // Read again (now remembered), the same.
+            let full = StatementEffects::of(&effects(&sql));
+            prop_assert_eq!(statement_effects(&sql), full, "{}", sql);
+            prop_assert_eq!(statement_effects(&sql), full, "{}", sql);
         }
 
         /// Statements glued with semicolons are read as the sum of their parts.

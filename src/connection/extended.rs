@@ -410,7 +410,7 @@ impl Connection {
             // Our count could be wrong for unusual SQL; the server's never is.
             return Ok(Written::NeedsDescribe);
         }
-        if crate::sql::effects(sql).session {
+        if crate::sql::statement_effects(sql).session {
             // Counted from the moment it is sent: even a failed SET may have run a part.
             self.stream.note_session_change();
         }
@@ -718,7 +718,7 @@ impl Connection {
             name.clone(),
             param_types.unwrap_or_else(|| Arc::from([])),
             columns,
-            crate::sql::effects(sql).session,
+            crate::sql::statement_effects(sql).session,
         );
         if let Some(replaced) = self.statements.insert(sql, statement.clone()) {
             // The same SQL was prepared twice in one pipeline (the pool's pipelined queries,
@@ -741,6 +741,15 @@ impl Connection {
         plan: Plan,
     ) -> Result<std::result::Result<Arc<[Column]>, bool>> {
         let Plan { kind, closes } = plan;
+        // The usual answer of a cached statement, whole in the buffer already: BindComplete
+        // alone, taken in place (it answers nothing, so the response's state stays as it is).
+        if let PlanKind::Cached { statement } = &kind
+            && closes.is_empty()
+            && response.takes_bind_complete()
+            && self.stream.take_bind_complete()
+        {
+            return Ok(Ok(statement.columns.clone()));
+        }
         let mut confirmed = 0;
         let mut parsed = false;
         let mut param_types: Option<Arc<[Type]>> = None;
@@ -1031,6 +1040,13 @@ impl Connection {
         let mut rows = Vec::new();
         loop {
             self.take_buffered_rows(&columns, &mut rows)?;
+            // The usual end, whole in the buffer already, taken in place.
+            if response.takes_counts()
+                && let Some(n) = self.stream.take_command_complete()
+            {
+                let _ = response.accept_count(n);
+                return Ok(Some((rows, n)));
+            }
             let step = match self.next_step(response).await {
                 Ok(step) => step,
                 Err(e) if !self.is_broken() => {

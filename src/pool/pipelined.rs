@@ -68,8 +68,9 @@ struct Request {
     /// counted once, however many acquires are tried for the queries ahead of it.
     deadline: tokio::time::Instant,
     /// When it was queued, and the span of the task that queued it: its trace belongs there,
-    /// though the driver's task sends it.
-    queued_at: Instant,
+    /// though the driver's task sends it. Taken only when a subscriber wants the queries'
+    /// traces.
+    queued_at: Option<Instant>,
     span: tracing::Span,
     reply: Reply,
     /// Counts the query in its driver's load until it is answered or dropped.
@@ -226,14 +227,19 @@ impl Pipeline {
             return Ok(None);
         };
         let (reply, answer) = oneshot::channel();
+        let watched = tracing::span_enabled!(target: "pgengine::query", tracing::Level::INFO);
         let driver = self.driver_for_next();
         let deadline = tokio::time::Instant::now() + self.acquire_timeout;
         let request = Request {
             sql: Arc::from(query.sql()),
             params,
             deadline,
-            queued_at: Instant::now(),
-            span: tracing::Span::current(),
+            queued_at: watched.then(Instant::now),
+            span: if watched {
+                tracing::Span::current()
+            } else {
+                tracing::Span::none()
+            },
             reply,
             _load: LoadTicket::take(&driver.gauge),
         };
@@ -384,7 +390,7 @@ async fn drive(
                     .iter()
                     .map(|r| QueryOrigin {
                         span: &r.span,
-                        queued: r.queued_at.elapsed(),
+                        queued: r.queued_at.map_or(Default::default(), |t| t.elapsed()),
                     })
                     .collect();
                 let sent = conn.send_each(&queries, &origins).await;
@@ -684,7 +690,7 @@ mod tests {
             sql: Arc::from("SELECT 1"),
             params: Vec::new(),
             deadline: tokio::time::Instant::now(),
-            queued_at: Instant::now(),
+            queued_at: None,
             span: tracing::Span::none(),
             reply,
             _load: LoadTicket::take(gauge),
