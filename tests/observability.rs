@@ -13,12 +13,19 @@ use pgengine::pool::PoolOptions;
 use pgengine::testing::TempCluster;
 use pgengine::{PostgresEngine, Query};
 
+/// The tests of this binary run one at a time: `tracing` caches which callsites a
+/// subscriber wants, and a subscriber set on one test's thread while another test's thread
+/// has none can leave a callsite's cached interest wrong for a moment (a span then goes
+/// unrecorded).
+static ONE_AT_A_TIME: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
 const CANARY: &str = "canary-7f3a91";
 /// A canary the server quotes in an out-of-range message (22003).
 const NUMBER_CANARY: &str = "745196270";
 
 #[tokio::test]
 async fn no_parameter_value_reaches_a_log_line_whatever_fails() {
+    let _one = ONE_AT_A_TIME.lock().await;
     let logs = Captured::default();
     let _guard = tracing::subscriber::set_default(logs.subscriber_at(tracing::Level::TRACE));
 
@@ -160,6 +167,7 @@ fn bound(sql: &'static str) -> Query {
 
 #[tokio::test]
 async fn the_pool_counts_failed_connects_and_measures_acquire_waits() {
+    let _one = ONE_AT_A_TIME.lock().await;
     let engine = PostgresEngine::new(common::tcp_config(TempCluster::SUPERUSER));
     engine
         .start_connection_pool(PoolOptions::default().max_size(1))
@@ -200,6 +208,7 @@ async fn the_pool_counts_failed_connects_and_measures_acquire_waits() {
 
 #[tokio::test]
 async fn after_connect_sets_up_every_new_connection_and_again_after_a_reset() {
+    let _one = ONE_AT_A_TIME.lock().await;
     let setup = PostgresEngine::new(common::tcp_config(TempCluster::SUPERUSER));
     setup
         .run_ddl("CREATE SCHEMA IF NOT EXISTS obs_app; CREATE TABLE IF NOT EXISTS obs_app.marker (x int)")
@@ -261,6 +270,7 @@ async fn after_connect_sets_up_every_new_connection_and_again_after_a_reset() {
 
 #[tokio::test]
 async fn every_entry_point_traces_its_queries_with_the_database_conventions() {
+    let _one = ONE_AT_A_TIME.lock().await;
     use futures::StreamExt;
     let logs = Captured::default();
     let _guard = tracing::subscriber::set_default(logs.spans_subscriber());
