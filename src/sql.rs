@@ -392,8 +392,11 @@ fn read_statement(sql: &str) -> Effects {
     }
     // Most statements (SELECT, INSERT, UPDATE, DELETE, WITH, …) are known by their first word.
     match tokens(sql).next() {
-        Some(Token::Word(first)) if LEADING_WORDS.iter().any(|k| first.eq_ignore_ascii_case(k)) => {
-        }
+        Some(Token::Word(first))
+            if LEADING_WORDS
+                .iter()
+                .chain(SESSION_STATEMENTS)
+                .any(|k| first.eq_ignore_ascii_case(k)) => {}
         _ => return Effects::default(),
     }
     let mut effects = Effects::default();
@@ -408,8 +411,9 @@ fn read_statement(sql: &str) -> Effects {
     effects
 }
 
-/// The first words of the statements whose effect [`Statement::finish`] reads from their
-/// leading keywords: transaction control and the session-changing statements.
+/// The first words, besides [`SESSION_STATEMENTS`], whose statements [`Statement::finish`]
+/// reads further: transaction control, and `SET`, `PREPARE` and `CREATE`, whose next words
+/// decide.
 const LEADING_WORDS: &[&str] = &[
     "begin",
     "start",
@@ -421,17 +425,6 @@ const LEADING_WORDS: &[&str] = &[
     "release",
     "prepare",
     "set",
-    "reset",
-    "listen",
-    "unlisten",
-    "declare",
-    "fetch",
-    "move",
-    "close",
-    "deallocate",
-    "discard",
-    "load",
-    "do",
     "create",
 ];
 
@@ -705,6 +698,15 @@ mod tests {
         for sql in plain {
             let e = effects(sql);
             assert!(e.control.is_empty() && !e.session, "{sql}: {e:?}");
+        }
+    }
+
+    #[test]
+    fn the_quick_reading_knows_every_statement_the_full_one_does() {
+        for word in SESSION_STATEMENTS.iter().chain(LEADING_WORDS) {
+            for sql in [format!("{word} x"), format!("{word} transaction x")] {
+                assert_eq!(read_statement(&sql), effects(&sql), "{sql}");
+            }
         }
     }
 

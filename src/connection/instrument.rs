@@ -77,7 +77,7 @@ impl Instrument {
     ) -> Traced {
         if !self.watching() {
             // Nobody records anything: a request pays one check of the subscriber's interest.
-            return Traced(None);
+            return Traced::none();
         }
         Traced(Some(Box::new(self.start_watched(sql, parent, waited))))
     }
@@ -169,6 +169,11 @@ struct Watched {
 }
 
 impl Traced {
+    /// A record of nothing, for a request nobody watches.
+    pub(crate) fn none() -> Traced {
+        Traced(None)
+    }
+
     /// The request succeeded with `rows` rows returned (or affected).
     #[inline]
     pub(crate) fn succeeded(self, rows: u64) {

@@ -470,6 +470,13 @@ impl Connection {
         self.waited_for_connection = Some(d);
     }
 
+    /// No trace for a request sent now, nobody watching (the caller asked
+    /// [`watching`](instrument::Instrument::watching)); the wait for the connection is spent.
+    fn untraced(&mut self) -> instrument::Traced {
+        self.waited_for_connection = None;
+        instrument::Traced::none()
+    }
+
     /// Starts the trace of a request sent now (see [`instrument`]).
     fn trace(&mut self, sql: &str) -> instrument::Traced {
         let waited = instrument::Waited {

@@ -114,12 +114,11 @@ impl Connection {
     pub(crate) async fn command(&mut self, parts: &[&str]) -> Result<Option<bytes::Bytes>> {
         self.prepare_request().await?;
         // The text is put together only for someone watching: this is the savepoints' path.
-        let text = if self.instrument.watching() {
-            parts.concat()
+        let traced = if self.instrument.watching() {
+            self.trace(&parts.concat())
         } else {
-            String::new()
+            self.untraced()
         };
-        let traced = self.trace(&text);
         let result = self.run_command(parts).await;
         match &result {
             Ok(_) => traced.succeeded(0),
