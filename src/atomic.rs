@@ -15,7 +15,7 @@ use std::future::{Future, IntoFuture};
 use std::pin::Pin;
 
 use crate::connection::TransactionStatus;
-use crate::engine::PostgresEngine;
+use crate::engine::{PostgresEngine, Route};
 use crate::error::{Error, Result, TransactionError};
 use crate::query::{Query, ToQuery};
 use crate::row::Row;
@@ -33,38 +33,52 @@ use crate::row::Row;
 /// # Ok(())
 /// # }
 /// ```
-#[derive(Debug)]
-pub struct Atomic {
+pub struct Atomic<'q> {
     engine: PostgresEngine,
-    queries: Vec<Query>,
+    queries: Vec<Box<dyn ToQuery + Send + 'q>>,
+}
+
+impl std::fmt::Debug for Atomic<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // The SQL only: values may be secrets.
+        let sql: Vec<&str> = self.queries.iter().map(|q| q.sql()).collect();
+        f.debug_struct("Atomic").field("queries", &sql).finish()
+    }
 }
 
 /// The rows and row count of each query of an [`Atomic`], in the order they were added.
 pub type AtomicResults = Vec<(Vec<Row>, u64)>;
 
-impl Atomic {
-    pub(crate) fn new(engine: PostgresEngine) -> Atomic {
+impl<'q> Atomic<'q> {
+    pub(crate) fn new(engine: PostgresEngine) -> Atomic<'q> {
         Atomic {
             engine,
             queries: Vec::new(),
         }
     }
 
-    /// Adds a query.
-    pub fn add(&mut self, query: impl Into<Query>) -> &mut Atomic {
-        self.queries.push(query.into());
+    /// Adds a query, in any form the engine takes ([`ToQuery`]): `&str`, a [`Query`], or
+    /// `(sql, params)` whose values may be borrowed for as long as the Atomic lives.
+    pub fn add(&mut self, query: impl ToQuery + Send + 'q) -> &mut Atomic<'q> {
+        self.queries.push(Box::new(query));
         self
     }
 
-    /// The queries added so far.
-    pub fn queries(&self) -> &[Query] {
-        &self.queries
+    /// How many queries were added.
+    pub fn len(&self) -> usize {
+        self.queries.len()
+    }
+
+    /// True when no query was added.
+    pub fn is_empty(&self) -> bool {
+        self.queries.is_empty()
     }
 
     /// Runs every query in one transaction, in one round trip; returns each query's rows and
     /// row count. Nothing is committed if any query fails.
     pub async fn run(&self) -> Result<AtomicResults> {
-        let queries: Vec<&dyn ToQuery> = self.queries.iter().map(|q| q as &dyn ToQuery).collect();
+        let queries: Vec<&dyn ToQuery> =
+            self.queries.iter().map(|q| &**q as &dyn ToQuery).collect();
         if queries.is_empty() {
             return Ok(Vec::new());
         }
@@ -83,7 +97,7 @@ impl Atomic {
                 ));
             }
         }
-        if let Some(tx) = crate::transaction::current(&self.engine) {
+        if let Route::Transaction(tx) = self.engine.route() {
             return tx
                 .pipeline(&queries)
                 .await
@@ -169,9 +183,9 @@ fn name_failure(index: Option<usize>, e: Error, total: usize) -> Error {
     }
 }
 
-impl IntoFuture for Atomic {
+impl<'q> IntoFuture for Atomic<'q> {
     type Output = Result<AtomicResults>;
-    type IntoFuture = Pin<Box<dyn Future<Output = Self::Output> + Send>>;
+    type IntoFuture = Pin<Box<dyn Future<Output = Self::Output> + Send + 'q>>;
 
     fn into_future(self) -> Self::IntoFuture {
         Box::pin(async move { self.run().await })

@@ -14,40 +14,50 @@
 //! used again.
 
 use std::future::IntoFuture;
-use std::ops::{Deref, DerefMut};
 use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll};
 
 use futures::Stream;
 use futures::future::BoxFuture;
-use tokio::sync::OwnedMutexGuard;
 
-use crate::connection::Connection;
-use crate::engine::{EngineConnection, PostgresEngine};
+use crate::connection::{Lease, TransactionStatus};
+use crate::engine::PostgresEngine;
 use crate::error::{Error, Result};
-use crate::query::{Query, ToQuery};
+use crate::query::ToQuery;
 use crate::row::{Column, Row};
-use crate::transaction::TxConn;
 
 /// How many Executes stay in flight ahead of the caller.
 const PREFETCH: usize = 2;
 
 /// Options of a batch fetch, from [`PostgresEngine::batch`]. Await it (or call `start`) to
 /// get the [`AsyncBatch`].
-#[derive(Debug)]
-pub struct BatchBuilder {
+pub struct BatchBuilder<'q> {
     engine: PostgresEngine,
-    query: Query,
+    query: Box<dyn ToQuery + Send + 'q>,
     batch_size: usize,
     node: Option<String>,
 }
 
-impl BatchBuilder {
-    pub(crate) fn new(engine: PostgresEngine, query: Query, batch_size: usize) -> BatchBuilder {
+impl std::fmt::Debug for BatchBuilder<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("BatchBuilder")
+            .field("sql", &self.query.sql())
+            .field("batch_size", &self.batch_size)
+            .field("node", &self.node)
+            .finish_non_exhaustive()
+    }
+}
+
+impl<'q> BatchBuilder<'q> {
+    pub(crate) fn new(
+        engine: PostgresEngine,
+        query: impl ToQuery + Send + 'q,
+        batch_size: usize,
+    ) -> BatchBuilder<'q> {
         BatchBuilder {
             engine,
-            query,
+            query: Box::new(query),
             batch_size,
             node: None,
         }
@@ -60,121 +70,52 @@ impl BatchBuilder {
     }
 
     /// Binds the query to a portal and asks for the first batches.
-    pub async fn start(self) -> Result<AsyncBatch> {
-        if self.batch_size == 0 {
-            return Err(Error::config("batch_size must be at least 1").retry_safe());
-        }
-        let batch_size = i32::try_from(self.batch_size)
-            .map_err(|_| Error::config("batch_size must be at most 2147483647"))?;
-        if let Some(control) = crate::sql::statement_effects(self.query.sql()).control {
-            // The portal lives in the batch's transaction block: ending it ends the portal.
-            return Err(Error::transaction(
-                crate::error::TransactionError::ControlStatement,
-                format!(
-                    "{} cannot be fetched in batches (nothing was sent): a batch's portal \
-                     lives in a transaction that this would end",
-                    control.keyword()
-                ),
-            ));
-        }
+    pub async fn start(self) -> Result<AsyncBatch<'static>> {
+        let batch_size = check_batch(&*self.query, self.batch_size)?;
         let engine = match &self.node {
             Some(name) => self.engine.node(name)?,
             None => self.engine.clone(),
         };
-        let (mut conn, own) = match crate::transaction::current(&engine) {
-            Some(tx) => (BatchConn::Transaction(tx.lock_owned().await?), false),
-            None => (BatchConn::Own(Box::new(engine.acquire().await?)), true),
-        };
-        if own {
-            conn.command(&["BEGIN READ ONLY"]).await?;
-        }
-        let started = conn
-            .start_portal(self.query.sql(), self.query.params(), batch_size)
-            .await;
-        let (columns, traced) = match started {
-            Ok(started) => started,
-            Err(e) => {
-                if own && !conn.is_broken() {
-                    let _ = conn.command(&["ROLLBACK"]).await;
-                }
-                return Err(e);
-            }
-        };
-        let mut inner = Inner {
-            conn: Some(conn),
-            columns,
-            batch_size,
-            own,
-            in_flight: 1,
-            exhausted: false,
-            first: None,
-            traced: Some(traced),
-            rows: 0,
-        };
-        let columns = inner.columns.clone();
-        if inner
-            .conn()
-            .needs_lookup(columns.iter().map(Column::type_oid))
-        {
-            // Types the server defined at run time: look them up while the connection is free,
-            // after the first batch and before any other Execute goes out.
-            let first = inner.next_answer().await?;
-            inner.columns = inner.conn().resolve_columns(&columns).await?.into();
-            let columns = inner.columns.clone();
-            inner.first = first.map(|rows| {
-                rows.into_iter()
-                    .map(|r| r.retyped(columns.clone()))
-                    .collect()
-            });
-        }
-        inner.top_up().await?;
-        Ok(AsyncBatch {
-            inner: Some(inner),
-            pending: None,
-        })
+        AsyncBatch::start(engine.lease().await?, &*self.query, batch_size).await
     }
 }
 
-impl IntoFuture for BatchBuilder {
-    type Output = Result<AsyncBatch>;
-    type IntoFuture = BoxFuture<'static, Result<AsyncBatch>>;
+impl<'q> IntoFuture for BatchBuilder<'q> {
+    type Output = Result<AsyncBatch<'static>>;
+    type IntoFuture = BoxFuture<'q, Result<AsyncBatch<'static>>>;
 
     fn into_future(self) -> Self::IntoFuture {
         Box::pin(self.start())
     }
 }
 
-/// The connection a batch runs on: its own, or its transaction's (locked for the batch).
-enum BatchConn {
-    Own(Box<EngineConnection>),
-    Transaction(OwnedMutexGuard<TxConn>),
-}
-
-impl Deref for BatchConn {
-    type Target = Connection;
-    fn deref(&self) -> &Connection {
-        match self {
-            BatchConn::Own(c) => c,
-            BatchConn::Transaction(t) => t.conn_ref(),
-        }
+/// Checks what can be checked before anything is sent: the batch size as the protocol takes
+/// it, and that the query does not end the transaction its portal lives in.
+pub(crate) fn check_batch(query: &dyn ToQuery, batch_size: usize) -> Result<i32> {
+    if batch_size == 0 {
+        return Err(Error::config("batch_size must be at least 1").retry_safe());
     }
-}
-
-impl DerefMut for BatchConn {
-    fn deref_mut(&mut self) -> &mut Connection {
-        match self {
-            BatchConn::Own(c) => c,
-            BatchConn::Transaction(t) => t.conn(),
-        }
+    let batch_size = i32::try_from(batch_size)
+        .map_err(|_| Error::config("batch_size must be at most 2147483647").retry_safe())?;
+    if let Some(control) = crate::sql::statement_effects(query.sql()).control {
+        // The portal lives in the batch's transaction block: ending it ends the portal.
+        return Err(Error::transaction(
+            crate::error::TransactionError::ControlStatement,
+            format!(
+                "{} cannot be fetched in batches (nothing was sent): a batch's portal \
+                 lives in a transaction that this would end",
+                control.keyword()
+            ),
+        ));
     }
+    Ok(batch_size)
 }
 
-struct Inner {
-    /// Always `Some` until dropped (taken by Drop's clean-up).
-    conn: Option<BatchConn>,
+struct Inner<'a> {
+    conn: Lease<'a>,
     columns: Arc<[Column]>,
     batch_size: i32,
-    /// True when the batch began its own transaction (and must end it).
+    /// True while the batch's own transaction block is open (and it must end it).
     own: bool,
     /// Executes sent whose answers have not been read.
     in_flight: usize,
@@ -189,11 +130,9 @@ struct Inner {
     rows: u64,
 }
 
-impl Inner {
-    fn conn(&mut self) -> &mut BatchConn {
-        self.conn
-            .as_mut()
-            .expect("the connection is present until the batch is dropped")
+impl Inner<'_> {
+    fn conn(&mut self) -> &mut crate::Connection {
+        &mut self.conn
     }
 
     /// Keeps PREFETCH Executes in flight while the portal may have more.
@@ -273,7 +212,7 @@ impl Inner {
 }
 
 /// A batch being read: gives the batch's state back with the outcome.
-type NextBatch = BoxFuture<'static, (Inner, Result<Option<Vec<Row>>>)>;
+type NextBatch<'a> = BoxFuture<'a, (Inner<'a>, Result<Option<Vec<Row>>>)>;
 
 /// A large result, fetched in batches through a portal. Use [`AsyncBatch::next_batch`] or the
 /// `Stream` of batches.
@@ -289,19 +228,80 @@ type NextBatch = BoxFuture<'static, (Inner, Result<Option<Vec<Row>>>)>;
 /// # Ok(())
 /// # }
 /// ```
-pub struct AsyncBatch {
+pub struct AsyncBatch<'a> {
     /// Present between polls; lent to `pending` while a batch is being read.
-    inner: Option<Inner>,
-    pending: Option<NextBatch>,
+    inner: Option<Inner<'a>>,
+    pending: Option<NextBatch<'a>>,
 }
 
-impl std::fmt::Debug for AsyncBatch {
+impl std::fmt::Debug for AsyncBatch<'_> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("AsyncBatch").finish_non_exhaustive()
     }
 }
 
-impl AsyncBatch {
+impl<'a> AsyncBatch<'a> {
+    /// Binds `query` to a portal on `conn` and asks for the first batches (`batch_size` from
+    /// [`check_batch`], called before the connection was taken). On a connection
+    /// outside a transaction block the batch runs in one of its own (a portal lives only as
+    /// long as its transaction), `BEGIN READ ONLY` … `COMMIT`; inside one it joins it.
+    pub(crate) async fn start(
+        mut conn: Lease<'a>,
+        query: &dyn ToQuery,
+        batch_size: i32,
+    ) -> Result<AsyncBatch<'a>> {
+        // What the connection still owes (an abandoned request) may change its status.
+        conn.prepare_request().await?;
+        let own = conn.transaction_status() == TransactionStatus::Idle;
+        if own {
+            conn.command(&["BEGIN READ ONLY"]).await?;
+        }
+        let started = conn
+            .start_portal(query.sql(), query.params(), batch_size)
+            .await;
+        let (columns, traced) = match started {
+            Ok(started) => started,
+            Err(e) => {
+                if own && !conn.is_broken() {
+                    let _ = conn.command(&["ROLLBACK"]).await;
+                }
+                return Err(e);
+            }
+        };
+        let mut inner = Inner {
+            conn,
+            columns,
+            batch_size,
+            own,
+            in_flight: 1,
+            exhausted: false,
+            first: None,
+            traced: Some(traced),
+            rows: 0,
+        };
+        let columns = inner.columns.clone();
+        if inner
+            .conn()
+            .needs_lookup(columns.iter().map(Column::type_oid))
+        {
+            // Types the server defined at run time: look them up while the connection is free,
+            // after the first batch and before any other Execute goes out.
+            let first = inner.next_answer().await?;
+            inner.columns = inner.conn().resolve_columns(&columns).await?.into();
+            let columns = inner.columns.clone();
+            inner.first = first.map(|rows| {
+                rows.into_iter()
+                    .map(|r| r.retyped(columns.clone()))
+                    .collect()
+            });
+        }
+        inner.top_up().await?;
+        Ok(AsyncBatch {
+            inner: Some(inner),
+            pending: None,
+        })
+    }
+
     /// The next batch of at most `batch_size` rows, or `None` at the end.
     pub async fn next_batch(&mut self) -> Result<Option<Vec<Row>>> {
         std::future::poll_fn(|cx| self.poll_batch(cx))
@@ -343,7 +343,7 @@ impl AsyncBatch {
     }
 }
 
-impl Stream for AsyncBatch {
+impl Stream for AsyncBatch<'_> {
     type Item = Result<Vec<Row>>;
 
     fn poll_next(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
@@ -351,28 +351,14 @@ impl Stream for AsyncBatch {
     }
 }
 
-impl Drop for Inner {
+impl Drop for Inner<'_> {
     fn drop(&mut self) {
-        let Some(BatchConn::Own(mut conn)) = self.conn.take() else {
-            // Inside a transaction, its next query reads away what is in flight.
-            return;
-        };
-        if !self.own || conn.is_broken() {
-            return;
-        }
-        // Dropped early with its own transaction open: read away what is in flight and roll
-        // back before the connection goes back to the pool — in a task, since that is I/O. If
-        // it does not finish in time, the connection is dropped still busy and the pool closes
-        // it rather than reuse it.
-        if let Ok(handle) = tokio::runtime::Handle::try_current() {
-            handle.spawn(async move {
-                let clean = async {
-                    conn.finish_pending().await?;
-                    conn.command(&["ROLLBACK"]).await
-                };
-                let _ = tokio::time::timeout(std::time::Duration::from_secs(5), clean).await;
-                drop(conn);
-            });
+        // Dropped early with its own transaction block open: the connection rolls it back
+        // (after reading away what is in flight) before its next request — a pooled one
+        // before it goes back to the pool. Inside a transaction the batch did not open, its
+        // next query reads away what is in flight.
+        if self.own && !self.conn.is_broken() {
+            self.conn.owe_rollback();
         }
     }
 }

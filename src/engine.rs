@@ -27,11 +27,11 @@ use std::sync::{Arc, RwLock};
 use std::time::{Duration, Instant};
 
 use crate::config::Config;
-use crate::connection::{Connection, TransactionStatus};
+use crate::connection::{Connection, Lease, RowStream, TransactionStatus};
 use crate::error::{Error, Result, TransactionError};
 use crate::listen::{ListenOptions, Listener};
 use crate::pool::{ConnectionManager, Manager, Pipeline, Pool, PoolOptions, PoolStats, Pooled};
-use crate::query::{Query, ToQuery};
+use crate::query::ToQuery;
 use crate::row::{Row, SimpleQueryResult};
 use crate::sql::Control;
 use crate::transaction::{PostgresTransaction, TransactionBuilder};
@@ -268,30 +268,51 @@ impl EngineBuilder {
     }
 }
 
-/// A connection borrowed by the engine for one use: from the pool when it runs, otherwise a
-/// fresh one that is closed when dropped.
-pub enum EngineConnection {
+/// A connection borrowed by the engine for one use ([`PostgresEngine::acquire`]): from the
+/// pool when it runs, otherwise a fresh one that is closed when dropped. It dereferences to
+/// the [`Connection`].
+pub struct EngineConnection(Source);
+
+/// Where an [`EngineConnection`] came from.
+enum Source {
     /// From the engine's pool; goes back to it when dropped.
     Pooled(Pooled<ConnectionManager>),
     /// Opened for this use alone.
     Fresh(Box<Connection>),
 }
 
+impl EngineConnection {
+    /// True for a connection from the engine's pool (it goes back there when dropped, made
+    /// clean first if it needs to be); false for one opened for this use alone (closed when
+    /// dropped).
+    pub fn is_pooled(&self) -> bool {
+        matches!(self.0, Source::Pooled(_))
+    }
+
+    /// Closes the connection instead of giving it back to the pool, as when its session holds
+    /// something nobody else should inherit.
+    pub fn discard(self) {
+        if let Source::Pooled(pooled) = self.0 {
+            pooled.discard();
+        }
+    }
+}
+
 impl Deref for EngineConnection {
     type Target = Connection;
     fn deref(&self) -> &Connection {
-        match self {
-            EngineConnection::Pooled(p) => p,
-            EngineConnection::Fresh(c) => c,
+        match &self.0 {
+            Source::Pooled(p) => p,
+            Source::Fresh(c) => c,
         }
     }
 }
 
 impl DerefMut for EngineConnection {
     fn deref_mut(&mut self) -> &mut Connection {
-        match self {
-            EngineConnection::Pooled(p) => p,
-            EngineConnection::Fresh(c) => c,
+        match &mut self.0 {
+            Source::Pooled(p) => p,
+            Source::Fresh(c) => c,
         }
     }
 }
@@ -365,7 +386,7 @@ impl PostgresEngine {
                 let started = Instant::now();
                 let mut pooled = pool.acquire().await?;
                 pooled.note_acquire_wait(started.elapsed());
-                Ok(EngineConnection::Pooled(pooled))
+                Ok(EngineConnection(Source::Pooled(pooled)))
             }
             None => {
                 let limit = self
@@ -380,7 +401,7 @@ impl PostgresEngine {
                         Error::timeout(format!("opening a connection took longer than {limit:?}"))
                     })??;
                 conn.note_acquire_wait(started.elapsed());
-                Ok(EngineConnection::Fresh(conn))
+                Ok(EngineConnection(Source::Fresh(conn)))
             }
         }
     }
@@ -586,14 +607,19 @@ impl PostgresEngine {
     }
 
     /// An [`Atomic`](crate::atomic::Atomic): queries added one by one, run all or nothing.
-    pub fn atomic(&self) -> crate::atomic::Atomic {
+    pub fn atomic<'q>(&self) -> crate::atomic::Atomic<'q> {
         crate::atomic::Atomic::new(self.clone())
     }
 
     /// Fetches a large result in batches of `batch_size` rows through a portal (see
-    /// [`AsyncBatch`](crate::batch::AsyncBatch)); await the builder to start it.
-    pub fn batch(&self, query: impl Into<Query>, batch_size: usize) -> crate::batch::BatchBuilder {
-        crate::batch::BatchBuilder::new(self.clone(), query.into(), batch_size)
+    /// [`AsyncBatch`](crate::batch::AsyncBatch)); await the builder to start it. Inside a
+    /// transaction scope on this task, it runs in that transaction.
+    pub fn batch<'q>(
+        &self,
+        query: impl ToQuery + Send + 'q,
+        batch_size: usize,
+    ) -> crate::batch::BatchBuilder<'q> {
+        crate::batch::BatchBuilder::new(self.clone(), query, batch_size)
     }
 
     /// Starts building a transaction (see [`TransactionBuilder`]).
@@ -608,7 +634,7 @@ impl PostgresEngine {
 
     /// True while the current task runs inside [`TransactionBuilder::run`] for this engine.
     pub fn transaction_exists(&self) -> bool {
-        crate::transaction::current(self).is_some()
+        matches!(self.route(), Route::Transaction(_))
     }
 
     /// The cancel token of the transaction this task is running on this engine, to hand to
@@ -616,7 +642,10 @@ impl PostgresEngine {
     /// pooled query's connection is only known while it runs: acquire one with
     /// [`acquire`](Self::acquire) and use its [`cancel_token`](Connection::cancel_token)).
     pub fn cancel_token(&self) -> Option<crate::connection::CancelToken> {
-        crate::transaction::current(self).map(|tx| tx.cancel_token())
+        match self.route() {
+            Route::Transaction(tx) => Some(tx.cancel_token()),
+            Route::Outside => None,
+        }
     }
 
     /// True if `other` is this engine (or a clone of it).
@@ -624,12 +653,62 @@ impl PostgresEngine {
         Arc::ptr_eq(&self.inner, &other.inner)
     }
 
+    /// Where a statement sent through this engine runs: the one place that decides it. Inside
+    /// a transaction scope of this engine on the current task, in that transaction (Piccolo
+    /// keeps the current transaction on the engine); otherwise outside any, on whichever
+    /// connection the engine gives it.
+    pub(crate) fn route(&self) -> Route {
+        match crate::transaction::current(self) {
+            Some(tx) => Route::Transaction(tx),
+            None => Route::Outside,
+        }
+    }
+
+    /// A connection for a row stream or a batch, by [`route`](Self::route): the
+    /// transaction's, or one of its own.
+    pub(crate) async fn lease(&self) -> Result<Lease<'static>> {
+        match self.route() {
+            Route::Transaction(tx) => tx.lease().await,
+            Route::Outside => Ok(Lease::Held(Box::new(self.acquire().await?))),
+        }
+    }
+
+    /// Runs a query and returns a stream of its rows, read as it is polled: memory stays
+    /// bounded however many rows there are. Outside a transaction the stream holds a
+    /// connection of its own until it is dropped (a dropped stream's rest is read away before
+    /// the connection is used again); inside a transaction scope on this task it runs in that
+    /// transaction (see [`PostgresTransaction::query_stream`]).
+    ///
+    /// ```no_run
+    /// # async fn demo(engine: pgengine::PostgresEngine) -> pgengine::Result<()> {
+    /// use futures::TryStreamExt;
+    /// let mut rows = engine.query_stream("SELECT generate_series(1, 1000000)").await?;
+    /// let mut sum = 0i64;
+    /// while let Some(row) = rows.try_next().await? {
+    ///     sum += i64::from(row.get::<_, i32>(0));
+    /// }
+    /// # Ok(())
+    /// # }
+    /// ```
+    pub async fn query_stream(&self, query: impl ToQuery) -> Result<RowStream<'static>> {
+        match self.route() {
+            Route::Transaction(tx) => tx.query_stream(query).await,
+            Route::Outside => {
+                if let Some(control) = crate::sql::statement_effects(query.sql()).control {
+                    return Err(control_outside_scope(control));
+                }
+                let conn = Lease::Held(Box::new(self.acquire().await?));
+                RowStream::start(conn, &query).await
+            }
+        }
+    }
+
     /// Runs a query and returns its rows. Inside a transaction scope on this task, it runs in
     /// that transaction.
     pub async fn query(&self, query: impl ToQuery) -> Result<Vec<Row>> {
-        let result = match crate::transaction::current(self) {
-            Some(tx) => tx.query(&query).await,
-            None => self.run_outside(&query).await.map(|(rows, _)| rows),
+        let result = match self.route() {
+            Route::Transaction(tx) => tx.query(&query).await,
+            Route::Outside => self.run_outside(&query).await.map(|(rows, _)| rows),
         };
         if let (true, Ok(rows)) = (self.inner.options.log_responses, &result) {
             for row in rows {
@@ -668,20 +747,28 @@ impl PostgresEngine {
 
     /// Runs a statement and returns the number of rows it affected.
     pub async fn execute(&self, query: impl ToQuery) -> Result<u64> {
-        match crate::transaction::current(self) {
-            Some(tx) => tx.execute(&query).await,
-            None => self.run_outside(&query).await.map(|(_, n)| n),
+        match self.route() {
+            Route::Transaction(tx) => tx.execute(&query).await,
+            Route::Outside => self.run_outside(&query).await.map(|(_, n)| n),
         }
     }
 
     /// Runs DDL (or any SQL without parameters), several statements allowed, with the simple
     /// query protocol.
     pub async fn run_ddl(&self, sql: &str) -> Result<Vec<SimpleQueryResult>> {
-        match crate::transaction::current(self) {
-            Some(tx) => tx.simple_query(sql).await,
-            None => self.run_simple_outside(sql).await,
+        match self.route() {
+            Route::Transaction(tx) => tx.simple_query(sql).await,
+            Route::Outside => self.run_simple_outside(sql).await,
         }
     }
+}
+
+/// Where a statement sent through an engine runs (see [`PostgresEngine::route`]).
+pub(crate) enum Route {
+    /// In the transaction scope of the current task.
+    Transaction(PostgresTransaction),
+    /// Outside any transaction: pipelined, on a pooled connection, or on a fresh one.
+    Outside,
 }
 
 /// Transaction control sent through the engine outside a transaction scope: each statement

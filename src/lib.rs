@@ -52,10 +52,12 @@
 
 pub mod atomic;
 pub mod batch;
+pub mod client;
 pub mod config;
 pub mod connection;
 pub mod engine;
 pub mod error;
+pub mod from_row;
 pub mod listen;
 pub mod pool;
 pub mod protocol;
@@ -68,6 +70,7 @@ pub mod testing;
 pub mod transaction;
 pub mod types;
 
+pub use client::Client;
 pub use config::Config;
 pub use connection::{
     BinaryCopyInWriter, CancelToken, Connection, ConnectionStats, CopyInSink, CopyOutStream,
@@ -75,6 +78,7 @@ pub use connection::{
 };
 pub use engine::PostgresEngine;
 pub use error::{DbError, Error, ErrorKind, Redacted, Result, TransactionError};
+pub use from_row::FromRow;
 pub use listen::{ListenEvent, ListenOptions, Listener};
 pub use postgres_types::{FromSql, ToSql, Type};
 pub use query::{BorrowedParams, Query, ToQuery};

@@ -40,6 +40,12 @@ impl Savepoint {
         &self.name
     }
 
+    /// The transaction the savepoint belongs to. Queries through the savepoint (it is a
+    /// [`Client`](crate::Client)) run in that transaction.
+    pub fn transaction(&self) -> &PostgresTransaction {
+        &self.tx
+    }
+
     /// Rolls back to this savepoint (it stays usable; later savepoints are gone). Works in a
     /// failed transaction and makes it active again.
     pub async fn rollback_to(&self) -> Result<()> {

@@ -49,7 +49,8 @@ use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 
 use tokio::sync::{Mutex, MutexGuard, OwnedMutexGuard};
 
-use crate::connection::TransactionStatus;
+use crate::batch::{AsyncBatch, check_batch};
+use crate::connection::{Lease, RowStream, TransactionStatus};
 use crate::engine::{EngineConnection, PostgresEngine};
 use crate::error::{Error, Result, TransactionError};
 use crate::query::ToQuery;
@@ -197,7 +198,7 @@ impl TransactionBuilder {
     /// it rolls back). On a task already in a transaction of this engine, returns a handle
     /// joined to that one, or [`TransactionError::Nested`] with `allow_nested(false)`.
     pub async fn begin(self) -> Result<PostgresTransaction> {
-        if let Some(outer) = current(&self.engine) {
+        if let crate::engine::Route::Transaction(outer) = self.engine.route() {
             if !self.allow_nested {
                 return Err(Error::transaction(
                     TransactionError::Nested,
@@ -340,6 +341,36 @@ impl fmt::Debug for TxConnection<'_> {
             .field("state", &self.guard.state)
             .field("conn", &**self)
             .finish()
+    }
+}
+
+/// The transaction's connection, locked for a row stream or a batch. While it is held the
+/// transaction's own methods refuse at once (as for a lent [`TxConnection`]): the task that
+/// reads the stream would otherwise wait for itself. When it is given back the transaction
+/// follows what happened on it (a statement left unfinished fails it).
+struct TxLease {
+    guard: OwnedMutexGuard<TxConn>,
+    shared: Arc<Shared>,
+}
+
+impl std::ops::Deref for TxLease {
+    type Target = crate::Connection;
+
+    fn deref(&self) -> &crate::Connection {
+        self.guard.conn_ref()
+    }
+}
+
+impl std::ops::DerefMut for TxLease {
+    fn deref_mut(&mut self) -> &mut crate::Connection {
+        self.guard.conn()
+    }
+}
+
+impl Drop for TxLease {
+    fn drop(&mut self) {
+        self.guard.after_reply();
+        self.shared.lent.store(false, Ordering::Release);
     }
 }
 
@@ -720,19 +751,53 @@ impl PostgresTransaction {
         result
     }
 
-    /// Refuses while a [`TxConnection`] holds the connection, instead of waiting for it.
+    /// Refuses while a [`TxConnection`], a row stream or a batch holds the connection,
+    /// instead of waiting for it.
     fn refuse_if_lent(&self) -> Result<()> {
         if self.shared.lent.load(Ordering::Acquire) {
             return Err(Error::busy(
-                "the transaction's connection is lent out (a TxConnection is alive): drop it \
-                 before using the transaction",
+                "the transaction's connection is lent out (a TxConnection, row stream or \
+                 batch is alive): drop it before using the transaction",
             ));
         }
         Ok(())
     }
 
-    /// Locks the transaction's connection for a batch, until the batch is dropped.
-    pub(crate) async fn lock_owned(&self) -> Result<OwnedMutexGuard<TxConn>> {
+    /// Runs a query in the transaction and returns a stream of its rows, read as it is
+    /// polled. Until the stream is dropped the transaction's other methods refuse with an
+    /// [`ErrorKind::Busy`](crate::ErrorKind) error (the connection is the stream's). Reading it to
+    /// the end is what lets the transaction go on: dropped before its end, the statement
+    /// counts as abandoned and the transaction fails (only a rollback may follow), as after a
+    /// timeout — nobody saw how it ended.
+    pub async fn query_stream(&self, query: impl ToQuery) -> Result<RowStream<'static>> {
+        RowStream::start(self.lease().await?, &query).await
+    }
+
+    /// Fetches the rows of `query` in batches of at most `batch_size` through a portal, inside
+    /// the transaction (see [`AsyncBatch`]). Until the batch is dropped the transaction's
+    /// other methods refuse with an [`ErrorKind::Busy`](crate::ErrorKind) error; dropped
+    /// before its end, the rest in flight is read away by the next query.
+    pub async fn batch(
+        &self,
+        query: impl ToQuery,
+        batch_size: usize,
+    ) -> Result<AsyncBatch<'static>> {
+        let batch_size = check_batch(&query, batch_size)?;
+        AsyncBatch::start(self.lease().await?, &query, batch_size).await
+    }
+
+    /// The transaction's connection for a row stream or a batch, until it is dropped.
+    pub(crate) async fn lease(&self) -> Result<Lease<'static>> {
+        let guard = self.lock_owned().await?;
+        self.shared.lent.store(true, Ordering::Release);
+        Ok(Lease::Held(Box::new(TxLease {
+            guard,
+            shared: self.shared.clone(),
+        })))
+    }
+
+    /// Locks the transaction's connection until the guard is dropped.
+    async fn lock_owned(&self) -> Result<OwnedMutexGuard<TxConn>> {
         self.refuse_if_lent()?;
         let mut guard = self.shared.conn.clone().lock_owned().await;
         guard.after_abandoned();

@@ -238,7 +238,7 @@ fn tokio_postgres_sequential(bench: &Bench, n: u64) -> BenchResult<Measurement> 
 }
 
 /// The Atomic of transaction `t`.
-fn atomic_of(engine: &pgengine::PostgresEngine, t: u64) -> pgengine::atomic::Atomic {
+fn atomic_of(engine: &pgengine::PostgresEngine, t: u64) -> pgengine::atomic::Atomic<'static> {
     let mut atomic = engine.atomic();
     for j in 0..INSERTS {
         let id = id(t, j);

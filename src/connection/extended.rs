@@ -28,10 +28,10 @@ use bytes::BytesMut;
 use futures::Stream;
 use postgres_types::{Format, IsNull, ToSql, Type, WrongType};
 
-use super::Connection;
 use super::cache::Statement;
 use super::instrument::{Traced, Waited};
 use super::response::{Response, Shape, Step};
+use super::{Connection, Lease};
 use crate::error::{Error, Result};
 use crate::protocol::{BackendMessage, Target, TransactionStatus, frontend};
 use crate::query::{CANDIDATE_TYPES, Params, ToQuery, count_placeholders};
@@ -189,13 +189,17 @@ impl Connection {
     /// # }
     /// ```
     pub async fn query_stream(&mut self, query: impl ToQuery) -> Result<RowStream<'_>> {
+        RowStream::start(Lease::Borrowed(self), &query).await
+    }
+
+    /// Sends `query` and reads up to its first row: what a [`RowStream`] reads on from.
+    async fn open_rows(&mut self, query: &dyn ToQuery) -> Result<RowReader> {
         let sql = query.sql();
         let (columns, mut response, traced) = self
             .start_extended(sql, query.params(), query.time_limit())
             .await?;
         if !self.needs_lookup(columns.iter().map(Column::type_oid)) {
-            return Ok(RowStream {
-                conn: self,
+            return Ok(RowReader {
                 columns,
                 response,
                 traced: Some(traced),
@@ -238,8 +242,7 @@ impl Connection {
             self.statements
                 .insert(sql, statement.with_columns(columns.clone()));
         }
-        Ok(RowStream {
-            conn: self,
+        Ok(RowReader {
             columns,
             response: Response::new(Shape::Drain),
             traced: None,
@@ -1093,8 +1096,17 @@ enum StreamState {
 /// Implements `futures::Stream<Item = Result<Row>>`. An error reported by the server in the
 /// middle of the rows is returned as the stream's last item, after the connection has read
 /// on to ReadyForQuery, so it is ready for the next request.
+///
+/// A stream from [`Connection::query_stream`] borrows the connection; one from the engine or
+/// a transaction (through [`Client::query_stream`](crate::Client::query_stream)) holds a
+/// connection until it is dropped.
 pub struct RowStream<'a> {
-    conn: &'a mut Connection,
+    conn: Lease<'a>,
+    reader: RowReader,
+}
+
+/// What a row stream knows besides its connection.
+struct RowReader {
     columns: Arc<[Column]>,
     /// The query's response, read as the stream is polled.
     response: Response,
@@ -1104,19 +1116,35 @@ pub struct RowStream<'a> {
     rows_affected: Option<u64>,
 }
 
-impl RowStream<'_> {
+impl<'a> RowStream<'a> {
+    /// Sends `query` on `conn`, and reads its rows as the stream is polled.
+    pub(crate) async fn start(mut conn: Lease<'a>, query: &dyn ToQuery) -> Result<RowStream<'a>> {
+        let reader = conn.open_rows(query).await?;
+        Ok(RowStream { conn, reader })
+    }
+
     /// The result's columns.
     pub fn columns(&self) -> &[Column] {
-        &self.columns
+        &self.reader.columns
     }
 
     /// The row count from CommandComplete, once the stream has ended.
     pub fn rows_affected(&self) -> Option<u64> {
-        self.rows_affected
+        self.reader.rows_affected
     }
 
     /// Polls for the next row.
     pub fn poll_next_row(&mut self, cx: &mut Context<'_>) -> Poll<Option<Result<Row>>> {
+        self.reader.poll_next_row(&mut self.conn, cx)
+    }
+}
+
+impl RowReader {
+    fn poll_next_row(
+        &mut self,
+        conn: &mut Connection,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Row>>> {
         loop {
             match &mut self.state {
                 StreamState::Done => return Poll::Ready(None),
@@ -1132,7 +1160,7 @@ impl RowStream<'_> {
                 }
                 StreamState::Rows => {}
             }
-            let step = match ready!(self.conn.poll_step(&mut self.response, cx)) {
+            let step = match ready!(conn.poll_step(&mut self.response, cx)) {
                 Ok(step) => step,
                 Err(e) => return Poll::Ready(Some(Err(self.end_with(e)))),
             };
@@ -1140,7 +1168,7 @@ impl RowStream<'_> {
                 Step::Row(data) => match Row::new(self.columns.clone(), data) {
                     Ok(row) => return Poll::Ready(Some(Ok(row))),
                     Err(e) => {
-                        let e = self.conn.fail(e);
+                        let e = conn.fail(e);
                         return Poll::Ready(Some(Err(self.end_with(e))));
                     }
                 },
@@ -1163,7 +1191,7 @@ impl RowStream<'_> {
                     });
                 }
                 other => {
-                    let e = self.conn.unexpected_step(other, "a row stream");
+                    let e = conn.unexpected_step(other, "a row stream");
                     return Poll::Ready(Some(Err(self.end_with(e))));
                 }
             }
@@ -1191,7 +1219,7 @@ impl Stream for RowStream<'_> {
 impl std::fmt::Debug for RowStream<'_> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("RowStream")
-            .field("columns", &self.columns)
+            .field("columns", &self.reader.columns)
             .finish_non_exhaustive()
     }
 }

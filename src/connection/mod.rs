@@ -25,6 +25,7 @@ mod cache;
 mod copy;
 mod extended;
 mod instrument;
+mod lease;
 mod notify;
 mod response;
 mod simple;
@@ -53,6 +54,7 @@ pub use copy::{BinaryCopyInWriter, CopyInSink, CopyOutStream};
 pub use extended::RowStream;
 pub(crate) use extended::{QueryOrigin, SentQuery};
 pub(crate) use instrument::Traced;
+pub(crate) use lease::Lease;
 pub use socket::Transport;
 
 pub use crate::protocol::TransactionStatus;
@@ -140,6 +142,9 @@ pub struct Connection {
     pending: usize,
     /// True from the moment a request starts going out until it is fully written.
     writing: bool,
+    /// A transaction block this connection's user did not open was left open by a batch
+    /// dropped half way: it is rolled back before the next request.
+    rollback_owed: bool,
     /// A COPY FROM STDIN is open: the server reads nothing but copy messages until CopyDone
     /// or CopyFail. Set and cleared in `copy.rs`; still set at the next request when a sink
     /// was dropped half way.
@@ -315,6 +320,7 @@ impl Connection {
             status: s.status,
             pending: 0,
             writing: false,
+            rollback_owed: false,
             copy_in: false,
             broken: None,
             parameters: s.parameters.into_iter().collect(),
@@ -637,6 +643,12 @@ impl Connection {
         read + write
     }
 
+    /// Rolls back the open transaction block before the next request: a portal batch that
+    /// began its own block was dropped before it ended it.
+    pub(crate) fn owe_rollback(&mut self) {
+        self.rollback_owed = true;
+    }
+
     /// Says goodbye to the server (Terminate) and closes the socket.
     pub async fn close(mut self) -> Result<()> {
         if self.broken.is_some() || self.writing {
@@ -649,7 +661,7 @@ impl Connection {
 
     /// Makes the connection ready for a new request: refuses if it is broken, and reads away
     /// the responses still owed to requests whose futures were dropped.
-    async fn prepare_request(&mut self) -> Result<()> {
+    pub(crate) async fn prepare_request(&mut self) -> Result<()> {
         if self.writing {
             // A write was cut off: the server may hold half a message. Nothing can fix that.
             self.mark_broken("a request was interrupted while being sent".to_owned());
@@ -663,6 +675,9 @@ impl Connection {
         }
         if self.pending > 0 {
             self.drain_abandoned().await?;
+        }
+        if std::mem::take(&mut self.rollback_owed) && self.status != TransactionStatus::Idle {
+            self.run_command(&["ROLLBACK"]).await?;
         }
         if let Some(task) = self.watch.cancel_task.take() {
             // The cancel of an earlier request must land before the next request is sent:

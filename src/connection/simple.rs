@@ -127,7 +127,7 @@ impl Connection {
         result
     }
 
-    async fn run_command(&mut self, parts: &[&str]) -> Result<Option<bytes::Bytes>> {
+    pub(super) async fn run_command(&mut self, parts: &[&str]) -> Result<Option<bytes::Bytes>> {
         frontend::query_parts(&mut self.stream.write_buf, parts)?;
         self.send(1).await?;
         let mut response = Response::new(Shape::Simple);
