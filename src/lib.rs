@@ -5,10 +5,12 @@
 //!
 //! The crate is layered, lowest first; a lower layer never names a higher one:
 //!
-//! - [`protocol`]: bytes in, bytes out. Every message's encoder and decoder, framing with a
+//! - `protocol`: bytes in, bytes out. Every message's encoder and decoder, framing with a
 //!   length limit, and the authentication exchanges (MD5, SCRAM-SHA-256, SCRAM-SHA-256-PLUS's
-//!   channel binding hash) as pure state machines.
-//!   No I/O, no tokio.
+//!   channel binding hash) as pure state machines. No I/O, no tokio. Private: with the
+//!   feature `unstable-protocol` it is public as `pgengine::protocol` for tests, fuzzing and
+//!   tools that speak the protocol themselves, **outside semver** (a new message or field may
+//!   come in any release).
 //! - [`config`]: connection settings from libpq-style URLs and `key=value` strings, the `PG*`
 //!   environment variables and the `.pgpass` file.
 //! - [`connection`]: one socket (TCP, Unix, or any stream): TLS (rustls, libpq's `sslmode`s),
@@ -60,7 +62,13 @@ pub mod error;
 pub mod from_row;
 pub mod listen;
 pub mod pool;
+#[cfg(feature = "unstable-protocol")]
 pub mod protocol;
+// Without the feature the codec is the crate's own business; the test-server half of it
+// (encoding what a server sends) is then unused.
+#[cfg(not(feature = "unstable-protocol"))]
+#[allow(dead_code, unused_imports)]
+mod protocol;
 pub mod query;
 pub mod row;
 pub mod savepoint;
