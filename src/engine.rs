@@ -516,7 +516,21 @@ impl PostgresEngine {
         Ok(results)
     }
 
-    /// The server's version as `major.minor` (12.4, 9.4), as Piccolo's `get_version`.
+    /// The server's version as the number `major.minor` (12.4, 9.4): Piccolo's `get_version`,
+    /// kept for code written against it. As a number it cannot tell 15.20 from 15.2, nor
+    /// order 15.10 after 15.9: compare [`server_version`](Self::server_version)'s fields
+    /// instead.
+    ///
+    /// ```no_run
+    /// # async fn demo(engine: pgengine::PostgresEngine) -> pgengine::Result<()> {
+    /// if engine.get_version().await? < 13.0 {
+    ///     println!("no pg_current_xact_id() here");
+    /// }
+    /// let v = engine.server_version().await?;
+    /// let has_merge = (v.major, v.minor) >= (15, 0);
+    /// # Ok(())
+    /// # }
+    /// ```
     pub async fn get_version(&self) -> Result<f64> {
         Ok(self.server_version().await?.as_f64())
     }
@@ -718,7 +732,8 @@ impl PostgresEngine {
         result
     }
 
-    /// Runs a query (Piccolo's name for it).
+    /// Runs a query: Piccolo's name for [`query`](Self::query), kept for code written
+    /// against it.
     pub async fn run_querystring(&self, query: impl ToQuery) -> Result<Vec<Row>> {
         self.query(query).await
     }

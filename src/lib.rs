@@ -29,7 +29,9 @@
 //!   [`Atomic`](atomic::Atomic) runs in one round trip, and [`AsyncBatch`](batch::AsyncBatch)
 //!   over a native portal.
 //! - [`row`], [`query`], [`types`]: rows decoded lazily through `postgres-types`, queries and
-//!   their parameters, and the value types postgres-types lacks. Beside them, the private `sql`
+//!   their parameters, and the value types postgres-types lacks; [`from_row`]: whole rows into
+//!   tuples and, with the `derive` feature, structs (`#[derive(FromRow)]`, and postgres-types'
+//!   `#[derive(ToSql, FromSql)]` for enums and composite types). Beside them, the private `sql`
 //!   module reads SQL text as the server lexes it: placeholders, and whether a statement
 //!   controls the transaction or changes the session (the engine routes on it).
 //! - [`error`]: the one [`Error`] type, with a [`ErrorKind`] a caller can match on and every
@@ -88,6 +90,10 @@ pub use engine::PostgresEngine;
 pub use error::{DbError, Error, ErrorKind, Redacted, Result, TransactionError};
 pub use from_row::FromRow;
 pub use listen::{ListenEvent, ListenOptions, Listener};
+/// `#[derive(FromRow)]` (feature `derive`): see [`FromRow`](trait@FromRow) for its attributes.
+#[cfg(feature = "derive")]
+pub use pgengine_derive::FromRow;
+// With the `derive` feature, `FromSql` and `ToSql` also bring postgres-types' derive macros.
 pub use postgres_types::{FromSql, ToSql, Type};
 pub use query::{BorrowedParams, Query, ToQuery};
 pub use row::{Column, Row, SimpleQueryResult, SimpleRow};
