@@ -202,6 +202,16 @@ impl Error {
         self
     }
 
+    /// Says how many attempts a retrying transaction made before giving up with this error.
+    pub(crate) fn note_attempts(&mut self, attempts: u32) {
+        let noted = format!("the transaction was attempted {attempts} time(s)");
+        self.0.message = if self.0.message.is_empty() {
+            noted
+        } else {
+            format!("{}; {noted}", self.0.message)
+        };
+    }
+
     /// Why a transaction refused an operation, for [`ErrorKind::Transaction`] errors.
     pub fn transaction_error(&self) -> Option<TransactionError> {
         self.0.transaction

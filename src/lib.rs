@@ -72,6 +72,7 @@ pub mod protocol;
 #[allow(dead_code, unused_imports)]
 mod protocol;
 pub mod query;
+pub mod retry;
 pub mod row;
 pub mod savepoint;
 mod sql;
@@ -96,6 +97,7 @@ pub use pgengine_derive::FromRow;
 // With the `derive` feature, `FromSql` and `ToSql` also bring postgres-types' derive macros.
 pub use postgres_types::{FromSql, ToSql, Type};
 pub use query::{BorrowedParams, Query, ToQuery};
+pub use retry::{RetryError, RetryPolicy};
 pub use row::{Column, Row, SimpleQueryResult, SimpleRow};
 pub use savepoint::Savepoint;
 pub use transaction::{

@@ -46,11 +46,12 @@ use std::fmt;
 use std::future::Future;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
+use std::time::Duration;
 
 use tokio::sync::{Mutex, MutexGuard, OwnedMutexGuard};
 
 use crate::batch::{AsyncBatch, check_batch};
-use crate::connection::{Lease, RowStream, TransactionStatus};
+use crate::connection::{CommitReply, Lease, RowStream, TransactionStatus};
 use crate::engine::{EngineConnection, PostgresEngine};
 use crate::error::{Error, Result, TransactionError};
 use crate::query::ToQuery;
@@ -70,6 +71,43 @@ pub(crate) fn current(engine: &PostgresEngine) -> Option<PostgresTransaction> {
         .ok()
         .flatten()
         .filter(|tx| !tx.is_finished())
+}
+
+/// Asked just before a tracked COMMIT, in the same round trip: the transaction's id (none if
+/// it wrote nothing) and [`SERVER_EPOCH`].
+const COMMIT_ID_QUERY: &str = "SELECT pg_current_xact_id_if_assigned()::text || ' ' || \
+                               coalesce((SELECT stats_reset FROM pg_stat_archiver)::text, '')";
+
+/// What tells one run of a server from another: the archiver's statistics are reset when the
+/// server starts and after a crash restart, and a standby promoted in a failover has its
+/// own. (Reset by hand it changes too, which only makes an outcome unknown.)
+const SERVER_EPOCH: &str = "SELECT coalesce((SELECT stats_reset FROM pg_stat_archiver)::text, '')";
+
+/// How long a lost COMMIT's outcome is looked for.
+const OUTCOME_CHECK_LIMIT: Duration = Duration::from_secs(10);
+
+/// What a tracked transaction learned of itself just before its COMMIT.
+#[derive(Debug, PartialEq)]
+enum CommitId {
+    /// It wrote nothing, so it has no id.
+    NoneAssigned,
+    /// Its id, and the server's epoch marker.
+    Assigned { id: u64, epoch: String },
+}
+
+impl CommitId {
+    /// Reads the answer to [`COMMIT_ID_QUERY`]: `"<id> <epoch>"`, or NULL when no id was
+    /// assigned. `None` for anything else.
+    fn parse(answer: Option<&str>) -> Option<CommitId> {
+        let Some(answer) = answer else {
+            return Some(CommitId::NoneAssigned);
+        };
+        let (id, epoch) = answer.split_once(' ')?;
+        Some(CommitId::Assigned {
+            id: id.parse().ok()?,
+            epoch: epoch.to_owned(),
+        })
+    }
 }
 
 /// The state of a transaction.
@@ -140,6 +178,7 @@ pub struct TransactionBuilder {
     isolation: Option<IsolationLevel>,
     read_only: bool,
     deferrable: bool,
+    track_commit: bool,
 }
 
 impl TransactionBuilder {
@@ -150,6 +189,7 @@ impl TransactionBuilder {
             isolation: None,
             read_only: false,
             deferrable: false,
+            track_commit: false,
         }
     }
 
@@ -176,6 +216,41 @@ impl TransactionBuilder {
     pub fn deferrable(mut self, deferrable: bool) -> Self {
         self.deferrable = deferrable;
         self
+    }
+
+    /// Whether [`commit`](PostgresTransaction::commit) finds out, when the connection is lost
+    /// before COMMIT's answer arrives, whether the transaction committed (on by default with
+    /// [`retry`](Self::retry), which needs it; PostgreSQL 13+).
+    ///
+    /// The transaction learns its id in the round trip of the COMMIT itself: a query sent in
+    /// the same write just before it, whose answer the server sends before it starts the
+    /// COMMIT (`pg_current_xact_id_if_assigned()`: a transaction that wrote nothing has none,
+    /// and a lost COMMIT of it changes nothing). After a loss, a new connection asks
+    /// `pg_xact_status` of that id: committed is success; aborted is
+    /// [`TransactionError::NotCommitted`] (nothing was saved); still in progress after a few
+    /// seconds, or anything that cannot be told for sure, is
+    /// [`TransactionError::OutcomeUnknown`]. The server's answer is trusted only if it comes
+    /// from the same server process tree the transaction ran on, with no crash restart in
+    /// between: a crash can lose a COMMIT and hand its id to a later transaction, and after a
+    /// failover the id means something else. Then the outcome is reported unknown.
+    ///
+    /// Without it, a COMMIT whose answer was lost is also reported as
+    /// [`TransactionError::OutcomeUnknown`] — never as "nothing was saved".
+    pub fn track_commit(mut self, track: bool) -> Self {
+        self.track_commit = track;
+        self
+    }
+
+    /// Tries the transaction again, by `policy`, when it fails in a way a new attempt can fix
+    /// (a serialization failure, a deadlock, a connection lost before the COMMIT, …; see
+    /// [`retry`](crate::retry)). Turns on [`track_commit`](Self::track_commit).
+    pub fn retry(self, policy: crate::retry::RetryPolicy) -> crate::retry::RetryingTransaction {
+        crate::retry::RetryingTransaction::new(self, policy)
+    }
+
+    /// The engine the transaction will run on.
+    pub(crate) fn engine(&self) -> &PostgresEngine {
+        &self.engine
     }
 
     /// The `BEGIN` statement for these options.
@@ -236,6 +311,7 @@ impl TransactionBuilder {
                 })),
                 next_savepoint: AtomicU32::new(1),
                 lent: AtomicBool::new(false),
+                track_commit: self.track_commit,
             }),
             nested: false,
         })
@@ -404,6 +480,9 @@ struct Shared {
     /// A [`TxConnection`] holds the connection: the transaction's own methods refuse at once
     /// instead of waiting (on the lender's own task, they would wait forever).
     lent: AtomicBool,
+    /// Find out what became of a COMMIT whose answer was lost
+    /// ([`TransactionBuilder::track_commit`]).
+    track_commit: bool,
 }
 
 /// A transaction on one connection. Cheap to clone; clones are the same transaction.
@@ -573,8 +652,53 @@ impl PostgresTransaction {
             drop(c);
             return Err(self.rollback_failed().await);
         }
-        let result = c.conn().command(&["COMMIT"]).await;
+        let track = self.shared.track_commit && c.conn().server_version_num() >= 130_000;
+        let reply = if track {
+            c.conn().commit_between(Some(COMMIT_ID_QUERY), None).await
+        } else {
+            CommitReply::of(c.conn().command(&["COMMIT"]).await)
+        };
+        let result = reply.commit;
+        // No answer: the server may have committed or not. (A server error, by contrast,
+        // came with ReadyForQuery on a connection still usable.)
+        // (Nothing sent at all — the connection was already gone — is not a loss of the
+        // answer: the server never saw the COMMIT.)
+        let lost = result.as_ref().is_err_and(|e| !e.safe_to_retry())
+            && (c.conn().is_broken() || c.conn().is_busy());
         c.after_reply();
+        if lost {
+            c.release();
+            drop(c);
+            // Answered (a NULL or an id), or not.
+            let id = reply
+                .before
+                .and_then(|answer| answer.ok())
+                .and_then(|id| CommitId::parse(id.as_deref()));
+            let e = result.expect_err("lost");
+            let outcome = self.resolve_lost_commit(id, e).await;
+            {
+                let mut c = self.shared.conn.lock().await;
+                c.state = match &outcome {
+                    Ok(()) => TxState::Committed,
+                    Err(e) if e.transaction_error() == Some(TransactionError::NotCommitted) => {
+                        TxState::RolledBack
+                    }
+                    // Not known: finished either way, nothing more can be done with it.
+                    Err(_) => TxState::Ended,
+                };
+            }
+            self.shared.span.record(
+                "pgengine.outcome",
+                match &outcome {
+                    Ok(()) => "committed",
+                    Err(e) if e.transaction_error() == Some(TransactionError::NotCommitted) => {
+                        "rolled back"
+                    }
+                    Err(_) => "unknown",
+                },
+            );
+            return outcome;
+        }
         let outcome = match (&result, c.state) {
             (Ok(Some(tag)), _) if tag == "ROLLBACK" => "rolled back",
             (Ok(_), _) => "committed",
@@ -596,8 +720,9 @@ impl PostgresTransaction {
                 Ok(())
             }
             Err(e) => {
-                if !c.conn().is_broken() && c.conn().transaction_status() == TransactionStatus::Idle
-                {
+                // The server answered COMMIT with an error (a serialization failure, a
+                // deferred constraint): the transaction is rolled back.
+                if c.conn().transaction_status() == TransactionStatus::Idle {
                     c.state = TxState::RolledBack;
                 }
                 Err(e.context("COMMIT failed; nothing was saved"))
@@ -607,6 +732,91 @@ impl PostgresTransaction {
             c.release();
         }
         outcome
+    }
+
+    /// Finds out what became of a COMMIT whose answer was lost with `lost`, from the
+    /// transaction's id if it learned it (see [`TransactionBuilder::track_commit`]).
+    async fn resolve_lost_commit(&self, id: Option<CommitId>, lost: Error) -> Result<()> {
+        let unknown = |why: String| {
+            Err(Error::transaction(
+                TransactionError::OutcomeUnknown,
+                format!(
+                    "the connection was lost after COMMIT was sent and before its answer \
+                     arrived ({}): the transaction may or may not have committed; {why}",
+                    lost.redacted()
+                ),
+            )
+            .with_source(lost.duplicate()))
+        };
+        let id = match id {
+            None => {
+                return unknown(
+                    "its id was not learned (track_commit is off, the server \
+                                    is older than 13, or the id's answer was lost too)"
+                        .into(),
+                );
+            }
+            // It wrote nothing: whether the COMMIT ran changes nothing.
+            Some(CommitId::NoneAssigned) => return Ok(()),
+            Some(CommitId::Assigned { id, epoch }) => (id, epoch),
+        };
+        let deadline = tokio::time::Instant::now() + OUTCOME_CHECK_LIMIT;
+        loop {
+            match tokio::time::timeout_at(deadline, self.ask_xact_status(id.0)).await {
+                Err(_) => {
+                    return unknown(format!(
+                        "asking the server within {OUTCOME_CHECK_LIMIT:?} did not tell"
+                    ));
+                }
+                Ok(Err(e)) => {
+                    return unknown(format!("asking the server failed: {}", e.redacted()));
+                }
+                Ok(Ok((status, now_epoch))) => {
+                    if now_epoch.as_deref() != Some(id.1.as_str()) {
+                        return unknown(
+                            "the server answering is not the one the transaction ran on, or \
+                             it restarted after a crash since (a lost COMMIT's id may then \
+                             belong to another transaction)"
+                                .into(),
+                        );
+                    }
+                    match status.as_deref() {
+                        Some("committed") => return Ok(()),
+                        Some("aborted") => {
+                            return Err(Error::transaction(
+                                TransactionError::NotCommitted,
+                                format!(
+                                    "the connection was lost during COMMIT ({}); the server \
+                                     says the transaction was aborted: nothing was saved",
+                                    lost.redacted()
+                                ),
+                            )
+                            .with_source(lost.duplicate()));
+                        }
+                        // Its backend has not finished with it yet: ask again.
+                        Some("in progress") if tokio::time::Instant::now() < deadline => {
+                            tokio::time::sleep(Duration::from_millis(50)).await;
+                        }
+                        other => {
+                            return unknown(format!("the server says {other:?}"));
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    /// `pg_xact_status` of transaction `id`, and the epoch marker of the server answering.
+    async fn ask_xact_status(&self, id: u64) -> Result<(Option<String>, Option<String>)> {
+        // The id is a number we parsed: it goes into the text as digits only.
+        let sql = format!("SELECT pg_xact_status('{id}'::xid8)::text, ({SERVER_EPOCH})");
+        let mut conn = self.shared.engine.acquire().await?;
+        let results = conn.simple_query(&sql).await?;
+        let row = results
+            .first()
+            .and_then(|r| r.rows().first())
+            .ok_or_else(|| Error::protocol("pg_xact_status returned no row"))?;
+        Ok((row.get(0).map(str::to_owned), row.get(1).map(str::to_owned)))
     }
 
     /// Rolls back. On a nested handle this rolls back the whole (outer) transaction.

@@ -55,6 +55,7 @@ pub use extended::RowStream;
 pub(crate) use extended::{QueryOrigin, SentQuery};
 pub(crate) use instrument::Traced;
 pub(crate) use lease::Lease;
+pub(crate) use simple::CommitReply;
 pub use socket::Transport;
 
 pub use crate::protocol::TransactionStatus;
@@ -368,6 +369,22 @@ impl Connection {
     /// The transaction status from the server's last ReadyForQuery.
     pub fn transaction_status(&self) -> TransactionStatus {
         self.status
+    }
+
+    /// The server's version as a number, `major * 10000 + minor` (150004 for 15.4, as the
+    /// server's `server_version_num`), from the `server_version` it reported; 0 if unreadable.
+    pub(crate) fn server_version_num(&self) -> u32 {
+        let Some(text) = self.parameter("server_version") else {
+            return 0;
+        };
+        let number = |s: &str| -> u32 {
+            let digits: String = s.chars().take_while(char::is_ascii_digit).collect();
+            digits.parse().unwrap_or(0)
+        };
+        let mut parts = text.split('.');
+        let major = parts.next().map(number).unwrap_or(0);
+        let minor = parts.next().map(number).unwrap_or(0);
+        major * 10_000 + minor
     }
 
     /// The current value of a run-time parameter the server reports (`server_version`,

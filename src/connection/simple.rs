@@ -130,6 +130,91 @@ impl Connection {
     pub(super) async fn run_command(&mut self, parts: &[&str]) -> Result<Option<bytes::Bytes>> {
         frontend::query_parts(&mut self.stream.write_buf, parts)?;
         self.send(1).await?;
+        self.read_command_reply().await
+    }
+
+    /// COMMIT, with a question asked just before it and one just after, all in one write and
+    /// one round trip. Each goes as a Query message of its own, so the server sends the answer
+    /// to `before` (with its ReadyForQuery) before it starts the COMMIT: if the connection is
+    /// lost during the COMMIT, that answer has most likely arrived. `before` and `after` are
+    /// statements that return one value.
+    pub(crate) async fn commit_between(
+        &mut self,
+        before: Option<&str>,
+        after: Option<&str>,
+    ) -> CommitReply {
+        let mut reply = CommitReply {
+            before: None,
+            commit: Ok(None),
+            after: None,
+        };
+        if let Err(e) = self.prepare_request().await {
+            reply.commit = Err(e);
+            return reply;
+        }
+        let traced = if self.instrument.watching() {
+            self.trace("COMMIT")
+        } else {
+            self.untraced()
+        };
+        let written = (|| {
+            let buf = &mut self.stream.write_buf;
+            if let Some(sql) = before {
+                frontend::query(buf, sql)?;
+            }
+            frontend::query(buf, "COMMIT")?;
+            if let Some(sql) = after {
+                frontend::query(buf, sql)?;
+            }
+            Ok::<_, Error>(())
+        })();
+        let requests = 1 + usize::from(before.is_some()) + usize::from(after.is_some());
+        reply.commit = match written {
+            Ok(()) => self.send(requests).await.map(|()| None),
+            Err(e) => Err(e),
+        };
+        if reply.commit.is_ok() {
+            if before.is_some() {
+                reply.before = Some(self.read_one_value().await);
+            }
+            reply.commit = self.read_command_reply().await;
+            if after.is_some() && !self.is_broken() {
+                reply.after = Some(self.read_one_value().await);
+            }
+        }
+        match &reply.commit {
+            Ok(_) => traced.succeeded(0),
+            Err(e) => traced.failed(e),
+        }
+        reply
+    }
+
+    /// Reads the reply to a statement that returns (at most) one value, as text.
+    async fn read_one_value(&mut self) -> Result<Option<String>> {
+        let mut value = None;
+        let mut response = Response::new(Shape::Simple);
+        loop {
+            match self.next_step(&mut response).await? {
+                Step::Row(data) => {
+                    if let Some(raw) = data.value(0) {
+                        value = Some(String::from_utf8_lossy(raw).into_owned());
+                    }
+                }
+                Step::Message(
+                    BackendMessage::RowDescription(_) | BackendMessage::EmptyQueryResponse,
+                )
+                | Step::Complete(_)
+                | Step::Failed => {}
+                Step::Over => break,
+                other => return Err(self.unexpected_step(other, "a one-value query")),
+            }
+        }
+        response.finish().map(|()| value)
+    }
+
+    /// Reads the reply to a command: its tag, or the server's error once the connection is
+    /// ready again.
+    async fn read_command_reply(&mut self) -> Result<Option<bytes::Bytes>> {
         let mut response = Response::new(Shape::Simple);
         let mut tag = None;
         loop {
@@ -141,5 +226,24 @@ impl Connection {
             }
         }
         response.finish().map(|()| tag)
+    }
+}
+
+/// What came back from [`Connection::commit_between`]: `before` and `after` are `None` when
+/// not asked or not read (the connection was lost first).
+pub(crate) struct CommitReply {
+    pub(crate) before: Option<Result<Option<String>>>,
+    pub(crate) commit: Result<Option<bytes::Bytes>>,
+    pub(crate) after: Option<Result<Option<String>>>,
+}
+
+impl CommitReply {
+    /// The reply of a plain COMMIT.
+    pub(crate) fn of(commit: Result<Option<bytes::Bytes>>) -> CommitReply {
+        CommitReply {
+            before: None,
+            commit,
+            after: None,
+        }
     }
 }
