@@ -122,6 +122,20 @@ type RunningPool = (Pool<ConnectionManager>, Option<Arc<Pipeline>>);
 
 /// The engine: settings, extensions, logging, read-replica nodes and its own connection pool.
 /// Cheap to clone; clones share everything, including the pool.
+///
+/// ```no_run
+/// # async fn demo() -> pgengine::Result<()> {
+/// use pgengine::PostgresEngine;
+/// use pgengine::pool::PoolOptions;
+///
+/// let engine = PostgresEngine::from_url("postgres://app@localhost/appdb")?;
+/// // Without a pool, each query opens a connection of its own.
+/// engine.start_connection_pool(PoolOptions::default()).await?;
+/// let tables: i64 = engine.query_one("SELECT count(*) FROM pg_tables").await?.get(0);
+/// engine.close_connection_pool().await?;
+/// # Ok(())
+/// # }
+/// ```
 #[derive(Clone)]
 pub struct PostgresEngine {
     inner: Arc<Inner>,

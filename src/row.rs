@@ -110,6 +110,19 @@ impl<T: RowIndex + ?Sized> RowIndex for &T {
 }
 
 /// One row of a result, in the binary format.
+///
+/// ```no_run
+/// # async fn demo(engine: pgengine::PostgresEngine) -> pgengine::Result<()> {
+/// for row in engine.query("SELECT id, name, founded FROM band").await? {
+///     let id: i32 = row.get("id"); // by name, or by position
+///     let name: &str = row.get(1); // borrowed from the row, not copied
+///     // NULL reads as None; try_get gives an error where get would panic.
+///     let founded: Option<i32> = row.try_get("founded")?;
+///     println!("{id} {name} {founded:?}");
+/// }
+/// # Ok(())
+/// # }
+/// ```
 #[derive(Clone)]
 pub struct Row {
     columns: Arc<[Column]>,

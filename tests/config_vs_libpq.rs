@@ -18,17 +18,23 @@
 //!    host, hostaddr, port, user, password, dbname, options, application_name,
 //!    connect_timeout, sslmode and target_session_attrs.
 //!
+//! Both sides read the connection string alone. `Config::parse` reads no environment; libpq
+//! reads the `PG*` variables when it connects, so they are removed from this test process
+//! before libpq is first called (see [`without_pg_environment`]).
+//!
 //! The table records what libpq 15 says. A few rows differ on purpose and say why: key words
 //! newer than libpq 15, a URI rule that newer libpq added, and features pgengine does not have.
 //! Every password in the table contains [`SECRET`], and no error of ours may show it.
 
 use std::collections::BTreeMap;
-use std::ffi::{CStr, CString};
+use std::ffi::{CStr, CString, OsString};
 use std::net::IpAddr;
 use std::os::raw::c_char;
+use std::os::unix::ffi::OsStrExt;
 use std::os::unix::net::UnixListener;
 use std::path::PathBuf;
 use std::ptr;
+use std::sync::Once;
 use std::time::Duration;
 
 use pgengine::config::{Config, SslMode, TargetSessionAttrs};
@@ -322,9 +328,41 @@ const CASES: &[(&str, Expect)] = &[
 // libpq, through pq-sys.
 // ------------------------------------------------------------------------------------------
 
+/// Removes every `PG*` variable from this process's environment, once, before libpq runs.
+///
+/// libpq fills what a connection string leaves out from the environment when it connects
+/// (`conninfo_add_defaults`), and looks up `PGSERVICE` before anything else: with
+/// `PGSERVICE=nosuch` in the shell, every connection attempt fails with `definition of service
+/// "nosuch" not found` instead of the error of the value under test. Pinning each setting in
+/// the string cannot help there (an empty `service=` is looked up too), so the variables go.
+/// The comparison is of connection strings, so nothing is lost; `Config::parse` never reads them.
+///
+/// Every function below that calls libpq calls this first, and `Once` holds the other threads
+/// until it has finished: no thread is inside libpq, which reads the environment without Rust's
+/// lock, while the variables are removed.
+fn without_pg_environment() {
+    static REMOVED: Once = Once::new();
+    REMOVED.call_once(|| {
+        let names: Vec<OsString> = std::env::vars_os()
+            .map(|(name, _)| name)
+            .filter(|name| name.as_bytes().starts_with(b"PG"))
+            .collect();
+        if !names.is_empty() {
+            println!("libpq runs without the environment's {names:?}");
+        }
+        for name in names {
+            // SAFETY: no other thread reads the environment except through Rust's own
+            // functions, which take the lock this takes: the only C code here that reads it is
+            // libpq, and no thread calls libpq before this `call_once` has returned.
+            unsafe { std::env::remove_var(&name) };
+        }
+    });
+}
+
 /// What libpq's `PQconninfoParse` makes of `s`: the key words it set (and only those: it fills
 /// no defaults and reads no environment), or its error message.
 fn libpq_parse(s: &str) -> Result<BTreeMap<String, String>, String> {
+    without_pg_environment();
     let conninfo = CString::new(s).expect("strings with a NUL are not given to libpq");
     let mut errmsg: *mut c_char = ptr::null_mut();
     // SAFETY: `conninfo` is a NUL-terminated string that lives until the end of this function,
@@ -369,6 +407,7 @@ fn libpq_parse(s: &str) -> Result<BTreeMap<String, String>, String> {
 
 /// libpq's major version (15 for 150018).
 fn libpq_major_version() -> u32 {
+    without_pg_environment();
     // SAFETY: PQlibVersion takes nothing and only returns a constant.
     let version = unsafe { pq_sys::PQlibVersion() };
     u32::try_from(version / 10_000).expect("libpq reports a positive version")
@@ -428,6 +467,7 @@ fn may_leave_machine(addr: &str) -> bool {
 /// replaced by the hang-up server, and returns libpq's error message. libpq must fail: on a
 /// bad value before connecting, otherwise when the server hangs up.
 fn libpq_connect_error(parsed: &BTreeMap<String, String>, server: &HangUpServer) -> String {
+    without_pg_environment();
     let mut conninfo = String::new();
     for (key, value) in parsed {
         if key != "host" {
@@ -438,15 +478,14 @@ fn libpq_connect_error(parsed: &BTreeMap<String, String>, server: &HangUpServer)
     let host_count = parsed.get("host").map_or(1, |h| h.split(',').count());
     let dir = server.dir.to_str().expect("temp dir is UTF-8");
     conninfo.push_str(&format!("host={}", quote(&vec![dir; host_count].join(","))));
-    match parsed.get("hostaddr") {
-        Some(addrs) => assert!(
+    if let Some(addrs) = parsed.get("hostaddr") {
+        assert!(
             !addrs.split(',').any(may_leave_machine),
             "a SemanticError row must not make libpq connect off this machine: {addrs}"
-        ),
-        // An explicit empty hostaddr keeps PGHOSTADDR, if set, from sending libpq elsewhere.
-        None => conninfo.push_str(" hostaddr=''"),
+        );
     }
-    // And the hang-up server's port keeps PGPORT, if set, from sending it to another socket.
+    // The hang-up server's socket is named for port 5432, which a libpq built with another
+    // default port would not look for.
     if !parsed.contains_key("port") {
         conninfo.push_str(" port=5432");
     }

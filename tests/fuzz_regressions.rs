@@ -2,6 +2,9 @@
 //! committed seed corpus (fuzz/corpus/) — through the same checks the targets run
 //! (fuzz/checks.rs), with plain `cargo test`: no libFuzzer, no nightly, no database. A bug the
 //! fuzzer once found stays fixed, and the corpus keeps passing as the code changes.
+//!
+//! Not in the published crate (Cargo.toml's `include` leaves it out): it compiles fuzz/checks.rs
+//! into itself, and cargo does not package fuzz/, a crate of its own.
 
 #[allow(dead_code)]
 mod checks {

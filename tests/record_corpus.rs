@@ -11,6 +11,9 @@
 //! `<dir>/connection/` (the target's input header + the server's bytes), `<dir>/backend_decoder/`
 //! (the server's bytes, and each message alone) and `<dir>/scram/` (the SCRAM messages). See
 //! fuzz/run-ci.sh's header for how they become the committed corpus.
+//!
+//! Not in the published crate (Cargo.toml's `include` leaves it out): it compiles fuzz/checks.rs
+//! into itself, and cargo does not package fuzz/, a crate of its own.
 
 mod common;
 

@@ -493,7 +493,7 @@ impl std::fmt::Debug for CopyInSink<'_> {
 }
 
 /// Rows for a `COPY … FROM STDIN (FORMAT binary)`, each value encoded by its
-/// [`ToSql`](postgres_types::ToSql) implementation for its column's type, in the binary COPY
+/// [`ToSql`] implementation for its column's type, in the binary COPY
 /// file format: the header first, then per row a field count and each field as a length (-1
 /// for NULL) and bytes, and a trailer at [`finish`](Self::finish).
 ///

@@ -1016,8 +1016,8 @@ impl Connection {
     }
 
     /// Adds to `rows` every DataRow already whole in the read buffer (see
-    /// [`MessageStream::take_data_row`]); a malformed one breaks the connection, as on the
-    /// general read path.
+    /// [`MessageStream::take_data_row`](super::stream::MessageStream::take_data_row)); a
+    /// malformed one breaks the connection, as on the general read path.
     pub(super) fn take_buffered_rows(
         &mut self,
         columns: &Arc<[Column]>,

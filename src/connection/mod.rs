@@ -136,7 +136,21 @@ impl CancelToken {
     }
 }
 
-/// One connection to a PostgreSQL server.
+/// One connection to a PostgreSQL server. Its methods take `&mut self`, so one task uses it at a
+/// time; a [`PostgresEngine`](crate::PostgresEngine) shares a pool of them between tasks.
+///
+/// ```no_run
+/// # async fn demo() -> pgengine::Result<()> {
+/// use pgengine::{Config, Connection};
+///
+/// let config: Config = "host=localhost user=app dbname=appdb".parse()?;
+/// let mut conn = Connection::connect(&config).await?;
+/// let row = conn.query_one(("SELECT $1::text || '!' AS shout", ("hey",))).await?;
+/// assert_eq!(row.get::<_, &str>("shout"), "hey!");
+/// conn.close().await?;
+/// # Ok(())
+/// # }
+/// ```
 pub struct Connection {
     stream: MessageStream,
     status: TransactionStatus,

@@ -356,54 +356,90 @@ pub fn copy_fail(buf: &mut BytesMut, message: &str) -> Result<()> {
     })
 }
 
-/// A decoded client message, as a server (our scripted test server) sees it.
+/// A decoded client message, as a server (our scripted test server) sees it. Each variant is
+/// the message of the same name in the PostgreSQL docs' "Message Formats", its fields as sent.
 #[derive(Debug, Clone, PartialEq, Eq)]
-#[allow(missing_docs)]
 pub enum FrontendMessage {
+    /// StartupMessage.
     Startup {
+        /// The protocol version asked for: the major version in the high 16 bits, the minor
+        /// in the low 16 (196608 for 3.0).
         version: i32,
+        /// The run-time parameters (`user`, `database`, `options`, …) in the order sent.
         params: Vec<(String, String)>,
     },
+    /// SSLRequest.
     SslRequest,
+    /// GSSENCRequest.
     GssEncRequest,
+    /// CancelRequest.
     CancelRequest {
+        /// The process ID of the backend whose query is to be cancelled.
         process_id: i32,
+        /// Its secret key: 4 bytes in protocol 3.0, up to 256 in 3.2.
         secret_key: Bytes,
     },
     /// PasswordMessage, SASLInitialResponse and SASLResponse share the tag `'p'`; only the
     /// authentication state tells them apart, so the body is kept raw (see
     /// [`FrontendMessage::sasl_initial_response`]).
     Password(Bytes),
+    /// Query: the SQL text of a simple query.
     Query(String),
+    /// Parse.
     Parse {
+        /// The prepared statement's name; empty for the unnamed statement.
         name: String,
+        /// The SQL text.
         sql: String,
+        /// The parameters' type OIDs the client fixes; 0 leaves one to the server.
         param_types: Vec<u32>,
     },
+    /// Bind.
     Bind {
+        /// The portal's name; empty for the unnamed portal.
         portal: String,
+        /// The prepared statement's name; empty for the unnamed statement.
         statement: String,
+        /// The parameters' format codes (0 text, 1 binary): none (all text), one for all, or
+        /// one each.
         param_formats: Vec<i16>,
+        /// The parameters' values; `None` is NULL (length -1).
         params: Vec<Option<Bytes>>,
+        /// The result columns' format codes, counted as `param_formats` are.
         result_formats: Vec<i16>,
     },
+    /// Describe.
     Describe {
+        /// A statement or a portal.
         target: Target,
+        /// Its name; empty for the unnamed one.
         name: String,
     },
+    /// Execute.
     Execute {
+        /// The portal's name; empty for the unnamed portal.
         portal: String,
+        /// The most rows to return before PortalSuspended; 0 for no limit.
         max_rows: i32,
     },
+    /// Close.
     Close {
+        /// A statement or a portal.
         target: Target,
+        /// Its name; empty for the unnamed one.
         name: String,
     },
+    /// Flush.
     Flush,
+    /// Sync.
     Sync,
+    /// Terminate.
     Terminate,
+    /// CopyData: a piece of COPY FROM STDIN's data stream.
     CopyData(Bytes),
+    /// CopyDone.
     CopyDone,
+    /// CopyFail, with the client's reason.
     CopyFail(String),
 }
 
