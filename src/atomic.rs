@@ -126,15 +126,16 @@ impl<'q> Atomic<'q> {
                     // worth reporting is still the query's, and the pool discards or cleans
                     // the connection.
                     let mut clean = !conn.is_broken();
-                    if clean && conn.transaction_status() != TransactionStatus::Idle {
-                        if let Err(rollback) = conn.command(&["ROLLBACK"]).await {
-                            tracing::debug!(
-                                target: "pgengine::query",
-                                "rolling back a failed Atomic failed too: {}",
-                                rollback.redacted()
-                            );
-                            clean = false;
-                        }
+                    if clean
+                        && conn.transaction_status() != TransactionStatus::Idle
+                        && let Err(rollback) = conn.command(&["ROLLBACK"]).await
+                    {
+                        tracing::debug!(
+                            target: "pgengine::query",
+                            "rolling back a failed Atomic failed too: {}",
+                            rollback.redacted()
+                        );
+                        clean = false;
                     }
                     // A cached statement invalidated by DDL: nothing was committed, so the
                     // whole run can go again once (the statement is prepared afresh).

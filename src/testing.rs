@@ -848,18 +848,18 @@ impl Drop for TempCluster {
             let _ = watchdog.kill();
             let _ = watchdog.wait();
         }
-        if self.data_dir.join("postmaster.pid").exists() {
-            if let Err(error) = self.pg_ctl("stop", &["-m".as_ref(), "immediate".as_ref()]) {
-                eprintln!("TempCluster: could not stop the server: {error}");
-            }
+        if self.data_dir.join("postmaster.pid").exists()
+            && let Err(error) = self.pg_ctl("stop", &["-m".as_ref(), "immediate".as_ref()])
+        {
+            eprintln!("TempCluster: could not stop the server: {error}");
         }
-        if let Err(error) = fs::remove_dir_all(&self.root) {
-            if error.kind() != io::ErrorKind::NotFound {
-                eprintln!(
-                    "TempCluster: could not remove {}: {error}",
-                    self.root.display()
-                );
-            }
+        if let Err(error) = fs::remove_dir_all(&self.root)
+            && error.kind() != io::ErrorKind::NotFound
+        {
+            eprintln!(
+                "TempCluster: could not remove {}: {error}",
+                self.root.display()
+            );
         }
     }
 }

@@ -38,7 +38,7 @@ async fn a_million_rows_stream_in_bounded_memory() {
         sum += i64::from(row.get::<_, i32>(0));
         assert_eq!(row.get::<_, &str>(1).len(), 200);
         count += 1;
-        if count % 50_000 == 0 {
+        if count.is_multiple_of(50_000) {
             peak = peak.max(rss_bytes());
         }
     }

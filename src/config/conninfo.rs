@@ -178,13 +178,13 @@ fn parse_uri(config: &mut Config, prefix_len: usize, uri: &str) -> std::result::
             }
             hosts.push_str(&rest[start..end]);
             p = end + 1;
-            if let Some(c) = rest[p..].chars().next() {
-                if !matches!(c, ':' | '/' | '?' | ',') {
-                    return Err(format!(
-                        "unexpected character \"{c}\" at position {} in URI (expected \":\" or \"/\")",
-                        prefix_len + rest_offset + p + 1
-                    ));
-                }
+            if let Some(c) = rest[p..].chars().next()
+                && !matches!(c, ':' | '/' | '?' | ',')
+            {
+                return Err(format!(
+                    "unexpected character \"{c}\" at position {} in URI (expected \":\" or \"/\")",
+                    prefix_len + rest_offset + p + 1
+                ));
             }
         } else {
             let end = rest[p..]

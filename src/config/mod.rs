@@ -318,12 +318,14 @@ impl Config {
     fn check(&self, mode: Check) -> std::result::Result<(), String> {
         let hosts = self.hosts.as_ref().map(Vec::len);
         let addrs = self.hostaddrs.as_ref().map(Vec::len);
-        if let (Some(h), Some(a)) = (hosts, addrs) {
-            if h > 0 && a > 0 && h != a {
-                return Err(format!(
-                    "could not match {h} host names to {a} hostaddr values"
-                ));
-            }
+        if let (Some(h), Some(a)) = (hosts, addrs)
+            && h > 0
+            && a > 0
+            && h != a
+        {
+            return Err(format!(
+                "could not match {h} host names to {a} hostaddr values"
+            ));
         }
 
         // §34.1.2 "port": one port applies to every host, otherwise one port per host.
@@ -347,29 +349,28 @@ impl Config {
                 Check::AsGiven => self.ssl_mode,
                 Check::WithDefaults => Some(self.get_ssl_mode()),
             };
-            if let Some(ssl_mode) = mode_in_force {
-                if !ssl_mode.requires_tls() {
-                    return Err(format!(
-                        "weak sslmode \"{}\" may not be used with sslnegotiation=direct \
+            if let Some(ssl_mode) = mode_in_force
+                && !ssl_mode.requires_tls()
+            {
+                return Err(format!(
+                    "weak sslmode \"{}\" may not be used with sslnegotiation=direct \
                          (use \"require\", \"verify-ca\", or \"verify-full\")",
-                        ssl_mode.as_str()
-                    ));
-                }
+                    ssl_mode.as_str()
+                ));
             }
         }
 
         // The system trust store contains every public CA, so only a check of the host name
         // makes it meaningful (libpq's rule since PostgreSQL 16).
-        if self.ssl_root_cert_is_system() {
-            if let Some(ssl_mode) = self.ssl_mode {
-                if ssl_mode != SslMode::VerifyFull {
-                    return Err(format!(
-                        "weak sslmode \"{}\" may not be used with sslrootcert=system \
+        if self.ssl_root_cert_is_system()
+            && let Some(ssl_mode) = self.ssl_mode
+            && ssl_mode != SslMode::VerifyFull
+        {
+            return Err(format!(
+                "weak sslmode \"{}\" may not be used with sslrootcert=system \
                          (use \"verify-full\")",
-                        ssl_mode.as_str()
-                    ));
-                }
-            }
+                ssl_mode.as_str()
+            ));
         }
 
         if let (Some(min), Some(max)) = (
@@ -379,18 +380,17 @@ impl Config {
             self.ssl_max_protocol_version
                 .as_deref()
                 .and_then(tls_version_rank),
-        ) {
-            if min > max {
-                return Err("invalid SSL protocol version range".to_owned());
-            }
+        ) && min > max
+        {
+            return Err("invalid SSL protocol version range".to_owned());
         }
 
-        if let (Some(min), Some(max)) = (&self.min_protocol_version, &self.max_protocol_version) {
-            if protocol_version_rank(min) > protocol_version_rank(max) {
-                return Err(format!(
-                    "min_protocol_version \"{min}\" is greater than max_protocol_version \"{max}\""
-                ));
-            }
+        if let (Some(min), Some(max)) = (&self.min_protocol_version, &self.max_protocol_version)
+            && protocol_version_rank(min) > protocol_version_rank(max)
+        {
+            return Err(format!(
+                "min_protocol_version \"{min}\" is greater than max_protocol_version \"{max}\""
+            ));
         }
         Ok(())
     }

@@ -320,13 +320,12 @@ impl<M: Manager> Pool<M> {
             wait_max_ns: AtomicU64::new(0),
         });
         let pool = Pool { inner };
-        if pool.inner.options.min_idle > 0
+        if (pool.inner.options.min_idle > 0
             || pool.inner.options.idle_timeout.is_some()
-            || pool.inner.options.max_lifetime.is_some()
+            || pool.inner.options.max_lifetime.is_some())
+            && let Ok(handle) = tokio::runtime::Handle::try_current()
         {
-            if let Ok(handle) = tokio::runtime::Handle::try_current() {
-                handle.spawn(maintain(Arc::downgrade(&pool.inner)));
-            }
+            handle.spawn(maintain(Arc::downgrade(&pool.inner)));
         }
         pool
     }
