@@ -63,6 +63,7 @@ pub mod engine;
 pub mod error;
 pub mod from_row;
 pub mod listen;
+mod outcome;
 pub mod pool;
 #[cfg(feature = "unstable-protocol")]
 pub mod protocol;

@@ -871,16 +871,38 @@ impl Connection {
         &mut self,
         queries: &[&dyn ToQuery],
     ) -> std::result::Result<Vec<(Vec<Row>, u64)>, (Option<usize>, Error)> {
+        self.pipeline_then(queries, None).await
+    }
+
+    /// [`pipeline`](Self::pipeline), and in the same write after its Sync, a COMMIT with
+    /// what `commit` asks around it (see [`Connection::commit_between`]). The COMMIT's replies
+    /// are left for [`read_commit`](Self::read_commit) — owed (the connection is busy) if and
+    /// only if they were sent.
+    pub(crate) async fn pipeline_then(
+        &mut self,
+        queries: &[&dyn ToQuery],
+        commit: Option<super::CommitAsk<'_>>,
+    ) -> std::result::Result<Vec<(Vec<Row>, u64)>, (Option<usize>, Error)> {
         self.prepare_request().await.map_err(|e| (None, e))?;
         let plans = self
             .write_pipeline(queries)
             .await
             .map_err(|(i, e)| (Some(i), e))?;
         frontend::sync(&mut self.stream.write_buf);
+        let mut requests = 1;
+        if let Some(ask) = commit {
+            match self.write_commit(ask) {
+                Ok(n) => requests += n,
+                Err(e) => {
+                    self.abandon(plans);
+                    return Err((None, e));
+                }
+            }
+        }
         // One trace per statement; the wait for the connection is the first one's.
         let mut traces: Vec<Option<Traced>> =
             queries.iter().map(|q| Some(self.trace(q.sql()))).collect();
-        self.send(1).await.map_err(|e| (None, e))?;
+        self.send(requests).await.map_err(|e| (None, e))?;
 
         let mut results = Vec::with_capacity(queries.len());
         let mut response = Response::new(Shape::Extended);

@@ -55,7 +55,7 @@ pub use extended::RowStream;
 pub(crate) use extended::{QueryOrigin, SentQuery};
 pub(crate) use instrument::Traced;
 pub(crate) use lease::Lease;
-pub(crate) use simple::CommitReply;
+pub(crate) use simple::{CommitAsk, CommitReply};
 pub use socket::Transport;
 
 pub use crate::protocol::TransactionStatus;

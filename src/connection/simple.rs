@@ -138,55 +138,59 @@ impl Connection {
     /// to `before` (with its ReadyForQuery) before it starts the COMMIT: if the connection is
     /// lost during the COMMIT, that answer has most likely arrived. `before` and `after` are
     /// statements that return one value.
-    pub(crate) async fn commit_between(
-        &mut self,
-        before: Option<&str>,
-        after: Option<&str>,
-    ) -> CommitReply {
-        let mut reply = CommitReply {
-            before: None,
-            commit: Ok(None),
-            after: None,
-        };
+    pub(crate) async fn commit_between(&mut self, ask: CommitAsk<'_>) -> CommitReply {
         if let Err(e) = self.prepare_request().await {
-            reply.commit = Err(e);
-            return reply;
+            return CommitReply::of(Err(e));
         }
+        let sent = match self.write_commit(ask) {
+            Ok(requests) => self.send(requests).await,
+            Err(e) => Err(e),
+        };
+        match sent {
+            Ok(()) => self.read_commit(ask).await,
+            Err(e) => CommitReply::of(Err(e)),
+        }
+    }
+
+    /// Writes the messages of [`commit_between`](Self::commit_between) (after whatever is
+    /// already in the write buffer) and returns how many requests they are.
+    pub(crate) fn write_commit(&mut self, ask: CommitAsk<'_>) -> Result<usize> {
+        let buf = &mut self.stream.write_buf;
+        if let Some(sql) = ask.before {
+            frontend::query(buf, sql)?;
+        }
+        frontend::query(buf, "COMMIT")?;
+        if let Some(sql) = ask.after {
+            frontend::query(buf, sql)?;
+        }
+        Ok(1 + usize::from(ask.before.is_some()) + usize::from(ask.after.is_some()))
+    }
+
+    /// Reads the replies to what [`write_commit`](Self::write_commit) wrote.
+    pub(crate) async fn read_commit(&mut self, ask: CommitAsk<'_>) -> CommitReply {
         let traced = if self.instrument.watching() {
             self.trace("COMMIT")
         } else {
             self.untraced()
         };
-        let written = (|| {
-            let buf = &mut self.stream.write_buf;
-            if let Some(sql) = before {
-                frontend::query(buf, sql)?;
-            }
-            frontend::query(buf, "COMMIT")?;
-            if let Some(sql) = after {
-                frontend::query(buf, sql)?;
-            }
-            Ok::<_, Error>(())
-        })();
-        let requests = 1 + usize::from(before.is_some()) + usize::from(after.is_some());
-        reply.commit = match written {
-            Ok(()) => self.send(requests).await.map(|()| None),
-            Err(e) => Err(e),
+        let before = match ask.before {
+            Some(_) => Some(self.read_one_value().await),
+            None => None,
         };
-        if reply.commit.is_ok() {
-            if before.is_some() {
-                reply.before = Some(self.read_one_value().await);
-            }
-            reply.commit = self.read_command_reply().await;
-            if after.is_some() && !self.is_broken() {
-                reply.after = Some(self.read_one_value().await);
-            }
-        }
-        match &reply.commit {
+        let commit = self.read_command_reply().await;
+        let after = match ask.after {
+            Some(_) if !self.is_broken() => Some(self.read_one_value().await),
+            _ => None,
+        };
+        match &commit {
             Ok(_) => traced.succeeded(0),
             Err(e) => traced.failed(e),
         }
-        reply
+        CommitReply {
+            before,
+            commit,
+            after,
+        }
     }
 
     /// Reads the reply to a statement that returns (at most) one value, as text.
@@ -229,11 +233,19 @@ impl Connection {
     }
 }
 
+/// What [`Connection::commit_between`] asks around a COMMIT.
+#[derive(Debug, Clone, Copy, Default)]
+pub(crate) struct CommitAsk<'a> {
+    pub(crate) before: Option<&'a str>,
+    pub(crate) after: Option<&'a str>,
+}
+
 /// What came back from [`Connection::commit_between`]: `before` and `after` are `None` when
 /// not asked or not read (the connection was lost first).
 pub(crate) struct CommitReply {
     pub(crate) before: Option<Result<Option<String>>>,
     pub(crate) commit: Result<Option<bytes::Bytes>>,
+    #[allow(dead_code)]
     pub(crate) after: Option<Result<Option<String>>>,
 }
 
