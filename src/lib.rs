@@ -74,6 +74,7 @@ pub use connection::{
     Notification, RowStream, TransactionStatus,
 };
 pub use engine::PostgresEngine;
+pub use error::SqlState;
 pub use error::{DbError, Error, ErrorKind, Redacted, Result, TransactionError};
 pub use listen::{ListenEvent, ListenOptions, Listener};
 pub use postgres_types::{FromSql, ToSql, Type};

@@ -73,6 +73,7 @@ pub(crate) fn current(engine: &PostgresEngine) -> Option<PostgresTransaction> {
 
 /// The state of a transaction.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
 pub enum TxState {
     /// Open, and every query so far succeeded.
     Active,
@@ -109,6 +110,7 @@ impl TxState {
 
 /// The isolation level of a transaction.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
 pub enum IsolationLevel {
     /// `READ UNCOMMITTED` (PostgreSQL treats it as READ COMMITTED).
     ReadUncommitted,
