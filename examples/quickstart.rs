@@ -60,7 +60,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     let err = conn.simple_query("SELECT 1/0").await.unwrap_err();
     println!(
         "error as expected: SQLSTATE {} ({})",
-        err.code().unwrap_or("?"),
+        err.code().map_or("?", |code| code.as_str()),
         err
     );
     let row = conn

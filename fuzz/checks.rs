@@ -20,7 +20,7 @@ use bytes::{Bytes, BytesMut};
 use pgengine::config::pgpass_lookup;
 use pgengine::connection::Transport;
 use pgengine::protocol::scram::{
-    ChannelBinding, MAX_ITERATIONS, ScramSha256, parse_server_final, parse_server_first,
+    Gs2Binding, MAX_ITERATIONS, ScramSha256, parse_server_final, parse_server_first,
 };
 use pgengine::protocol::{self, BackendMessage, DataRow};
 use pgengine::{Config, Connection, ErrorKind, Row, SimpleRow, TransactionStatus};
@@ -549,7 +549,7 @@ pub fn check_scram(data: &[u8]) {
 
     let mut scram = ScramSha256::with_nonce(
         password,
-        ChannelBinding::Unsupported,
+        Gs2Binding::Unsupported,
         SCRAM_CLIENT_NONCE.into(),
     );
     assert_eq!(
@@ -558,7 +558,7 @@ pub fn check_scram(data: &[u8]) {
     );
     assert!(!scram.is_done());
     // The state machine refuses the messages out of order.
-    let mut early = ScramSha256::with_nonce(password, ChannelBinding::Unsupported, "n".into());
+    let mut early = ScramSha256::with_nonce(password, Gs2Binding::Unsupported, "n".into());
     assert!(early.finish(server_final).is_err() && early.is_done());
 
     let client_final = match scram.update(server_first) {
@@ -626,7 +626,7 @@ pub fn check_scram(data: &[u8]) {
         // And the right server-final-message, on a fresh exchange, is accepted.
         let mut fresh = ScramSha256::with_nonce(
             password,
-            ChannelBinding::Unsupported,
+            Gs2Binding::Unsupported,
             SCRAM_CLIENT_NONCE.into(),
         );
         fresh

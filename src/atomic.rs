@@ -141,7 +141,14 @@ impl<'q> Atomic<'q> {
                     // whole run can go again once (the statement is prepared afresh).
                     // (A pooler took our prepared statements: the connection has switched to
                     // unnamed ones, and the run works again.)
-                    let stale = matches!(e.code(), Some("0A000") | Some("26000") | Some("42P05"));
+                    let stale = matches!(
+                        e.code(),
+                        Some(
+                            &crate::SqlState::FEATURE_NOT_SUPPORTED
+                                | &crate::SqlState::UNDEFINED_PSTATEMENT
+                                | &crate::SqlState::DUPLICATE_PSTATEMENT
+                        )
+                    );
                     if stale && clean && !retried {
                         retried = true;
                         continue;

@@ -46,6 +46,7 @@ const CLOSE_WAIT: Duration = Duration::from_secs(30);
 
 /// The server's version, from its `server_version` parameter.
 #[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
 pub struct ServerVersion {
     /// The major version (15 for "15.4", 9 for "9.6.24").
     pub major: u32,
@@ -571,7 +572,7 @@ impl PostgresEngine {
             );
             match conn.simple_query(&sql).await {
                 Ok(_) => {}
-                Err(e) if e.code() == Some("42501") => {
+                Err(e) if e.code() == Some(&crate::SqlState::INSUFFICIENT_PRIVILEGE) => {
                     tracing::warn!(
                         target: "pgengine::engine",
                         extension = name.as_str(),

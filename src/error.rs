@@ -6,13 +6,21 @@
 //! have to stay fixed forever.
 //!
 //! An error the server sent (an `ErrorResponse`, PostgreSQL docs §55.8 "Error and Notice
-//! Message Fields") keeps every field in a [`DbError`]. Messages never contain a password: the
-//! constructors take text written by this crate, never the user's connection string.
+//! Message Fields") keeps every field in a [`DbError`], its SQLSTATE as a [`SqlState`] and its
+//! severity, never localised, as a [`Severity`]. An error that a lower one caused (a socket's
+//! `io::Error`, a TLS failure, a `FromSql` or `ToSql` implementation's error) keeps it as its
+//! [`source`](std::error::Error::source). Messages never contain a password: the constructors
+//! take text written by this crate, never the user's connection string.
 
 use std::error::Error as StdError;
 use std::fmt;
+use std::sync::Arc;
 
 use bytes::Bytes;
+
+mod sqlstate;
+
+pub use sqlstate::SqlState;
 
 /// What went wrong, broadly. Match on this to decide what to do next.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -103,16 +111,19 @@ pub enum TransactionError {
 /// The error type of every pgengine operation.
 pub struct Error(Box<Inner>);
 
+/// A lower error that caused an [`Error`]. Shared, so that the copies of one error handed to
+/// every query a broken pipelined connection carried ([`Error::duplicate`]) all keep it.
+type Source = Arc<dyn StdError + Send + Sync>;
+
 struct Inner {
     kind: ErrorKind,
     message: String,
     db: Option<Box<DbError>>,
-    source: Option<Box<dyn StdError + Send + Sync>>,
+    source: Option<Source>,
     /// True when nothing of the failed operation reached the server, so running it again
     /// cannot apply it twice (jackc/pgx's `SafeToRetry`).
     safe_to_retry: bool,
     transaction: Option<TransactionError>,
-    needs_own_run: bool,
 }
 
 impl Error {
@@ -124,7 +135,6 @@ impl Error {
             source: None,
             safe_to_retry: false,
             transaction: None,
-            needs_own_run: false,
         }))
     }
 
@@ -143,11 +153,12 @@ impl Error {
         Error::new(ErrorKind::Auth, message)
     }
 
-    /// An operation ran out of time.
+    /// TLS could not be set up.
     pub(crate) fn tls(message: impl Into<String>) -> Error {
         Error::new(ErrorKind::Tls, message)
     }
 
+    /// An operation ran out of time.
     pub(crate) fn timeout(message: impl Into<String>) -> Error {
         Error::new(ErrorKind::Timeout, message)
     }
@@ -172,23 +183,15 @@ impl Error {
     }
 
     /// The same error for another caller that it also ended (the queries in flight on a
-    /// pipelined connection that broke): kind, message, server fields and flags; the source
-    /// is kept as text.
+    /// pipelined connection that broke): kind, message, server fields, source and flags.
     pub(crate) fn duplicate(&self) -> Error {
-        let mut message = self.0.message.clone();
-        if let Some(source) = &self.0.source
-            && message.is_empty()
-        {
-            message = source.to_string();
-        }
         Error(Box::new(Inner {
             kind: self.0.kind,
-            message,
+            message: self.0.message.clone(),
             db: self.0.db.clone(),
-            source: None,
+            source: self.0.source.clone(),
             safe_to_retry: self.0.safe_to_retry,
             transaction: self.0.transaction,
-            needs_own_run: false,
         }))
     }
 
@@ -224,22 +227,20 @@ impl Error {
     }
 
     /// A value could not be converted between Rust and PostgreSQL.
-    #[allow(dead_code)]
     pub(crate) fn conversion(message: impl Into<String>) -> Error {
         Error::new(ErrorKind::Conversion, message)
     }
 
-    /// A pipelined query that must run on a connection of its own (its statement has to be
-    /// described by the server first); the engine retries it so, the user never sees this.
-    pub(crate) fn needs_own_run() -> Error {
-        let mut e = Error::new(ErrorKind::Conversion, "this query cannot be pipelined");
-        e.0.needs_own_run = true;
-        e
+    /// A column could not be decoded: `cause` is the `FromSql` implementation's error (or
+    /// postgres-types' `WrongType`, `WasNull`), kept as the source.
+    pub(crate) fn from_sql(column: &str, cause: Box<dyn StdError + Send + Sync>) -> Error {
+        Error::conversion(format!("could not decode column {column:?}: {cause}")).with_source(cause)
     }
 
-    /// True for [`Error::needs_own_run`].
-    pub(crate) fn is_needs_own_run(&self) -> bool {
-        self.0.needs_own_run
+    /// A value could not be encoded: `cause` is the `ToSql` implementation's error, kept as
+    /// the source. `what` names the value (`parameter $2`, `COPY column 3 (int4)`).
+    pub(crate) fn to_sql(what: impl fmt::Display, cause: Box<dyn StdError + Send + Sync>) -> Error {
+        Error::conversion(format!("{what}: {cause}")).with_source(cause)
     }
 
     /// The connection is not in a state that allows the operation; nothing was sent.
@@ -254,9 +255,7 @@ impl Error {
 
     /// A socket error, with what we were doing when it happened.
     pub(crate) fn io(context: &str, err: std::io::Error) -> Error {
-        let mut e = Error::new(ErrorKind::Io, format!("{context}: {err}"));
-        e.0.source = Some(Box::new(err));
-        e
+        Error::new(ErrorKind::Io, format!("{context}: {err}")).with_source(err)
     }
 
     /// An `ErrorResponse` from the server.
@@ -271,10 +270,12 @@ impl Error {
         e
     }
 
-    /// Attaches the underlying cause.
-    #[allow(dead_code)]
-    pub(crate) fn with_source(mut self, source: impl StdError + Send + Sync + 'static) -> Error {
-        self.0.source = Some(Box::new(source));
+    /// Attaches the lower error that caused this one, for [`source`](StdError::source).
+    pub(crate) fn with_source(
+        mut self,
+        cause: impl Into<Box<dyn StdError + Send + Sync>>,
+    ) -> Error {
+        self.0.source = Some(Source::from(cause.into()));
         self
     }
 
@@ -289,8 +290,16 @@ impl Error {
         self.0.kind
     }
 
-    /// The SQLSTATE code the server sent (e.g. `"23505"` for a unique violation), if any.
-    pub fn code(&self) -> Option<&str> {
+    /// The SQLSTATE code the server sent, if the error came from the server.
+    ///
+    /// ```
+    /// use pgengine::{Error, SqlState};
+    ///
+    /// fn already_there(e: &Error) -> bool {
+    ///     e.code() == Some(&SqlState::UNIQUE_VIOLATION)
+    /// }
+    /// ```
+    pub fn code(&self) -> Option<&SqlState> {
         self.0.db.as_ref().map(|db| db.code())
     }
 
@@ -400,6 +409,9 @@ impl fmt::Display for Error {
     }
 }
 
+/// The source is the lower error that caused this one when there is one (an `io::Error`, a
+/// TLS error, a `FromSql`/`ToSql` implementation's error, or the pgengine error it followed
+/// from), else the server's [`DbError`].
 impl StdError for Error {
     fn source(&self) -> Option<&(dyn StdError + 'static)> {
         match &self.0.source {
@@ -413,13 +425,88 @@ impl StdError for Error {
     }
 }
 
+/// How serious a server error or notice is: the `V` field of an `ErrorResponse` or
+/// `NoticeResponse`, which the server never translates (§55.8). See
+/// [`DbError::severity_level`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[non_exhaustive]
+pub enum Severity {
+    /// `PANIC`: the server stops every session and restarts.
+    Panic,
+    /// `FATAL`: the server ends this session.
+    Fatal,
+    /// `ERROR`: the statement failed (and with it the transaction block it ran in).
+    Error,
+    /// `WARNING`, in a notice.
+    Warning,
+    /// `NOTICE`, in a notice.
+    Notice,
+    /// `DEBUG`, in a notice (`client_min_messages` set to a `debug` level).
+    Debug,
+    /// `INFO`, in a notice.
+    Info,
+    /// `LOG`, in a notice (`client_min_messages = log`).
+    Log,
+}
+
+impl Severity {
+    /// The word as the protocol spells it, e.g. `"FATAL"`.
+    ///
+    /// ```
+    /// assert_eq!(pgengine::error::Severity::Fatal.as_str(), "FATAL");
+    /// ```
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Severity::Panic => "PANIC",
+            Severity::Fatal => "FATAL",
+            Severity::Error => "ERROR",
+            Severity::Warning => "WARNING",
+            Severity::Notice => "NOTICE",
+            Severity::Debug => "DEBUG",
+            Severity::Info => "INFO",
+            Severity::Log => "LOG",
+        }
+    }
+
+    /// True for FATAL and PANIC: after such an error the server closes the connection.
+    ///
+    /// ```
+    /// use pgengine::error::Severity;
+    /// assert!(Severity::Fatal.ends_session());
+    /// assert!(!Severity::Error.ends_session());
+    /// ```
+    pub fn ends_session(self) -> bool {
+        matches!(self, Severity::Fatal | Severity::Panic)
+    }
+
+    fn parse(word: &str) -> Option<Severity> {
+        Some(match word {
+            "PANIC" => Severity::Panic,
+            "FATAL" => Severity::Fatal,
+            "ERROR" => Severity::Error,
+            "WARNING" => Severity::Warning,
+            "NOTICE" => Severity::Notice,
+            "DEBUG" => Severity::Debug,
+            "INFO" => Severity::Info,
+            "LOG" => Severity::Log,
+            _ => return None,
+        })
+    }
+}
+
+impl fmt::Display for Severity {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
 /// An error or notice sent by the server, with every field of the `ErrorResponse` /
 /// `NoticeResponse` message (PostgreSQL docs §55.8).
 #[derive(Clone, PartialEq, Eq)]
 pub struct DbError {
     pub(crate) severity: String,
     pub(crate) severity_nonlocalized: Option<String>,
-    pub(crate) code: String,
+    pub(crate) code: SqlState,
     pub(crate) message: String,
     pub(crate) detail: Option<String>,
     pub(crate) hint: Option<String>,
@@ -437,6 +524,7 @@ pub struct DbError {
 
 /// Where in a query the server found the error.
 #[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
 pub enum ErrorPosition {
     /// A 1-based character offset into the query the client sent.
     Original(u32),
@@ -457,7 +545,7 @@ impl DbError {
         let mut db = DbError {
             severity: String::new(),
             severity_nonlocalized: None,
-            code: String::new(),
+            code: SqlState::INTERNAL_ERROR,
             message: String::new(),
             detail: None,
             hint: None,
@@ -499,7 +587,7 @@ impl DbError {
             match ty {
                 b'S' => severity = Some(value),
                 b'V' => db.severity_nonlocalized = Some(value),
-                b'C' => code = Some(value),
+                b'C' => code = Some(SqlState::from(value)),
                 b'M' => message = Some(value),
                 b'D' => db.detail = Some(value),
                 b'H' => db.hint = Some(value),
@@ -524,7 +612,7 @@ impl DbError {
         db.severity = severity
             .or_else(|| db.severity_nonlocalized.clone())
             .unwrap_or_else(|| "ERROR".to_owned());
-        db.code = code.unwrap_or_else(|| "XX000".to_owned());
+        db.code = code.unwrap_or(SqlState::INTERNAL_ERROR);
         db.message = message.unwrap_or_default();
         db.position = match (position, internal_position, internal_query) {
             (Some(p), _, _) => Some(ErrorPosition::Original(p)),
@@ -537,19 +625,53 @@ impl DbError {
         Ok(db)
     }
 
-    /// Severity as the server localised it: `ERROR`, `FATAL`, `PANIC`, or for notices
-    /// `WARNING`, `NOTICE`, `DEBUG`, `INFO`, `LOG`.
+    /// Severity as the server localised it (`lc_messages`): `ERROR`, `FATAL`, `PANIC`, or
+    /// for notices `WARNING`, `NOTICE`, `DEBUG`, `INFO`, `LOG` — or their translation
+    /// (`FEHLER`, `ВАЖНО`). To decide anything, use [`severity_level`](Self::severity_level).
     pub fn severity(&self) -> &str {
         &self.severity
     }
 
-    /// Severity never localised (PostgreSQL 9.6+).
+    /// Severity never localised, as the server sent it (PostgreSQL 9.6+).
     pub fn severity_nonlocalized(&self) -> Option<&str> {
         self.severity_nonlocalized.as_deref()
     }
 
-    /// The SQLSTATE code, e.g. `"42601"` for a syntax error.
-    pub fn code(&self) -> &str {
+    /// The severity as a type: read from the never-localised field when the server sent it
+    /// (PostgreSQL 9.6+), else from the localised one, which an older server sends in English
+    /// unless `lc_messages` names another language. `None` when neither says a severity
+    /// PostgreSQL defines.
+    ///
+    /// ```
+    /// use pgengine::error::Severity;
+    ///
+    /// fn ends_the_session(e: &pgengine::DbError) -> bool {
+    ///     e.severity_level().is_some_and(Severity::ends_session)
+    /// }
+    /// ```
+    pub fn severity_level(&self) -> Option<Severity> {
+        match &self.severity_nonlocalized {
+            Some(v) => Severity::parse(v),
+            None => Severity::parse(&self.severity),
+        }
+    }
+
+    /// True when the server ends the session after this error (FATAL or PANIC).
+    pub(crate) fn ends_session(&self) -> bool {
+        self.severity_level().is_some_and(Severity::ends_session)
+    }
+
+    /// The SQLSTATE code.
+    ///
+    /// ```
+    /// # fn demo(db: &pgengine::DbError) {
+    /// use pgengine::SqlState;
+    /// if *db.code() == SqlState::SYNTAX_ERROR {
+    ///     eprintln!("check the SQL: {}", db.message());
+    /// }
+    /// # }
+    /// ```
+    pub fn code(&self) -> &SqlState {
         &self.code
     }
 
@@ -631,7 +753,7 @@ impl DbError {
     /// integer: "…"`), every double-quoted part is masked; other messages are kept whole.
     /// [`message`](Self::message) has the server's text as it came.
     fn shown_message(&self) -> std::borrow::Cow<'_, str> {
-        if !self.code.starts_with("22") || !self.message.contains('"') {
+        if self.code.class() != SqlState::DATA_EXCEPTION || !self.message.contains('"') {
             return std::borrow::Cow::Borrowed(&self.message);
         }
         let mut shown = String::with_capacity(self.message.len());
@@ -714,7 +836,7 @@ mod tests {
         let db = DbError::parse(&fields(&[
             (b'S', "ERROR"),
             (b'V', "ERROR"),
-            (b'C', "23505"),
+            (b'C', SqlState::UNIQUE_VIOLATION.as_str()),
             (b'M', "duplicate key"),
             (b'D', "Key (id)=(1) already exists."),
             (b'H', "try another"),
@@ -731,7 +853,8 @@ mod tests {
             (b'Z', "unknown field is ignored"),
         ]))
         .unwrap();
-        assert_eq!(db.code(), "23505");
+        assert_eq!(*db.code(), SqlState::UNIQUE_VIOLATION);
+        assert_eq!(db.severity_level(), Some(Severity::Error));
         assert_eq!(db.message(), "duplicate key");
         assert_eq!(db.detail(), Some("Key (id)=(1) already exists."));
         assert_eq!(db.position(), Some(&ErrorPosition::Original(12)));
@@ -739,9 +862,59 @@ mod tests {
         assert_eq!(db.line(), Some(664));
         assert_eq!(db.routine(), Some("_bt_check_unique"));
         let e = Error::db(db);
-        assert_eq!(e.code(), Some("23505"));
+        assert_eq!(e.code(), Some(&SqlState::UNIQUE_VIOLATION));
         assert_eq!(e.kind(), ErrorKind::Db);
         assert!(e.to_string().contains("duplicate key"));
+    }
+
+    /// Whether the server ends the session is read from the `V` field, which it never
+    /// translates: with `lc_messages = 'ru_RU.UTF-8'` the `S` field of a FATAL error is
+    /// "ВАЖНО" (PostgreSQL's own Russian catalogue), and of a PANIC "ПАНИКА".
+    #[test]
+    fn a_session_ends_by_the_unlocalized_severity() {
+        let error = |pairs: &[(u8, &str)]| DbError::parse(&fields(pairs)).unwrap();
+        let terminated = error(&[
+            (b'S', "ВАЖНО"),
+            (b'V', "FATAL"),
+            (b'C', SqlState::ADMIN_SHUTDOWN.as_str()),
+            (b'M', "завершение подключения по команде администратора"),
+        ]);
+        assert_eq!(terminated.severity(), "ВАЖНО");
+        assert_eq!(terminated.severity_level(), Some(Severity::Fatal));
+        assert!(terminated.ends_session());
+        let panic = error(&[(b'S', "ПАНИКА"), (b'V', "PANIC"), (b'M', "m")]);
+        assert!(panic.ends_session());
+        // An ERROR in German; and a FATAL whose localized word happens to be "FATAL" too.
+        let failed = error(&[(b'S', "FEHLER"), (b'V', "ERROR"), (b'M', "m")]);
+        assert_eq!(failed.severity_level(), Some(Severity::Error));
+        assert!(!failed.ends_session());
+        let lookalike = error(&[(b'S', "FATAL"), (b'V', "ERROR"), (b'M', "m")]);
+        assert!(!lookalike.ends_session(), "V decides, not S");
+        // A server older than 9.6 sends S only, in English unless lc_messages says otherwise.
+        let old = error(&[(b'S', "FATAL"), (b'M', "m")]);
+        assert_eq!(old.severity_level(), Some(Severity::Fatal));
+        assert!(old.ends_session());
+        let unknown = error(&[(b'S', "ВАЖНО"), (b'M', "m")]);
+        assert_eq!(unknown.severity_level(), None);
+        // A missing code is the generic internal error.
+        assert_eq!(*unknown.code(), SqlState::INTERNAL_ERROR);
+    }
+
+    #[test]
+    fn duplicates_share_the_source() {
+        #[derive(Debug)]
+        struct Cause;
+        impl fmt::Display for Cause {
+            fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str("the cause")
+            }
+        }
+        impl StdError for Cause {}
+        let e = Error::closed("it broke").with_source(Cause).retry_safe();
+        let copy = e.duplicate();
+        assert_eq!(copy.to_string(), e.to_string());
+        assert!(copy.safe_to_retry());
+        assert!(copy.source().is_some_and(|s| s.is::<Cause>()));
     }
 
     #[test]

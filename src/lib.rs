@@ -89,6 +89,7 @@ pub use connection::{
     Notification, RowStream, TransactionStatus,
 };
 pub use engine::PostgresEngine;
+pub use error::SqlState;
 pub use error::{DbError, Error, ErrorKind, Redacted, Result, TransactionError};
 pub use from_row::FromRow;
 pub use listen::{ListenEvent, ListenOptions, Listener};

@@ -38,7 +38,7 @@ use futures::stream::FusedStream;
 use postgres_protocol::escape::escape_identifier;
 
 use crate::connection::{Connection, Notification};
-use crate::error::{Error, ErrorKind, Result};
+use crate::error::{Error, ErrorKind, Result, SqlState};
 use crate::pool::{ConnectionManager, Manager};
 
 /// The default for [`ListenOptions::min_backoff`].
@@ -256,7 +256,8 @@ impl Outcome {
             Ok(_) => Ok(()),
             Err(e) => Err(Error::closed(format!(
                 "the listener lost its connection and could not open another: {e}"
-            ))),
+            ))
+            .with_source(e.duplicate())),
         };
         Outcome {
             reconnected: conn.is_ok(),
@@ -414,12 +415,13 @@ impl Listener {
         let conn = match std::mem::replace(&mut self.state, State::Ended(None)) {
             State::Listening(conn) => conn,
             State::Ended(error) => {
-                let reason = match &error {
-                    Some(e) => format!("the listener has ended: {e}"),
-                    None => "the listener is closed".to_owned(),
+                let ended = match &error {
+                    Some(e) => Error::closed(format!("the listener has ended: {e}"))
+                        .with_source(e.duplicate()),
+                    None => Error::closed("the listener is closed"),
                 };
                 self.state = State::Ended(error);
-                return Err(Error::closed(reason));
+                return Err(ended);
             }
             State::Working(work) => {
                 self.state = State::Working(work);
@@ -590,10 +592,13 @@ fn can_heal(e: &Error) -> bool {
         // system error. 25006 is LISTEN refused by a hot standby, which heals when a
         // failover makes it (or another host) the primary.
         ErrorKind::Db => e.code().is_some_and(|code| {
-            ["08", "53", "57", "58"]
-                .iter()
-                .any(|class| code.starts_with(class))
-                || code == "25006"
+            matches!(
+                code.class(),
+                SqlState::CONNECTION_EXCEPTION
+                    | SqlState::INSUFFICIENT_RESOURCES
+                    | SqlState::OPERATOR_INTERVENTION
+                    | SqlState::SYSTEM_ERROR
+            ) || *code == SqlState::READ_ONLY_SQL_TRANSACTION
         }),
         _ => false,
     }

@@ -515,6 +515,48 @@ mod tests {
         assert_eq!(direct, bound, "{ty}");
     }
 
+    /// A value that cannot be encoded keeps the `ToSql` implementation's error as the
+    /// error's source, and nothing was sent.
+    #[test]
+    fn an_encoding_error_keeps_its_cause() {
+        use std::error::Error as _;
+
+        #[derive(Debug)]
+        struct TooBig;
+        impl std::fmt::Display for TooBig {
+            fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("too big to send")
+            }
+        }
+        impl std::error::Error for TooBig {}
+        #[derive(Debug)]
+        struct Refuses;
+        impl ToSql for Refuses {
+            fn to_sql(
+                &self,
+                _: &Type,
+                _: &mut bytes::BytesMut,
+            ) -> Result<postgres_types::IsNull, Box<dyn std::error::Error + Sync + Send>>
+            {
+                Err(Box::new(TooBig))
+            }
+            fn accepts(_: &Type) -> bool {
+                true
+            }
+            postgres_types::to_sql_checked!();
+        }
+
+        let q = Query::new("SELECT $1, $2").bind(1i32).bind(Refuses);
+        let e = encode_params(q.params()).unwrap_err();
+        assert_eq!(e.kind(), crate::ErrorKind::Conversion);
+        assert!(
+            e.to_string().contains("parameter $2: too big to send"),
+            "{e}"
+        );
+        assert!(e.safe_to_retry());
+        assert!(e.source().is_some_and(|s| s.is::<TooBig>()), "{e:?}");
+    }
+
     #[test]
     fn bound_values_encode_as_themselves() {
         // Kept in place.
@@ -757,9 +799,8 @@ fn encode_params_with(
                 }
                 Err(e) if e.is::<postgres_types::WrongType>() => {}
                 Err(e) => {
-                    return Err(
-                        crate::Error::conversion(format!("parameter ${}: {e}", i + 1)).retry_safe(),
-                    );
+                    let e = crate::Error::to_sql(format_args!("parameter ${}", i + 1), e);
+                    return Err(e.retry_safe());
                 }
             }
         }

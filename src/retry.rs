@@ -44,7 +44,7 @@ use std::time::{Duration, Instant};
 
 use crate::config::TargetSessionAttrs;
 use crate::engine::{PostgresEngine, Route};
-use crate::error::{Error, TransactionError};
+use crate::error::{Error, SqlState, TransactionError};
 use crate::transaction::{PostgresTransaction, TransactionBuilder};
 
 /// How often and how long a transaction is tried ([`TransactionBuilder::retry`]).
@@ -231,9 +231,9 @@ impl RetryingTransaction {
 /// Why a transaction that failed with `e` may be tried again, or `None`.
 fn retry_reason(e: &Error, engine: &PostgresEngine) -> Option<&'static str> {
     match e.code() {
-        Some("40001") => return Some("serialization failure"),
-        Some("40P01") => return Some("deadlock"),
-        Some("25006")
+        Some(&SqlState::T_R_SERIALIZATION_FAILURE) => return Some("serialization failure"),
+        Some(&SqlState::T_R_DEADLOCK_DETECTED) => return Some("deadlock"),
+        Some(&SqlState::READ_ONLY_SQL_TRANSACTION)
             if matches!(
                 engine.config().get_target_session_attrs(),
                 TargetSessionAttrs::ReadWrite | TargetSessionAttrs::Primary
@@ -267,8 +267,9 @@ fn retry_reason(e: &Error, engine: &PostgresEngine) -> Option<&'static str> {
 /// and its kin come as a FATAL error; class 08 is the connection exception class).
 fn connection_lost(e: &Error) -> bool {
     e.is_closed()
-        || e.code()
-            .is_some_and(|code| code.starts_with("57P") || code.starts_with("08"))
+        || e.code().is_some_and(|code| {
+            code.as_str().starts_with("57P") || code.class() == SqlState::CONNECTION_EXCEPTION
+        })
 }
 
 /// True if a lost connection is among the causes of `e`.

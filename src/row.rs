@@ -193,12 +193,14 @@ impl Row {
             .ok_or_else(|| Error::conversion(format!("the row has no column {idx}")))?;
         let column = &self.columns[i];
         if !T::accepts(&column.type_) {
+            // postgres-types' own error for it is the source, as its decoders would give.
             return Err(Error::conversion(format!(
                 "column {:?} of type {} cannot be read as {}",
                 column.name,
                 column.type_,
                 std::any::type_name::<T>()
-            )));
+            ))
+            .with_source(postgres_types::WrongType::new::<T>(column.type_.clone())));
         }
         let raw = self.data.value(i);
         if let Some(raw) = raw
@@ -208,9 +210,7 @@ impl Row {
                 Error::conversion(format!("column {:?} cannot be decoded: {why}", column.name))
             })?;
         }
-        FromSql::from_sql_nullable(&column.type_, raw).map_err(|e| {
-            Error::conversion(format!("could not decode column {:?}: {e}", column.name))
-        })
+        FromSql::from_sql_nullable(&column.type_, raw).map_err(|e| Error::from_sql(&column.name, e))
     }
 
     /// The raw bytes of a column in the wire format, or `None` for NULL.
@@ -364,8 +364,9 @@ impl SimpleRow {
         self.data
             .value(i)
             .map(|v| {
-                std::str::from_utf8(v)
-                    .map_err(|_| Error::conversion(format!("column {idx} is not valid UTF-8")))
+                std::str::from_utf8(v).map_err(|e| {
+                    Error::conversion(format!("column {idx} is not valid UTF-8")).with_source(e)
+                })
             })
             .transpose()
     }
@@ -477,6 +478,78 @@ mod tests {
         assert_eq!(
             format!("{row:?}"),
             r#"{"n": 7, "t": "hi", "u": <16 bytes of uuid>, "z": NULL}"#
+        );
+    }
+
+    /// A conversion error keeps what caused it as its source, of its own type: the `FromSql`
+    /// implementation's error, postgres-types' `WrongType` and `WasNull`, a `Utf8Error`.
+    #[test]
+    fn conversion_errors_keep_their_cause() {
+        use crate::ErrorKind;
+        use crate::protocol::FieldDescription;
+        use postgres_types::{FromSql, Type, WasNull, WrongType};
+        use std::error::Error as _;
+
+        #[derive(Debug)]
+        struct Refused;
+        impl std::fmt::Display for Refused {
+            fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("refused by the decoder")
+            }
+        }
+        impl std::error::Error for Refused {}
+        struct Picky;
+        impl<'a> FromSql<'a> for Picky {
+            fn from_sql(
+                _: &Type,
+                _: &'a [u8],
+            ) -> Result<Self, Box<dyn std::error::Error + Sync + Send>> {
+                Err(Box::new(Refused))
+            }
+            fn accepts(ty: &Type) -> bool {
+                *ty == Type::INT4
+            }
+        }
+
+        let field = |name: &str, oid| FieldDescription {
+            name: name.into(),
+            table_oid: 0,
+            column_id: 0,
+            type_oid: oid,
+            type_size: -1,
+            type_modifier: -1,
+            format: 1,
+        };
+        let columns: std::sync::Arc<[super::Column]> =
+            [field("n", 23), field("z", 23), field("t", 25)]
+                .iter()
+                .map(super::Column::from_field)
+                .collect();
+        let data = || {
+            [
+                Some(bytes::Bytes::from_static(&[0, 0, 0, 7])),
+                None,
+                Some(bytes::Bytes::from_static(b"\xff")),
+            ]
+            .into_iter()
+            .collect()
+        };
+        let row = super::Row::new(columns.clone(), data()).unwrap();
+
+        let e = row.try_get::<_, Picky>("n").err().unwrap();
+        assert_eq!(e.kind(), ErrorKind::Conversion);
+        assert!(e.to_string().contains("refused by the decoder"), "{e}");
+        assert!(e.source().is_some_and(|s| s.is::<Refused>()), "{e:?}");
+        let e = row.try_get::<_, i32>("z").unwrap_err();
+        assert!(e.source().is_some_and(|s| s.is::<WasNull>()), "{e:?}");
+        let e = row.try_get::<_, i32>("t").unwrap_err();
+        assert!(e.source().is_some_and(|s| s.is::<WrongType>()), "{e:?}");
+
+        let simple = super::SimpleRow::new(columns, data()).unwrap();
+        let e = simple.try_get("t").unwrap_err();
+        assert!(
+            e.source().is_some_and(|s| s.is::<std::str::Utf8Error>()),
+            "{e:?}"
         );
     }
 

@@ -75,6 +75,7 @@ pub(crate) fn current(engine: &PostgresEngine) -> Option<PostgresTransaction> {
 
 /// The state of a transaction.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
 pub enum TxState {
     /// Open, and every query so far succeeded.
     Active,
@@ -111,6 +112,7 @@ impl TxState {
 
 /// The isolation level of a transaction.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
 pub enum IsolationLevel {
     /// `READ UNCOMMITTED` (PostgreSQL treats it as READ COMMITTED).
     ReadUncommitted,

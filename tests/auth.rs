@@ -5,6 +5,7 @@
 mod common;
 
 use common::{cluster, socket_config, tcp_config};
+use pgengine::SqlState;
 use pgengine::testing::TempCluster;
 use pgengine::{Config, Connection, ErrorKind};
 
@@ -58,7 +59,11 @@ async fn every_password_method_with_a_wrong_password_is_28p01() {
             config.password("not the password");
             let err = whoami(&config).await.expect_err(method);
             assert_eq!(err.kind(), ErrorKind::Auth, "{method}: {err}");
-            assert_eq!(err.code(), Some("28P01"), "{method}: {err}");
+            assert_eq!(
+                err.code(),
+                Some(&SqlState::INVALID_PASSWORD),
+                "{method}: {err}"
+            );
             assert!(!err.to_string().contains("not the password"), "{err}");
         }
     }
@@ -124,13 +129,17 @@ async fn password_from_a_pgpass_file() {
 async fn unknown_user_and_database_carry_their_sqlstate() {
     // pg_hba.conf trusts everyone else, so the server checks the role and fails with 28000.
     let err = whoami(&tcp_config("no_such_role")).await.unwrap_err();
-    assert_eq!(err.code(), Some("28000"), "{err}");
+    assert_eq!(
+        err.code(),
+        Some(&SqlState::INVALID_AUTHORIZATION_SPECIFICATION),
+        "{err}"
+    );
     assert_eq!(err.kind(), ErrorKind::Auth);
 
     let mut config = tcp_config(TempCluster::SUPERUSER);
     config.dbname("no_such_database");
     let err = whoami(&config).await.unwrap_err();
-    assert_eq!(err.code(), Some("3D000"), "{err}");
+    assert_eq!(err.code(), Some(&SqlState::UNDEFINED_DATABASE), "{err}");
     assert_eq!(err.kind(), ErrorKind::Db);
 }
 

@@ -11,6 +11,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use common::{cluster, connect, tcp_config};
+use pgengine::SqlState;
 use pgengine::pool::PoolOptions;
 use pgengine::testing::TempCluster;
 use pgengine::transaction::TxState;
@@ -67,7 +68,7 @@ async fn cancel_token_stops_pg_sleep_and_the_connection_is_reused() {
     let took = started.elapsed();
     eprintln!("pg_sleep(30) cancelled after {took:?}");
     assert_eq!(err.kind(), ErrorKind::Db, "{err}");
-    assert_eq!(err.code(), Some("57014"), "{err}");
+    assert_eq!(err.code(), Some(&SqlState::QUERY_CANCELED), "{err}");
     // A bound far below the 30 s the statement would take, not a speed claim.
     assert!(took < Duration::from_secs(15), "{took:?}");
     canceller.await.unwrap().unwrap();
@@ -415,7 +416,7 @@ async fn server_timeouts_as_startup_options() {
     assert_eq!(shown.get::<_, String>(2), "400ms");
     // statement_timeout: the server cancels the statement itself.
     let err = conn.execute("SELECT pg_sleep(5)").await.unwrap_err();
-    assert_eq!(err.code(), Some("57014"), "{err}");
+    assert_eq!(err.code(), Some(&SqlState::QUERY_CANCELED), "{err}");
     assert!(conn.is_idle());
     // idle_in_transaction_session_timeout: the server ends the session (FATAL 25P03).
     conn.simple_query("BEGIN").await.unwrap();

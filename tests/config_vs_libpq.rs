@@ -618,6 +618,7 @@ fn ours(config: &Config) -> BTreeMap<&'static str, String> {
         SslMode::Require => "require",
         SslMode::VerifyCa => "verify-ca",
         SslMode::VerifyFull => "verify-full",
+        other => panic!("sslmode {other:?} is new: add it to this comparison"),
     };
     meaning.insert("sslmode", ssl_mode.to_owned());
     let attrs = match config.get_target_session_attrs() {
@@ -627,6 +628,7 @@ fn ours(config: &Config) -> BTreeMap<&'static str, String> {
         TargetSessionAttrs::Primary => "primary",
         TargetSessionAttrs::Standby => "standby",
         TargetSessionAttrs::PreferStandby => "prefer-standby",
+        other => panic!("target_session_attrs {other:?} is new: add it to this comparison"),
     };
     meaning.insert("target_session_attrs", attrs.to_owned());
     meaning

@@ -15,6 +15,7 @@ use std::time::{Duration, SystemTime};
 use common::{connect, tcp_config};
 use futures::TryStreamExt;
 use mock::{Kind, MockServer, Step, error_response, ready, script, trust_login};
+use pgengine::SqlState;
 use pgengine::pool::PoolOptions;
 use pgengine::protocol::{BackendMessage, CopyFormat, FrontendMessage};
 use pgengine::testing::TempCluster;
@@ -457,7 +458,11 @@ async fn a_malformed_value_mid_copy_is_22p02_and_copies_nothing() {
         .await
         .unwrap_err();
     assert_eq!(err.kind(), ErrorKind::Db, "{err}");
-    assert_eq!(err.code(), Some("22P02"), "{err}");
+    assert_eq!(
+        err.code(),
+        Some(&SqlState::INVALID_TEXT_REPRESENTATION),
+        "{err}"
+    );
     let db = err.as_db_error().unwrap();
     assert!(
         db.where_().unwrap_or("").contains("COPY copy_bad_value"),
@@ -481,7 +486,7 @@ async fn a_unique_violation_mid_copy_is_23505_and_copies_nothing() {
     let err = copy_lines(&mut conn, "COPY copy_unique FROM STDIN", lines)
         .await
         .unwrap_err();
-    assert_eq!(err.code(), Some("23505"), "{err}");
+    assert_eq!(err.code(), Some(&SqlState::UNIQUE_VIOLATION), "{err}");
     assert_eq!(
         err.as_db_error().unwrap().constraint(),
         Some("copy_unique_pkey")
@@ -514,11 +519,21 @@ async fn an_error_the_server_sent_mid_copy_stops_the_next_write() {
         }
     }
     let err = failed.expect("a write reports the server's error");
-    assert_eq!(err.code(), Some("22P02"), "{err}");
+    assert_eq!(
+        err.code(),
+        Some(&SqlState::INVALID_TEXT_REPRESENTATION),
+        "{err}"
+    );
     // The server has said ReadyForQuery: the connection is clean while the sink still lives,
     // and the sink keeps giving the same answer.
-    assert_eq!(sink.write(b"2\n").await.unwrap_err().code(), Some("22P02"));
-    assert_eq!(sink.finish().await.unwrap_err().code(), Some("22P02"));
+    assert_eq!(
+        sink.write(b"2\n").await.unwrap_err().code(),
+        Some(&SqlState::INVALID_TEXT_REPRESENTATION)
+    );
+    assert_eq!(
+        sink.finish().await.unwrap_err().code(),
+        Some(&SqlState::INVALID_TEXT_REPRESENTATION)
+    );
     assert!(conn.is_idle(), "{conn:?}");
     assert_eq!(count(&mut conn, "copy_early_error").await, 0);
     assert_usable(&mut conn).await;
@@ -631,7 +646,7 @@ async fn an_error_in_the_middle_of_copy_out_ends_the_stream() {
             Err(e) => break e,
         }
     };
-    assert_eq!(err.code(), Some("22012"), "{err}");
+    assert_eq!(err.code(), Some(&SqlState::DIVISION_BY_ZERO), "{err}");
     assert!(rows < 500, "{rows}");
     assert_eq!(out.try_next().await.unwrap(), None);
     drop(out);
@@ -652,10 +667,18 @@ async fn copy_inside_a_transaction_that_fails_leaves_it_failed() {
     )
     .await
     .unwrap_err();
-    assert_eq!(err.code(), Some("22P02"), "{err}");
+    assert_eq!(
+        err.code(),
+        Some(&SqlState::INVALID_TEXT_REPRESENTATION),
+        "{err}"
+    );
     assert_eq!(conn.transaction_status(), TransactionStatus::Failed);
     let err = conn.execute("SELECT 1").await.unwrap_err();
-    assert_eq!(err.code(), Some("25P02"), "{err}");
+    assert_eq!(
+        err.code(),
+        Some(&SqlState::IN_FAILED_SQL_TRANSACTION),
+        "{err}"
+    );
     conn.simple_query("ROLLBACK").await.unwrap();
     assert_eq!(count(&mut conn, "copy_in_tx").await, 0);
 
@@ -725,14 +748,14 @@ async fn copy_in_and_copy_out_refuse_other_statements_and_stay_usable() {
         .copy_in("COPY copy_no_such_table FROM STDIN")
         .await
         .unwrap_err();
-    assert_eq!(err.code(), Some("42P01"), "{err}");
+    assert_eq!(err.code(), Some(&SqlState::UNDEFINED_TABLE), "{err}");
     assert!(conn.is_idle());
 
     let err = conn
         .copy_out("COPY (SELECT nope) TO STDOUT")
         .await
         .unwrap_err();
-    assert_eq!(err.code(), Some("42703"), "{err}");
+    assert_eq!(err.code(), Some(&SqlState::UNDEFINED_COLUMN), "{err}");
     assert!(conn.is_idle());
 
     // Statements before the COPY in the same string run; their results are not returned.
@@ -895,10 +918,10 @@ async fn after_a_server_error_mid_copy_no_more_copy_messages_are_sent() {
         }
     }
     let err = failed.expect("a write reports the server's error");
-    assert_eq!(err.code(), Some("23505"), "{err}");
+    assert_eq!(err.code(), Some(&SqlState::UNIQUE_VIOLATION), "{err}");
     assert_eq!(
         guard("finish", sink.finish()).await.unwrap_err().code(),
-        Some("23505")
+        Some(&SqlState::UNIQUE_VIOLATION)
     );
     assert!(conn.is_idle(), "{conn:?}");
     guard("close", conn.close()).await.unwrap();

@@ -5,6 +5,7 @@ mod common;
 
 use std::time::Duration;
 
+use pgengine::SqlState;
 use pgengine::pool::PoolOptions;
 use pgengine::testing::TempCluster;
 use pgengine::{ErrorKind, PostgresEngine, TransactionStatus};
@@ -488,7 +489,7 @@ async fn pipelined_queries_from_many_tasks_share_connections() {
                         .query_one(("SELECT $1::int8 / 0", (i,)))
                         .await
                         .unwrap_err();
-                    assert_eq!(err.code(), Some("22012"));
+                    assert_eq!(err.code(), Some(&SqlState::DIVISION_BY_ZERO));
                     return true;
                 }
                 let row = engine

@@ -17,13 +17,15 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use futures::TryStreamExt;
+use pgengine::SqlState;
+use pgengine::error::Severity;
 use pgengine::protocol::{Authentication, BackendMessage, FrontendMessage};
 use pgengine::{Config, Connection, Error, ErrorKind, TransactionStatus};
 
 use mock::{
-    Kind, MockServer, Step, auth, command_complete, encode, error_response, extended_query_start,
-    framed, header, int4_columns, int4_row, md5_request, notice, parameter, ready,
-    reply_server_first, sasl_request, script, simple_query_start, text_columns, text_row,
+    Kind, MockServer, Step, auth, command_complete, encode, error_response, error_response_fields,
+    extended_query_start, framed, header, int4_columns, int4_row, md5_request, notice, parameter,
+    ready, reply_server_first, sasl_request, script, simple_query_start, text_columns, text_row,
     trust_login,
 };
 
@@ -706,7 +708,7 @@ async fn fatal_error_during_startup_carries_its_sqlstate() {
     ])
     .await;
     let err = connect_err(&server.config()).await;
-    assert_eq!(err.code(), Some("53300"), "{err}");
+    assert_eq!(err.code(), Some(&SqlState::TOO_MANY_CONNECTIONS), "{err}");
     assert_eq!(err.kind(), ErrorKind::Db, "{err}");
     let db = err.as_db_error().expect("the server's fields are kept");
     assert_eq!(db.severity(), "FATAL");
@@ -1103,6 +1105,46 @@ async fn hung_server_mid_stream_times_out() {
     assert!(conn.is_broken());
 }
 
+/// A FATAL error from a server whose `lc_messages` is Russian: its localised severity is
+/// "ВАЖНО" (PostgreSQL's own translation), the never-localised one "FATAL". The server ends
+/// the session after it, so the connection is broken at once — even when, as here, a
+/// ReadyForQuery follows that a reader going by the localised word would take as the end of
+/// an ordinary failed query.
+#[tokio::test]
+async fn a_fatal_error_in_another_language_breaks_the_connection() {
+    let server = MockServer::start(script([
+        trust_login(),
+        vec![
+            Step::Expect(Kind::Query),
+            Step::Send(error_response_fields(&[
+                (b'S', "ВАЖНО"),
+                (b'V', "FATAL"),
+                (b'C', SqlState::ADMIN_SHUTDOWN.as_str()),
+                (b'M', "завершение подключения по команде администратора"),
+            ])),
+            Step::Send(ready(TransactionStatus::Idle)),
+        ],
+    ]))
+    .await;
+    let mut conn = connect(&server.config()).await;
+    let err = guard("simple_query", conn.simple_query("SELECT 1"))
+        .await
+        .expect_err("the session was ended");
+    assert_eq!(err.code(), Some(&SqlState::ADMIN_SHUTDOWN), "{err}");
+    let db = err.as_db_error().expect("the server's fields are kept");
+    assert_eq!(db.severity(), "ВАЖНО");
+    assert_eq!(db.severity_level(), Some(Severity::Fatal));
+    assert_broken(&mut conn).await;
+    drop(conn);
+    let t = server.finish().await;
+    assert_eq!(
+        t.kinds()[..2],
+        [Kind::Startup, Kind::Query],
+        "{:?}",
+        t.kinds()
+    );
+}
+
 // ---- A failure after a failure --------------------------------------------------------------
 
 /// The query fails, and then, before its ReadyForQuery, the session ends (as when PgBouncer
@@ -1142,7 +1184,11 @@ async fn a_session_ending_after_a_query_error_keeps_the_query_error() {
                 .map(drop)
         }
         .expect_err("the query failed");
-        assert_eq!(err.code(), Some("22012"), "extended: {extended}: {err}");
+        assert_eq!(
+            err.code(),
+            Some(&SqlState::DIVISION_BY_ZERO),
+            "extended: {extended}: {err}"
+        );
         assert_broken(&mut conn).await;
         drop(conn);
         server.finish().await;

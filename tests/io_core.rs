@@ -13,6 +13,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
+use pgengine::SqlState;
 use pgengine::pool::PoolOptions;
 use pgengine::testing::TempCluster;
 use pgengine::{ErrorKind, PostgresEngine, Query};
@@ -391,7 +392,7 @@ async fn a_pipelined_query_on_a_terminated_backend_keeps_its_sqlstate() {
     .await;
     assert_eq!(killed, 1);
     let e = bounded("the victim", sleeper).await.unwrap().unwrap_err();
-    assert_eq!(e.code(), Some("57P01"), "{e}");
+    assert_eq!(e.code(), Some(&SqlState::ADMIN_SHUTDOWN), "{e}");
     // The pool replaces the connection.
     let one: i32 = engine.query_one("SELECT 1").await.unwrap().get(0);
     assert_eq!(one, 1);
@@ -469,7 +470,7 @@ async fn when_the_server_is_full_a_waiter_gets_the_next_connection_that_comes_ba
         assert_eq!(e.kind(), ErrorKind::Timeout, "{e}");
         assert!(e.to_string().contains("refused new connections"), "{e}");
     }
-    assert_eq!(e.code(), Some("53300"), "{e}");
+    assert_eq!(e.code(), Some(&SqlState::TOO_MANY_CONNECTIONS), "{e}");
     drop((held, filler, b, c, others));
     short.close_connection_pool().await.unwrap();
     engine.close_connection_pool().await.unwrap();

@@ -17,6 +17,7 @@ use std::time::Duration;
 
 use common::{connect, tcp_config};
 use futures::StreamExt;
+use pgengine::SqlState;
 use pgengine::listen::{ListenEvent, ListenOptions, Listener};
 use pgengine::pool::PoolOptions;
 use pgengine::testing::TempCluster;
@@ -221,7 +222,11 @@ async fn payloads_keep_non_ascii_text_up_to_the_longest_size_allowed() {
         .execute(("SELECT pg_notify($1, $2)", ("listen_payload", too_long)))
         .await
         .unwrap_err();
-    assert_eq!(err.code(), Some("22023"), "{err}");
+    assert_eq!(
+        err.code(),
+        Some(&SqlState::INVALID_PARAMETER_VALUE),
+        "{err}"
+    );
     notify(&mut other, "listen_payload", "after").await;
 
     assert_eq!(next_notification(&mut listener).await.payload, text);
@@ -392,14 +397,14 @@ async fn a_dropped_listen_call_is_finished_by_the_next_call() {
 async fn opening_a_listener_reports_failures_at_once() {
     // No retrying here: a first connection that fails says the settings are wrong.
     let err = engine().listen("").await.unwrap_err();
-    assert_eq!(err.code(), Some("42601"), "{err}");
+    assert_eq!(err.code(), Some(&SqlState::SYNTAX_ERROR), "{err}");
     let mut config = tcp_config(TempCluster::SUPERUSER);
     config.dbname("listen_no_such_db");
     let err = PostgresEngine::new(config)
         .listen("listen_no_db")
         .await
         .unwrap_err();
-    assert_eq!(err.code(), Some("3D000"), "{err}");
+    assert_eq!(err.code(), Some(&SqlState::UNDEFINED_DATABASE), "{err}");
 }
 
 #[tokio::test]
@@ -407,7 +412,7 @@ async fn a_refused_listen_leaves_the_listener_working() {
     let mut listener = engine().listen("listen_refused").await.unwrap();
     // A zero-length identifier is a syntax error on the server.
     let err = listener.listen("").await.unwrap_err();
-    assert_eq!(err.code(), Some("42601"), "{err}");
+    assert_eq!(err.code(), Some(&SqlState::SYNTAX_ERROR), "{err}");
     assert!(listener.channels().eq(["listen_refused"]));
     let mut other = connect().await;
     notify(&mut other, "listen_refused", "still here").await;
@@ -442,7 +447,7 @@ async fn a_listener_whose_database_is_dropped_ends_with_the_error() {
         Some(Err(e)) => e,
         other => panic!("expected the error that ended the listener, got {other:?}"),
     };
-    assert_eq!(err.code(), Some("3D000"), "{err}");
+    assert_eq!(err.code(), Some(&SqlState::UNDEFINED_DATABASE), "{err}");
     assert!(timeout(LIMIT, listener.next()).await.unwrap().is_none());
     assert!(futures::stream::FusedStream::is_terminated(&listener));
     let err = listener.listen("listen_gone_2").await.unwrap_err();
@@ -568,7 +573,10 @@ async fn next_notification_fails_and_breaks_the_connection_when_its_session_ends
         .expect("an answer")
         .unwrap_err();
     // The FATAL 57P01 goodbye, or the closed socket if that is read first.
-    assert!(err.code() == Some("57P01") || err.is_closed(), "{err}");
+    assert!(
+        err.code() == Some(&SqlState::ADMIN_SHUTDOWN) || err.is_closed(),
+        "{err}"
+    );
     assert!(conn.is_broken());
     let err = conn.next_notification().await.unwrap_err();
     assert_eq!(err.kind(), ErrorKind::Closed, "{err}");

@@ -9,6 +9,7 @@ use std::sync::{Arc, Mutex};
 use common::Captured;
 use std::time::Duration;
 
+use pgengine::SqlState;
 use pgengine::pool::PoolOptions;
 use pgengine::testing::TempCluster;
 use pgengine::{PostgresEngine, Query};
@@ -52,21 +53,24 @@ async fn no_parameter_value_reaches_a_log_line_whatever_fails() {
     // Every failure shape, each with the canary as a parameter value.
     let failing = || {
         vec![
-            ("22P02", Query::new("SELECT $1::text::int4").bind(CANARY)),
             (
-                "22001",
+                SqlState::INVALID_TEXT_REPRESENTATION,
+                Query::new("SELECT $1::text::int4").bind(CANARY),
+            ),
+            (
+                SqlState::STRING_DATA_RIGHT_TRUNCATION,
                 Query::new("INSERT INTO obs_t (short) VALUES ($1)").bind(CANARY),
             ),
             (
-                "23505",
+                SqlState::UNIQUE_VIOLATION,
                 Query::new("INSERT INTO obs_t (uniq) VALUES ($1)").bind(CANARY),
             ),
             (
-                "23514",
+                SqlState::CHECK_VIOLATION,
                 Query::new("INSERT INTO obs_t (chk) VALUES ($1)").bind(CANARY),
             ),
             (
-                "22003",
+                SqlState::NUMERIC_VALUE_OUT_OF_RANGE,
                 Query::new("SELECT $1::text::int2").bind(NUMBER_CANARY),
             ),
         ]
@@ -79,7 +83,7 @@ async fn no_parameter_value_reaches_a_log_line_whatever_fails() {
         engine.start_connection_pool(options).await.unwrap();
         for (code, query) in failing() {
             let e = engine.query(query).await.unwrap_err();
-            assert_eq!(e.code(), Some(code), "{e}");
+            assert_eq!(e.code(), Some(&code), "{e}");
             // Nor in the error's Display or Debug; the server's own words are still there.
             for shown in [
                 format!("{e}"),
@@ -93,7 +97,7 @@ async fn no_parameter_value_reaches_a_log_line_whatever_fails() {
             }
             let db = e.as_db_error().unwrap();
             let full = format!("{} {}", db.message(), db.detail().unwrap_or(""));
-            if code != "22001" {
+            if code != SqlState::STRING_DATA_RIGHT_TRUNCATION {
                 assert!(
                     full.contains(CANARY) || full.contains(NUMBER_CANARY),
                     "{code}: {full}"
@@ -106,9 +110,9 @@ async fn no_parameter_value_reaches_a_log_line_whatever_fails() {
         // A node, a transaction (and an engine query routed into it), a savepoint scope, an
         // Atomic, a batch.
         let e = engine.node("node").unwrap().query(query).await.unwrap_err();
-        assert_eq!(e.code(), Some(code));
+        assert_eq!(e.code(), Some(&code));
         let inner = engine.clone();
-        let sql = query_text(code);
+        let sql = query_text(&code);
         let e = engine
             .transaction()
             .run(|tx| async move {
@@ -117,20 +121,23 @@ async fn no_parameter_value_reaches_a_log_line_whatever_fails() {
             })
             .await
             .unwrap_err();
-        assert_eq!(e.code(), Some(code));
+        assert_eq!(e.code(), Some(&code));
         let mut atomic = engine.atomic();
         atomic.add(bound(sql));
-        assert_eq!(atomic.await.unwrap_err().code(), Some(code));
+        assert_eq!(atomic.await.unwrap_err().code(), Some(&code));
         if sql.starts_with("SELECT") {
             let e = engine.batch(bound(sql), 10).await.unwrap_err();
-            assert_eq!(e.code(), Some(code));
+            assert_eq!(e.code(), Some(&code));
         }
     }
     // COPY data with the canary in a column that refuses it.
     let mut conn = engine.acquire().await.unwrap();
     let mut sink = conn.copy_in("COPY obs_t (chk) FROM STDIN").await.unwrap();
     sink.write(format!("{CANARY}\n").as_bytes()).await.unwrap();
-    assert_eq!(sink.finish().await.unwrap_err().code(), Some("23514"));
+    assert_eq!(
+        sink.finish().await.unwrap_err().code(),
+        Some(&SqlState::CHECK_VIOLATION)
+    );
     drop(conn);
 
     let text = logs.text();
@@ -146,12 +153,12 @@ async fn no_parameter_value_reaches_a_log_line_whatever_fails() {
     }
 }
 
-fn query_text(code: &str) -> &'static str {
-    match code {
-        "22P02" => "SELECT $1::text::int4",
-        "22001" => "INSERT INTO obs_t (short) VALUES ($1)",
-        "23505" => "INSERT INTO obs_t (uniq) VALUES ($1)",
-        "23514" => "INSERT INTO obs_t (chk) VALUES ($1)",
+fn query_text(code: &SqlState) -> &'static str {
+    match *code {
+        SqlState::INVALID_TEXT_REPRESENTATION => "SELECT $1::text::int4",
+        SqlState::STRING_DATA_RIGHT_TRUNCATION => "INSERT INTO obs_t (short) VALUES ($1)",
+        SqlState::UNIQUE_VIOLATION => "INSERT INTO obs_t (uniq) VALUES ($1)",
+        SqlState::CHECK_VIOLATION => "INSERT INTO obs_t (chk) VALUES ($1)",
         _ => "SELECT $1::text::int2",
     }
 }
@@ -201,7 +208,7 @@ async fn the_pool_counts_failed_connects_and_measures_acquire_waits() {
         .unwrap();
     for _ in 0..3 {
         let e = engine.acquire().await.unwrap_err();
-        assert_eq!(e.code(), Some("3D000"), "{e}");
+        assert_eq!(e.code(), Some(&SqlState::UNDEFINED_DATABASE), "{e}");
     }
     assert_eq!(engine.pool_stats().unwrap().connect_failures, 3);
 }
@@ -262,7 +269,7 @@ async fn after_connect_sets_up_every_new_connection_and_again_after_a_reset() {
         .await
         .unwrap();
     let e = engine.query("SELECT 1").await.unwrap_err();
-    assert_eq!(e.code(), Some("22012"), "{e}");
+    assert_eq!(e.code(), Some(&SqlState::DIVISION_BY_ZERO), "{e}");
     assert!(e.to_string().contains("after_connect"), "{e}");
     let stats = engine.pool_stats().unwrap();
     assert_eq!((stats.size, stats.connect_failures), (0, 1), "{stats:?}");
@@ -303,7 +310,7 @@ async fn every_entry_point_traces_its_queries_with_the_database_conventions() {
             .await
             .unwrap_err()
             .code(),
-        Some("22012")
+        Some(&SqlState::DIVISION_BY_ZERO)
     );
     // A node, a transaction with a savepoint and an engine query routed into it.
     engine

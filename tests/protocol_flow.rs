@@ -7,6 +7,8 @@ mod common;
 use std::sync::{Arc, Mutex};
 
 use common::connect;
+use pgengine::SqlState;
+use pgengine::error::Severity;
 use pgengine::{ErrorKind, TransactionStatus};
 
 #[tokio::test]
@@ -66,15 +68,15 @@ async fn errors_carry_sqlstate_and_the_connection_recovers() {
         .await
         .unwrap();
     let cases = [
-        ("SELECT 1/0", "22012"),
-        ("SELEC 1", "42601"),
-        ("INSERT INTO u VALUES (1)", "23505"),
-        ("SELECT * FROM no_such_table", "42P01"),
+        ("SELECT 1/0", SqlState::DIVISION_BY_ZERO),
+        ("SELEC 1", SqlState::SYNTAX_ERROR),
+        ("INSERT INTO u VALUES (1)", SqlState::UNIQUE_VIOLATION),
+        ("SELECT * FROM no_such_table", SqlState::UNDEFINED_TABLE),
     ];
     for (sql, code) in cases {
         let err = conn.simple_query(sql).await.unwrap_err();
         assert_eq!(err.kind(), ErrorKind::Db, "{sql}: {err}");
-        assert_eq!(err.code(), Some(code), "{sql}: {err}");
+        assert_eq!(err.code(), Some(&code), "{sql}: {err}");
         assert!(!conn.is_broken());
         assert_eq!(conn.transaction_status(), TransactionStatus::Idle);
         // The very next query on the same connection works.
@@ -82,7 +84,7 @@ async fn errors_carry_sqlstate_and_the_connection_recovers() {
         assert_eq!(r[0].rows()[0].get(0), Some("42"));
         // And so does the extended protocol.
         let err = conn.execute(sql).await.unwrap_err();
-        assert_eq!(err.code(), Some(code), "extended {sql}: {err}");
+        assert_eq!(err.code(), Some(&code), "extended {sql}: {err}");
         let rows = conn.query(("SELECT $1::int4", (7i32,))).await.unwrap();
         assert_eq!(rows[0].get::<_, i32>(0), 7);
     }
@@ -102,7 +104,9 @@ async fn unique_violation_has_every_field() {
     let db = err.as_db_error().expect("a server error");
     assert_eq!(db.severity(), "ERROR");
     assert_eq!(db.severity_nonlocalized(), Some("ERROR"));
-    assert_eq!(db.code(), "23505");
+    assert_eq!(db.severity_level(), Some(Severity::Error));
+    assert_eq!(*db.code(), SqlState::UNIQUE_VIOLATION);
+    assert_eq!(db.code().name(), Some("unique_violation"));
     assert!(db.message().contains("f_pk"), "{db:?}");
     assert_eq!(db.detail(), Some("Key (id)=(5) already exists."));
     assert_eq!(db.table(), Some("f"));
@@ -127,7 +131,7 @@ async fn an_error_in_a_multi_statement_query_stops_the_rest() {
         .simple_query("INSERT INTO s VALUES (1); SELECT 1/0; INSERT INTO s VALUES (2)")
         .await
         .unwrap_err();
-    assert_eq!(err.code(), Some("22012"));
+    assert_eq!(err.code(), Some(&SqlState::DIVISION_BY_ZERO));
     // The simple protocol runs a multi-statement string as one implicit transaction: the
     // error rolled back the first INSERT too, and the last one never ran.
     let r = conn.simple_query("SELECT count(*) FROM s").await.unwrap();
@@ -145,7 +149,11 @@ async fn transaction_status_follows_ready_for_query() {
     conn.simple_query("SELECT 1/0").await.unwrap_err();
     assert_eq!(conn.transaction_status(), TransactionStatus::Failed);
     let err = conn.simple_query("SELECT 1").await.unwrap_err();
-    assert_eq!(err.code(), Some("25P02"), "in a failed transaction: {err}");
+    assert_eq!(
+        err.code(),
+        Some(&SqlState::IN_FAILED_SQL_TRANSACTION),
+        "in a failed transaction: {err}"
+    );
     conn.simple_query("ROLLBACK").await.unwrap();
     assert_eq!(conn.transaction_status(), TransactionStatus::Idle);
     assert!(conn.is_idle());
@@ -195,7 +203,7 @@ async fn wrong_parameters_fail_before_anything_runs() {
         .execute(("INSERT INTO p VALUES ($1)", ("text",)))
         .await
         .unwrap_err();
-    assert_eq!(err.code(), Some("42804"), "{err}");
+    assert_eq!(err.code(), Some(&SqlState::DATATYPE_MISMATCH), "{err}");
     let r = conn.simple_query("SELECT count(*) FROM p").await.unwrap();
     assert_eq!(r[0].rows()[0].get(0), Some("0"));
     assert_eq!(
@@ -214,7 +222,7 @@ async fn notices_reach_the_handler() {
     conn.set_notice_handler(move |n| {
         sink.lock()
             .unwrap()
-            .push((n.code().to_owned(), n.message().to_owned()))
+            .push((n.code().clone(), n.message().to_owned()))
     });
     conn.simple_query("DO $$ BEGIN RAISE NOTICE 'hello %', 42; RAISE WARNING 'careful'; END $$")
         .await
@@ -223,8 +231,8 @@ async fn notices_reach_the_handler() {
     assert_eq!(
         seen,
         [
-            ("00000".to_owned(), "hello 42".to_owned()),
-            ("01000".to_owned(), "careful".to_owned())
+            (SqlState::SUCCESSFUL_COMPLETION, "hello 42".to_owned()),
+            (SqlState::WARNING, "careful".to_owned())
         ]
     );
 }
@@ -277,7 +285,10 @@ async fn terminated_backend_breaks_the_connection() {
         .await
         .unwrap();
     let err = victim.simple_query("SELECT 1").await.unwrap_err();
-    assert!(err.is_closed() || err.code() == Some("57P01"), "{err}");
+    assert!(
+        err.is_closed() || err.code() == Some(&SqlState::ADMIN_SHUTDOWN),
+        "{err}"
+    );
     assert!(victim.is_broken());
     // A broken connection refuses further work with a typed error instead of hanging.
     let err = victim.simple_query("SELECT 1").await.unwrap_err();
@@ -314,7 +325,7 @@ async fn cancel_token_cancels_a_running_query() {
     });
     let err = conn.simple_query("SELECT pg_sleep(30)").await.unwrap_err();
     canceller.await.unwrap().unwrap();
-    assert_eq!(err.code(), Some("57014"), "{err}");
+    assert_eq!(err.code(), Some(&SqlState::QUERY_CANCELED), "{err}");
     // The connection is reused afterwards.
     let r = conn.simple_query("SELECT 'after cancel'").await.unwrap();
     assert_eq!(r[0].rows()[0].get(0), Some("after cancel"));
@@ -338,4 +349,46 @@ fn query_futures_are_send() {
         all(&mut conn).await;
     };
     assert_send(&fut);
+}
+
+/// A parameter value whose `ToSql` fails: a conversion error with that failure as its source,
+/// nothing sent, and the connection as ready as before.
+#[tokio::test]
+async fn a_value_that_cannot_be_sent_keeps_its_cause() {
+    #[derive(Debug)]
+    struct Unrepresentable;
+    impl std::fmt::Display for Unrepresentable {
+        fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+            f.write_str("this value has no PostgreSQL form")
+        }
+    }
+    impl std::error::Error for Unrepresentable {}
+    #[derive(Debug)]
+    struct Refuses;
+    impl pgengine::ToSql for Refuses {
+        fn to_sql(
+            &self,
+            _: &pgengine::Type,
+            _: &mut bytes::BytesMut,
+        ) -> Result<postgres_types::IsNull, Box<dyn std::error::Error + Sync + Send>> {
+            Err(Box::new(Unrepresentable))
+        }
+        fn accepts(ty: &pgengine::Type) -> bool {
+            *ty == pgengine::Type::INT4
+        }
+        postgres_types::to_sql_checked!();
+    }
+
+    let mut conn = connect().await;
+    let err = conn
+        .query(("SELECT $1::int4", (Refuses,)))
+        .await
+        .unwrap_err();
+    assert_eq!(err.kind(), ErrorKind::Conversion, "{err}");
+    assert!(err.safe_to_retry(), "{err}");
+    let source = std::error::Error::source(&err).expect("the ToSql error is the source");
+    assert!(source.is::<Unrepresentable>(), "{source:?}");
+    assert_eq!(conn.transaction_status(), TransactionStatus::Idle);
+    let rows = conn.query(("SELECT $1::int4", (7i32,))).await.unwrap();
+    assert_eq!(rows[0].get::<_, i32>(0), 7);
 }

@@ -9,6 +9,7 @@ use std::time::Duration;
 
 use common::tcp_config;
 use mock::{Kind, MockServer, Step, after_auth, auth, script};
+use pgengine::SqlState;
 use pgengine::protocol::{Authentication, BackendMessage, FrontendMessage, frontend};
 use pgengine::testing::TempCluster;
 use pgengine::{Connection, ErrorKind};
@@ -46,7 +47,7 @@ async fn latest_protocol_is_negotiated_with_the_real_server() {
         token.cancel_query().await.unwrap();
     });
     let err = conn.execute("SELECT pg_sleep(30)").await.unwrap_err();
-    assert_eq!(err.code(), Some("57014"), "{err}");
+    assert_eq!(err.code(), Some(&SqlState::QUERY_CANCELED), "{err}");
     assert_eq!(
         conn.query_one(("SELECT $1::int", (9,)))
             .await

@@ -6,6 +6,7 @@
 use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
+use pgengine::SqlState;
 use pgengine::pool::PoolOptions;
 use pgengine::testing::TempCluster;
 use pgengine::{Config, Connection, ErrorKind, PostgresEngine};
@@ -127,7 +128,11 @@ async fn a_write_sent_to_the_replica_is_25006() {
         .await
         .unwrap_err();
     assert_eq!(err.kind(), ErrorKind::Db, "{err}");
-    assert_eq!(err.code(), Some("25006"), "{err}");
+    assert_eq!(
+        err.code(),
+        Some(&SqlState::READ_ONLY_SQL_TRANSACTION),
+        "{err}"
+    );
     assert!(err.to_string().contains("read-only transaction"), "{err}");
     // Inside a transaction too; the connection stays usable for reads.
     let mut conn = Connection::connect(&config(standby)).await.unwrap();
@@ -135,7 +140,11 @@ async fn a_write_sent_to_the_replica_is_25006() {
         .simple_query("BEGIN; INSERT INTO replicated VALUES (1, 'x'); COMMIT")
         .await
         .unwrap_err();
-    assert_eq!(err.code(), Some("25006"), "{err}");
+    assert_eq!(
+        err.code(),
+        Some(&SqlState::READ_ONLY_SQL_TRANSACTION),
+        "{err}"
+    );
     // The explicit block failed with it: the server's word, not ours.
     assert_eq!(
         conn.transaction_status(),

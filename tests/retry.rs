@@ -12,7 +12,9 @@ use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::Duration;
 
 use pgengine::testing::TempCluster;
-use pgengine::{Config, ErrorKind, IsolationLevel, PostgresEngine, RetryPolicy, TransactionError};
+use pgengine::{
+    Config, ErrorKind, IsolationLevel, PostgresEngine, RetryPolicy, SqlState, TransactionError,
+};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::sync::Barrier;
 
@@ -167,7 +169,7 @@ async fn the_callers_own_failures_are_never_retried() {
             })
             .await
             .unwrap_err();
-        assert_eq!(err.code(), Some("23505"), "{err}");
+        assert_eq!(err.code(), Some(&SqlState::UNIQUE_VIOLATION), "{err}");
         assert_eq!(attempts.load(Ordering::SeqCst), 1);
         assert!(err.to_string().contains("attempted 1 time"), "{err}");
 
@@ -231,7 +233,7 @@ async fn the_callers_own_failures_are_never_retried() {
             })
             .await
             .unwrap_err();
-        assert_eq!(err.code(), Some("40001"));
+        assert_eq!(err.code(), Some(&SqlState::T_R_SERIALIZATION_FAILURE));
         assert_eq!(attempts.load(Ordering::SeqCst), 3);
         assert!(err.to_string().contains("attempted 3 time"), "{err}");
     })
@@ -723,7 +725,10 @@ async fn a_read_only_error_is_retried_only_when_the_engine_wants_a_primary() {
                 outcome.unwrap();
                 assert_eq!(attempts.load(Ordering::SeqCst), 2);
             } else {
-                assert_eq!(outcome.unwrap_err().code(), Some("25006"));
+                assert_eq!(
+                    outcome.unwrap_err().code(),
+                    Some(&SqlState::READ_ONLY_SQL_TRANSACTION)
+                );
                 assert_eq!(attempts.load(Ordering::SeqCst), 1);
             }
         }

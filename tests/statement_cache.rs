@@ -5,6 +5,7 @@
 mod common;
 
 use common::connect;
+use pgengine::SqlState;
 use pgengine::{BorrowedParams, Connection, ErrorKind, TransactionStatus};
 
 /// Our prepared statements as the server lists them, by statement text.
@@ -105,7 +106,7 @@ async fn ddl_that_changes_the_result_type_is_retried_once() {
         .await
         .unwrap();
     let err = conn.query("SELECT * FROM d").await.unwrap_err();
-    assert_eq!(err.code(), Some("0A000"), "{err}");
+    assert_eq!(err.code(), Some(&SqlState::FEATURE_NOT_SUPPORTED), "{err}");
     assert_eq!(conn.transaction_status(), TransactionStatus::Failed);
     conn.simple_query("ROLLBACK").await.unwrap();
     assert_eq!(conn.query("SELECT * FROM d").await.unwrap()[0].len(), 2);
@@ -235,7 +236,7 @@ async fn values_of_user_defined_types_ask_the_server_for_the_type() {
     // A value of another type makes a statement typed for it, which the server refuses to
     // run: integer has no cast to mood.
     let err = conn.query_one((sql, (5i32,))).await.unwrap_err();
-    assert_eq!(err.code(), Some("42846"), "{err}");
+    assert_eq!(err.code(), Some(&SqlState::CANNOT_COERCE), "{err}");
     assert!(conn.is_idle());
 }
 
@@ -340,7 +341,7 @@ async fn the_same_new_sql_in_one_pipeline_is_parsed_once() {
         failing.add(pgengine::Query::new("INSERT INTO cache_dup_missing VALUES ($1)").bind(v));
     }
     let err = failing.run().await.unwrap_err();
-    assert_eq!(err.code(), Some("42P01"), "{err}");
+    assert_eq!(err.code(), Some(&SqlState::UNDEFINED_TABLE), "{err}");
     assert!(err.to_string().contains("query 1 of 3"), "{err}");
 
     // A later copy whose value does not fit the first copy's parameter type gets its own.

@@ -9,6 +9,7 @@ use std::path::Path;
 use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
+use pgengine::SqlState;
 use pgengine::testing::TempCluster;
 use pgengine::{Config, Connection, ErrorKind};
 
@@ -173,11 +174,19 @@ async fn allow_retries_with_tls_and_prefer_retries_without() {
     let err = Connection::connect(&tls_config(PLAIN_ONLY, "sslmode=require"))
         .await
         .expect_err("require must not fall back");
-    assert_eq!(err.code(), Some("28000"), "{err}");
+    assert_eq!(
+        err.code(),
+        Some(&SqlState::INVALID_AUTHORIZATION_SPECIFICATION),
+        "{err}"
+    );
     let err = Connection::connect(&tls_config(TLS_ONLY, "sslmode=disable"))
         .await
         .expect_err("disable must not try TLS");
-    assert_eq!(err.code(), Some("28000"), "{err}");
+    assert_eq!(
+        err.code(),
+        Some(&SqlState::INVALID_AUTHORIZATION_SPECIFICATION),
+        "{err}"
+    );
 }
 
 #[tokio::test]
@@ -192,6 +201,12 @@ async fn a_certificate_from_another_ca_is_rejected() {
             .expect_err(mode);
         assert_eq!(err.kind(), ErrorKind::Tls, "{mode}: {err}");
         assert!(err.to_string().contains("UnknownIssuer"), "{mode}: {err}");
+        // rustls's own error is the source, not only its text.
+        let source = std::error::Error::source(&err).expect("the TLS error is the source");
+        assert!(
+            source.to_string().contains("UnknownIssuer"),
+            "{mode}: {source:?}"
+        );
     }
     // `require` with a root file present checks the chain too (libpq's rule).
     let settings = format!("sslmode=require sslrootcert={}", other.display());
@@ -294,7 +309,11 @@ async fn client_certificate_login() {
     let err = Connection::connect(&tls_config(CERT_USER, &settings))
         .await
         .expect_err("no certificate, no login");
-    assert_eq!(err.code(), Some("28000"), "{err}");
+    assert_eq!(
+        err.code(),
+        Some(&SqlState::INVALID_AUTHORIZATION_SPECIFICATION),
+        "{err}"
+    );
 
     // Someone else's certificate: the CN does not match the user.
     let (other_cert, other_key) = tls_cluster().issue_client_cert("somebody_else").unwrap();
@@ -410,7 +429,7 @@ async fn cancel_request_goes_over_tls() {
         .execute("SELECT pg_sleep(30)")
         .await
         .expect_err("cancelled");
-    assert_eq!(err.code(), Some("57014"), "{err}");
+    assert_eq!(err.code(), Some(&SqlState::QUERY_CANCELED), "{err}");
     assert!(
         started.elapsed() < Duration::from_secs(10),
         "the cancel took effect"

@@ -7,6 +7,7 @@ mod common;
 use std::time::Duration;
 
 use futures::TryStreamExt;
+use pgengine::SqlState;
 use pgengine::connection::BinaryCopyInWriter;
 use pgengine::pool::PoolOptions;
 use pgengine::testing::TempCluster;
@@ -49,7 +50,7 @@ async fn atomic_with_a_malformed_query_leaves_no_table_behind() {
     atomic.add("INSERT INTO atomic_gone VALUES (1)");
     atomic.add("MALFORMED QUERY");
     let err = atomic.run().await.unwrap_err();
-    assert_eq!(err.code(), Some("42601"), "{err}");
+    assert_eq!(err.code(), Some(&SqlState::SYNTAX_ERROR), "{err}");
     assert!(err.to_string().contains("query 3 of 3"), "{err}");
     let exists = engine
         .query_one("SELECT to_regclass('atomic_gone') IS NOT NULL")
@@ -372,7 +373,7 @@ async fn a_failing_commit_carries_its_sqlstate_and_leaves_the_connection_clean()
         .await
         .unwrap();
     let err = tx.commit().await.unwrap_err();
-    assert_eq!(err.code(), Some("23505"), "{err}");
+    assert_eq!(err.code(), Some(&SqlState::UNIQUE_VIOLATION), "{err}");
     assert_eq!(tx.state().await, TxState::RolledBack);
     drop(tx);
     let conn = engine.acquire().await.unwrap();
@@ -437,7 +438,7 @@ async fn isolation_and_read_only_reach_the_server() {
         .execute("CREATE TEMP TABLE nope (v int)")
         .await
         .unwrap_err();
-    assert_eq!(err.code(), Some("25006"));
+    assert_eq!(err.code(), Some(&SqlState::READ_ONLY_SQL_TRANSACTION));
     tx.rollback().await.unwrap();
 }
 
@@ -513,7 +514,7 @@ async fn batch_edge_cases_empty_zero_error_and_early_drop() {
             Err(e) => break e,
         }
     };
-    assert_eq!(err.code(), Some("22012"));
+    assert_eq!(err.code(), Some(&SqlState::DIVISION_BY_ZERO));
     assert!(got < 500);
     drop(b);
     // Dropped early: the connection is clean for the next user.
@@ -827,7 +828,11 @@ async fn a_failed_or_abandoned_copy_fails_the_transaction() {
         let mut conn = tx.connection().await.unwrap();
         let sink = copy_into(&mut conn, &t, b"not a number\n").await;
         let err = sink.finish().await.unwrap_err();
-        assert_eq!(err.code(), Some("22P02"), "{err}");
+        assert_eq!(
+            err.code(),
+            Some(&SqlState::INVALID_TEXT_REPRESENTATION),
+            "{err}"
+        );
     }
     assert_eq!(tx.state().await, TxState::Failed);
     let err = tx.query("SELECT 1").await.unwrap_err();
@@ -954,7 +959,7 @@ async fn a_scope_fails_with_the_callers_own_error_and_a_panic_rolls_back_too() {
         })
         .await;
     assert!(
-        matches!(&result, Err(AppError::Db(e)) if e.code() == Some("22012")),
+        matches!(&result, Err(AppError::Db(e)) if e.code() == Some(&SqlState::DIVISION_BY_ZERO)),
         "{result:?}"
     );
 

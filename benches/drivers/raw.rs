@@ -44,6 +44,7 @@ impl Endpoint {
         Ok(match host {
             Host::Unix(dir) => Endpoint::Unix(dir.join(format!(".s.PGSQL.{port}"))),
             Host::Tcp(name) => Endpoint::Tcp(name.clone(), *port),
+            other => return Err(format!("the raw client cannot reach {other:?}").into()),
         })
     }
 }

@@ -88,6 +88,7 @@ const LOCALHOST: &str = "localhost";
 /// );
 /// ```
 #[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
 pub enum Host {
     /// A host name or IP address reached over TCP. An empty name (from an empty entry in a host
     /// list such as `host=a,,b`) means "the default host", as in libpq; [`Config::effective_hosts`]

@@ -18,6 +18,7 @@
 /// # Ok::<(), pgengine::Error>(())
 /// ```
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[non_exhaustive]
 pub enum SslMode {
     /// Never use TLS.
     Disable,
@@ -79,6 +80,7 @@ impl SslMode {
 /// # Ok::<(), pgengine::Error>(())
 /// ```
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[non_exhaustive]
 pub enum TargetSessionAttrs {
     /// Any server will do.
     #[default]
@@ -129,6 +131,7 @@ impl TargetSessionAttrs {
 /// assert_eq!(Config::new().get_channel_binding(), ChannelBinding::Prefer);
 /// ```
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[non_exhaustive]
 pub enum ChannelBinding {
     /// Never use channel binding.
     Disable,
@@ -160,6 +163,7 @@ impl ChannelBinding {
 /// # Ok::<(), pgengine::Error>(())
 /// ```
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[non_exhaustive]
 pub enum LoadBalanceHosts {
     /// In the order given.
     #[default]
@@ -189,6 +193,7 @@ impl LoadBalanceHosts {
 /// # Ok::<(), pgengine::Error>(())
 /// ```
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[non_exhaustive]
 pub enum SslNegotiation {
     /// Send an `SSLRequest` first and start TLS only if the server answers `S`.
     #[default]

@@ -594,7 +594,7 @@ fn encode_row(buf: &mut BytesMut, values: &[&(dyn ToSql + Sync)], types: &[Type]
         buf.put_i32(0);
         let is_null = value
             .to_sql_checked(ty, buf)
-            .map_err(|e| Error::conversion(format!("COPY column {} ({ty}): {e}", i + 1)))?;
+            .map_err(|e| Error::to_sql(format_args!("COPY column {} ({ty})", i + 1), e))?;
         let len = match is_null {
             IsNull::Yes => {
                 buf.truncate(len_at + 4);

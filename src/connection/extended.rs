@@ -62,7 +62,7 @@ fn encode_param(
         Ok(IsNull::No) => Ok(false),
         Err(e) if e.is::<WrongType>() => Err(EncodeError::WrongType),
         Err(e) => Err(EncodeError::Failed(
-            Error::conversion(format!("parameter ${}: {e}", i + 1)).retry_safe(),
+            Error::to_sql(format_args!("parameter ${}", i + 1), e).retry_safe(),
         )),
     }
 }
@@ -815,7 +815,7 @@ impl Connection {
         } else {
             match (&kind, response.error().and_then(Error::code)) {
                 // The plan no longer fits the tables: drop this statement.
-                (PlanKind::Cached { statement }, Some("0A000")) => {
+                (PlanKind::Cached { statement }, Some(&crate::SqlState::FEATURE_NOT_SUPPORTED)) => {
                     self.statements.remove(sql);
                     self.closes_due.push(statement.name.clone());
                     true
@@ -843,9 +843,12 @@ impl Connection {
 /// (26000) or already there (42P05): the statements of this connection live on some other
 /// server session.
 fn is_ours_elsewhere(error: &Error) -> bool {
-    error
-        .as_db_error()
-        .is_some_and(|db| matches!(db.code(), "26000" | "42P05") && db.message().contains("\"pge_"))
+    error.as_db_error().is_some_and(|db| {
+        matches!(
+            *db.code(),
+            crate::SqlState::UNDEFINED_PSTATEMENT | crate::SqlState::DUPLICATE_PSTATEMENT
+        ) && db.message().contains("\"pge_")
+    })
 }
 
 /// Says what a missing statement of ours means, and that running the work again will work
@@ -1329,9 +1332,14 @@ impl Connection {
     }
 }
 
-/// One query written by [`Connection::send_each`]: what reading its answer needs, and its
-/// trace.
-pub(crate) struct SentQuery(Result<Plan>, Option<Traced>);
+/// One query written by [`Connection::send_each`]: what reading its answer needs (`None`:
+/// it was not sent, it must run on a connection of its own), and its trace.
+pub(crate) struct SentQuery(Result<Option<Plan>>, Option<Traced>);
+
+/// A pipelined query's answer from [`Connection::read_answer`]: its rows and row count, or
+/// `None` when the pipeline could not carry it and nothing of it took effect (it must run on a
+/// connection of its own, as [`Pipeline::run`](crate::pool::Pipeline::run) says), or its error.
+pub(crate) type PipelinedAnswer = Result<Option<(Vec<Row>, u64)>>;
 
 /// Where a query handed to [`Connection::send_each`] came from: its caller's span (it is sent
 /// from another task) and how long it waited in the pipeline's queue.
@@ -1368,11 +1376,11 @@ impl Connection {
                         pipeline: Some(origin.queued),
                     };
                     let traced = self.instrument.start(q.sql(), Some(origin.span), waited);
-                    sent.push(SentQuery(Ok(plan), Some(traced)));
+                    sent.push(SentQuery(Ok(Some(plan)), Some(traced)));
                 }
                 Ok(Written::NeedsDescribe) => {
                     self.stream.undo_write(mark);
-                    sent.push(SentQuery(Err(Error::needs_own_run()), None));
+                    sent.push(SentQuery(Ok(None), None));
                 }
                 Err(e) => {
                     self.stream.undo_write(mark);
@@ -1393,16 +1401,19 @@ impl Connection {
         &mut self,
         query: &dyn ToQuery,
         sent: SentQuery,
-    ) -> Result<Result<(Vec<Row>, u64)>> {
+    ) -> Result<PipelinedAnswer> {
         let SentQuery(plan, traced) = sent;
         let plan = match plan {
-            Ok(plan) => plan,
+            Ok(Some(plan)) => plan,
+            Ok(None) => return Ok(Ok(None)),
             Err(e) => return Ok(Err(e)),
         };
         let answer = self.read_traced_answer(query, plan).await;
         if let Some(traced) = traced {
             match &answer {
-                Ok(Ok((_, rows))) => traced.succeeded(*rows),
+                Ok(Ok(Some((_, rows)))) => traced.succeeded(*rows),
+                // It runs again on its own, with a trace of its own.
+                Ok(Ok(None)) => traced.skipped(),
                 Ok(Err(e)) | Err(e) => traced.failed(e),
             }
         }
@@ -1413,7 +1424,7 @@ impl Connection {
         &mut self,
         query: &dyn ToQuery,
         plan: Plan,
-    ) -> Result<Result<(Vec<Row>, u64)>> {
+    ) -> Result<PipelinedAnswer> {
         let mut response = Response::new(Shape::Extended);
         let mut stale = false;
         let started = self
@@ -1432,11 +1443,9 @@ impl Connection {
             (Err(e), _) if self.is_broken() => Err(e),
             // Refused before it ran, in a way that a new attempt fixes (a pooler took our
             // statements, a plan went stale): the engine runs it again on its own.
-            (Err(_), _) if stale && self.status == TransactionStatus::Idle => {
-                Ok(Err(Error::needs_own_run()))
-            }
+            (Err(_), _) if stale && self.status == TransactionStatus::Idle => Ok(Ok(None)),
             (Err(e), _) => Ok(Err(e)),
-            (Ok(()), Some(rows)) => Ok(Ok(rows)),
+            (Ok(()), Some(rows)) => Ok(Ok(Some(rows))),
             (Ok(()), None) => Err(self.protocol_error("a query failed without an error")),
         }
     }

@@ -20,7 +20,7 @@ use std::time::{Duration, Instant};
 
 use tracing::field::Empty;
 
-use crate::error::Error;
+use crate::error::{Error, SqlState};
 
 /// Numbers every query of the process, for log lines that belong together.
 static NEXT_QUERY_ID: AtomicU64 = AtomicU64::new(1);
@@ -221,11 +221,12 @@ impl Watched {
     fn failed(mut self, e: &Error) {
         self.ended = true;
         let took = self.started.elapsed();
-        if let Some(code) = e.code() {
+        let code = e.code().map(SqlState::as_str);
+        if let Some(code) = code {
             self.span.record("db.response.status_code", code);
         }
         self.span
-            .record("error.type", e.code().unwrap_or(error_type(e)));
+            .record("error.type", code.unwrap_or(error_type(e)));
         self.span.record("pgengine.server_us", micros(took));
         if self.log {
             tracing::info!(
@@ -233,7 +234,7 @@ impl Watched {
                 parent: &self.span,
                 query_id = self.id,
                 duration_ms = took.as_secs_f64() * 1000.0,
-                code = e.code(),
+                code,
                 error = %e.redacted(),
                 "failed"
             );

@@ -52,7 +52,7 @@ use stream::MessageStream;
 
 pub use copy::{BinaryCopyInWriter, CopyInSink, CopyOutStream};
 pub use extended::RowStream;
-pub(crate) use extended::{QueryOrigin, SentQuery};
+pub(crate) use extended::{PipelinedAnswer, QueryOrigin, SentQuery};
 pub(crate) use instrument::Traced;
 pub(crate) use lease::Lease;
 pub(crate) use simple::{CommitAsk, CommitReply};
@@ -65,6 +65,7 @@ pub type NoticeHandler = Box<dyn FnMut(&DbError) + Send>;
 
 /// A notification from `NOTIFY` on a channel this connection listens to.
 #[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
 pub struct Notification {
     /// The notifying backend's process id.
     pub process_id: i32,
@@ -280,7 +281,7 @@ fn log_notice(notice: &DbError) {
     tracing::info!(
         target: "pgengine::notice",
         severity = notice.severity(),
-        code = notice.code(),
+        code = notice.code().as_str(),
         "{notice}"
     );
 }
@@ -977,9 +978,10 @@ impl Connection {
                     }
                     return Poll::Ready(Ok(msg));
                 }
-                BackendMessage::ErrorResponse(ref db) if db.severity() == "FATAL" => {
-                    // The server closes the session after a FATAL error (e.g. an administrator
-                    // terminated the backend).
+                BackendMessage::ErrorResponse(ref db) if db.ends_session() => {
+                    // The server closes the session after a FATAL (or PANIC) error, e.g. an
+                    // administrator terminated the backend. Read from the never-localised
+                    // severity: with lc_messages in Russian the localised word is "ВАЖНО".
                     self.mark_broken(format!("the server ended the session: {}", db.message()));
                     return Poll::Ready(Err(Error::db(db.clone())));
                 }

@@ -262,12 +262,18 @@ impl Response {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::error::SqlState;
     use crate::protocol::TransactionStatus;
     use proptest::prelude::*;
 
-    fn db(code: &str) -> BackendMessage {
+    fn db(code: SqlState) -> BackendMessage {
         let mut body = Vec::new();
-        for (t, v) in [(b'S', "ERROR"), (b'V', "ERROR"), (b'C', code), (b'M', "m")] {
+        for (t, v) in [
+            (b'S', "ERROR"),
+            (b'V', "ERROR"),
+            (b'C', code.as_str()),
+            (b'M', "m"),
+        ] {
             body.push(t);
             body.extend_from_slice(v.as_bytes());
             body.push(0);
@@ -287,10 +293,19 @@ mod tests {
     #[test]
     fn the_first_error_wins_and_the_request_ends_at_ready_for_query() {
         let mut r = Response::new(Shape::Simple);
-        assert!(matches!(r.accept(db("42P01")), Ok(Step::Failed)));
-        assert!(matches!(r.accept(db("22012")), Ok(Step::Failed)));
+        assert!(matches!(
+            r.accept(db(SqlState::UNDEFINED_TABLE)),
+            Ok(Step::Failed)
+        ));
+        assert!(matches!(
+            r.accept(db(SqlState::DIVISION_BY_ZERO)),
+            Ok(Step::Failed)
+        ));
         assert!(matches!(r.accept(ready()), Ok(Step::Over)));
-        assert_eq!(r.finish().unwrap_err().code(), Some("42P01"));
+        assert_eq!(
+            r.finish().unwrap_err().code(),
+            Some(&SqlState::UNDEFINED_TABLE)
+        );
     }
 
     #[test]
@@ -335,9 +350,9 @@ mod tests {
     #[test]
     fn a_lost_connection_keeps_the_servers_error_for_the_request() {
         let mut r = Response::new(Shape::Extended);
-        let _ = r.accept(db("25P02"));
+        let _ = r.accept(db(SqlState::IN_FAILED_SQL_TRANSACTION));
         let e = r.lost(Error::closed("gone"));
-        assert_eq!(e.code(), Some("25P02"));
+        assert_eq!(e.code(), Some(&SqlState::IN_FAILED_SQL_TRANSACTION));
         let mut r = Response::new(Shape::Extended);
         r.fail_with(Error::timeout("slow"));
         assert_eq!(
@@ -357,8 +372,8 @@ mod tests {
             Just(BackendMessage::PortalSuspended),
             Just(BackendMessage::CopyDone),
             Just(complete("SELECT 2")),
-            Just(db("40001")),
-            Just(db("23505")),
+            Just(db(SqlState::T_R_SERIALIZATION_FAILURE)),
+            Just(db(SqlState::UNIQUE_VIOLATION)),
         ]
     }
 
@@ -372,11 +387,11 @@ mod tests {
         ) {
             let mut r = Response::new(shape);
             let mut answered = shape == Shape::Drain;
-            let mut first_error: Option<String> = None;
+            let mut first_error: Option<SqlState> = None;
             for msg in msgs {
                 let is_ready = matches!(msg, BackendMessage::ReadyForQuery(_));
                 let error = match &msg {
-                    BackendMessage::ErrorResponse(db) => Some(db.code().to_owned()),
+                    BackendMessage::ErrorResponse(db) => Some(db.code().clone()),
                     _ => None,
                 };
                 let completes = match &msg {
@@ -390,7 +405,7 @@ mod tests {
                 match r.accept(msg) {
                     Ok(Step::Over) => {
                         prop_assert!(is_ready && answered);
-                        let got = r.finish().err().and_then(|e| e.code().map(str::to_owned));
+                        let got = r.finish().err().and_then(|e| e.code().cloned());
                         prop_assert_eq!(got, first_error);
                         return Ok(());
                     }

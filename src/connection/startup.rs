@@ -11,11 +11,11 @@ use super::socket::Socket;
 use super::stream::MessageStream;
 use super::tls::TlsConnector;
 use crate::config::{
-    ChannelBinding as ChannelBindingMode, Config, Host, HostAddr, LoadBalanceHosts, SslMode,
-    SslNegotiation, TargetSessionAttrs,
+    ChannelBinding, Config, Host, HostAddr, LoadBalanceHosts, SslMode, SslNegotiation,
+    TargetSessionAttrs,
 };
-use crate::error::{Error, ErrorKind, Result};
-use crate::protocol::scram::{self, ChannelBinding, ScramSha256};
+use crate::error::{Error, ErrorKind, Result, SqlState};
+use crate::protocol::scram::{self, Gs2Binding, ScramSha256};
 use crate::protocol::{self, Authentication, BackendMessage, frontend};
 
 /// What the server told us during startup.
@@ -451,7 +451,7 @@ async fn start_with(
 /// Turns an ErrorResponse received before ReadyForQuery into an error: SQLSTATE class 28
 /// ("invalid authorization specification", e.g. 28P01 wrong password) is an auth failure.
 fn startup_error(db: Box<crate::error::DbError>) -> Error {
-    let kind = if db.code().starts_with("28") {
+    let kind = if db.code().class() == SqlState::INVALID_AUTHORIZATION_SPECIFICATION {
         ErrorKind::Auth
     } else {
         ErrorKind::Db
@@ -481,7 +481,7 @@ async fn authenticate(
                 config.get_require_auth().unwrap_or_default()
             )));
         }
-        if binding == ChannelBindingMode::Require && method != "scram-sha-256" {
+        if binding == ChannelBinding::Require && method != "scram-sha-256" {
             return Err(Error::auth(format!(
                 "channel_binding=require, but the server asked for authentication method \
                  \"{method}\", which has no channel binding; nothing was sent"
@@ -521,7 +521,7 @@ async fn authenticate(
                             config.get_require_auth().unwrap_or_default()
                         )));
                     }
-                    if binding == ChannelBindingMode::Require && !bound {
+                    if binding == ChannelBinding::Require && !bound {
                         return Err(Error::auth(
                             "channel_binding=require, but the server authenticated us without \
                              channel binding",
@@ -549,7 +549,7 @@ async fn authenticate(
                     allow("scram-sha-256")?;
                     method = Some("scram-sha-256");
                     let (mechanism, cbind) = choose_mechanism(&mechanisms, binding, &end_point)?;
-                    bound = matches!(cbind, ChannelBinding::TlsServerEndPoint(_));
+                    bound = matches!(cbind, Gs2Binding::TlsServerEndPoint(_));
                     let s = ScramSha256::new(&password()?, cbind);
                     frontend::sasl_initial_response(
                         &mut stream.write_buf,
@@ -570,7 +570,9 @@ async fn authenticate(
                         (s, r)
                     })
                     .await
-                    .map_err(|e| Error::auth(format!("SCRAM computation failed: {e}")))?;
+                    .map_err(|e| {
+                        Error::auth(format!("SCRAM computation failed: {e}")).with_source(e)
+                    })?;
                     scram = Some(s);
                     let client_final = result?;
                     frontend::sasl_response(&mut stream.write_buf, &client_final)?;
@@ -637,25 +639,26 @@ async fn authenticate(
 /// server that does support it detect a downgrade) under TLS, or `n` without TLS.
 fn choose_mechanism(
     offered: &[String],
-    binding: ChannelBindingMode,
+    binding: ChannelBinding,
     end_point: &Option<Result<Vec<u8>>>,
-) -> Result<(&'static str, ChannelBinding)> {
+) -> Result<(&'static str, Gs2Binding)> {
     let offers = |m: &str| offered.iter().any(|o| o == m);
-    if binding != ChannelBindingMode::Disable && offers(scram::SCRAM_SHA_256_PLUS) {
+    if binding != ChannelBinding::Disable && offers(scram::SCRAM_SHA_256_PLUS) {
         match end_point {
             Some(Ok(hash)) => {
                 return Ok((
                     scram::SCRAM_SHA_256_PLUS,
-                    ChannelBinding::TlsServerEndPoint(hash.clone()),
+                    Gs2Binding::TlsServerEndPoint(hash.clone()),
                 ));
             }
-            Some(Err(e)) if binding == ChannelBindingMode::Require => {
-                return Err(Error::auth(format!("channel_binding=require: {e}")));
+            Some(Err(e)) if binding == ChannelBinding::Require => {
+                let refused = Error::auth(format!("channel_binding=require: {e}"));
+                return Err(refused.with_source(e.duplicate()));
             }
             _ => {}
         }
     }
-    if binding == ChannelBindingMode::Require {
+    if binding == ChannelBinding::Require {
         return Err(Error::auth(if end_point.is_none() {
             "channel_binding=require, but the connection does not use TLS, so there is no \
              channel to bind to"
@@ -675,8 +678,8 @@ fn choose_mechanism(
         )));
     }
     let flag = match end_point {
-        Some(Ok(_)) if binding != ChannelBindingMode::Disable => ChannelBinding::UnusedByClient,
-        _ => ChannelBinding::Unsupported,
+        Some(Ok(_)) if binding != ChannelBinding::Disable => Gs2Binding::UnusedByClient,
+        _ => Gs2Binding::Unsupported,
     };
     Ok((scram::SCRAM_SHA_256, flag))
 }

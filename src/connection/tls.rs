@@ -77,7 +77,7 @@ impl TlsConnector {
         let versions = protocol_versions(config)?;
         let builder = rustls::ClientConfig::builder_with_provider(provider.clone())
             .with_protocol_versions(&versions)
-            .map_err(|e| Error::config(format!("TLS versions: {e}")))?;
+            .map_err(|e| Error::config(format!("TLS versions: {e}")).with_source(e))?;
 
         let roots = root_certificates(config, mode)?;
         let check_name = mode == SslMode::VerifyFull;
@@ -93,6 +93,7 @@ impl TlsConnector {
                         .build()
                         .map_err(|e| {
                             Error::config(format!("cannot use the root certificates: {e}"))
+                                .with_source(e)
                         })?;
                 if check_name {
                     webpki
@@ -105,9 +106,9 @@ impl TlsConnector {
             .dangerous()
             .with_custom_certificate_verifier(verifier);
         let mut tls = match client_certificate(config)? {
-            Some((chain, key)) => builder
-                .with_client_auth_cert(chain, key)
-                .map_err(|e| Error::config(format!("cannot use the client certificate: {e}")))?,
+            Some((chain, key)) => builder.with_client_auth_cert(chain, key).map_err(|e| {
+                Error::config(format!("cannot use the client certificate: {e}")).with_source(e)
+            })?,
             None => builder.with_no_client_auth(),
         };
         tls.alpn_protocols = vec![ALPN_POSTGRESQL.to_vec()];
@@ -125,12 +126,17 @@ impl TlsConnector {
         let name = server_name(host, self.check_name)?;
         let connector = tokio_rustls::TlsConnector::from(self.config.clone());
         let stream = connector.connect(name, socket).await.map_err(|e| {
-            // rustls reports a rejected certificate as InvalidData with its own error inside.
+            // rustls reports a rejected certificate as InvalidData with its own error inside:
+            // that error is the cause (an io::Error does not give its inner error as source).
             let detail = e
                 .get_ref()
                 .map(|inner| inner.to_string())
                 .unwrap_or_else(|| e.to_string());
-            Error::tls(format!("TLS handshake with {host} failed: {detail}"))
+            let failed = Error::tls(format!("TLS handshake with {host} failed: {detail}"));
+            match e.downcast::<rustls::Error>() {
+                Ok(rejected) => failed.with_source(rejected),
+                Err(e) => failed.with_source(e),
+            }
         })?;
         let (_, session) = stream.get_ref();
         if session
@@ -246,16 +252,17 @@ fn system_roots() -> Result<RootCertStore> {
 }
 
 fn read_certificates(path: &Path, what: &str) -> Result<Vec<CertificateDer<'static>>> {
-    let unreadable = |e: &dyn std::fmt::Display| {
+    let unreadable = |e: rustls::pki_types::pem::Error| {
         Error::config(format!(
             "could not read the {what} file {}: {e}",
             path.display()
         ))
+        .with_source(e)
     };
     let certs = CertificateDer::pem_file_iter(path)
-        .map_err(|e| unreadable(&e))?
+        .map_err(unreadable)?
         .collect::<std::result::Result<Vec<_>, _>>()
-        .map_err(|e| unreadable(&e))?;
+        .map_err(unreadable)?;
     Ok(certs)
 }
 
@@ -271,6 +278,7 @@ fn revocation_lists(config: &Config) -> Result<Vec<CertificateRevocationListDer<
                 "could not read the CRL directory {}: {e}",
                 dir.display()
             ))
+            .with_source(e)
         })?;
         files.extend(
             entries
@@ -288,6 +296,7 @@ fn revocation_lists(config: &Config) -> Result<Vec<CertificateRevocationListDer<
                     "could not read the CRL file {}: {e}",
                     file.display()
                 ))
+                .with_source(e)
             })?;
         crls.extend(read);
     }
@@ -319,6 +328,7 @@ fn client_certificate(
             "could not read the client key file {}: {e}",
             key.display()
         ))
+        .with_source(e)
     })?;
     if text.windows(9).any(|w| w == b"ENCRYPTED") {
         return Err(Error::config(format!(
@@ -332,6 +342,7 @@ fn client_certificate(
             "could not read the client key file {}: {e}",
             key.display()
         ))
+        .with_source(e)
     })?;
     Ok(Some((chain, key)))
 }

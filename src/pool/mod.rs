@@ -37,6 +37,7 @@ pub use postgres::{AfterConnect, ConnectionManager};
 
 /// What to do with a resource that comes back to the pool.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
 pub enum Disposition {
     /// It is clean: put it back.
     Reuse,
@@ -83,8 +84,20 @@ pub trait Manager: Send + Sync + 'static {
     fn close(&self, resource: Self::Resource) -> impl Future<Output = ()> + Send;
 }
 
-/// How a pool behaves.
+/// How a pool behaves. Made from [`PoolOptions::default`] and its setters (new options may
+/// be added, so it cannot be built field by field); the fields can be read.
+///
+/// ```
+/// use std::time::Duration;
+/// use pgengine::pool::PoolOptions;
+///
+/// let options = PoolOptions::default()
+///     .max_size(20)
+///     .acquire_timeout(Duration::from_secs(5));
+/// assert_eq!(options.max_size, 20);
+/// ```
 #[derive(Debug, Clone)]
+#[non_exhaustive]
 pub struct PoolOptions {
     /// The most resources open at once, idle or in use.
     pub max_size: usize,

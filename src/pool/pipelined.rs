@@ -48,7 +48,7 @@ use std::time::Instant;
 use tokio::sync::{mpsc, oneshot};
 
 use super::{ConnectionManager, Pool};
-use crate::connection::{Connection, QueryOrigin, SentQuery, TransactionStatus};
+use crate::connection::{Connection, PipelinedAnswer, QueryOrigin, SentQuery, TransactionStatus};
 use crate::error::{Error, Result, TransactionError};
 use crate::query::{EncodedParam, ToQuery};
 use crate::row::Row;
@@ -264,8 +264,7 @@ impl Pipeline {
             }
         }
         match answer.await {
-            Ok(Err(e)) if e.is_needs_own_run() => Ok(None),
-            Ok(result) => result.map(Some),
+            Ok(answer) => answer,
             Err(_) => Err(Error::closed(
                 "the pipelined connection failed before answering",
             )),
@@ -296,7 +295,7 @@ impl Pipeline {
 /// The most queries a driver keeps in flight on its connection.
 const MAX_IN_FLIGHT: usize = 256;
 
-type Reply = oneshot::Sender<Result<(Vec<Row>, u64)>>;
+type Reply = oneshot::Sender<PipelinedAnswer>;
 
 /// A query sent and not yet answered: the query (kept for reading its answer, and holding
 /// where the answer goes) and what reading it needs.
@@ -489,7 +488,7 @@ async fn drive(
     }
 }
 
-fn reply(request: Request, result: Result<(Vec<Row>, u64)>) {
+fn reply(request: Request, result: PipelinedAnswer) {
     let Request {
         reply, _load: load, ..
     } = request;
@@ -696,8 +695,8 @@ mod tests {
             _load: LoadTicket::take(gauge),
         };
         let (tx, rx) = oneshot::channel();
-        reply(request(tx), Ok((Vec::new(), 0)));
-        assert!(matches!(rx.blocking_recv(), Ok(Ok(_))));
+        reply(request(tx), Ok(Some((Vec::new(), 0))));
+        assert!(matches!(rx.blocking_recv(), Ok(Ok(Some(_)))));
         let (tx, _rx) = oneshot::channel();
         fail_all(
             [request(tx)].into_iter().map(|r| r.reply),

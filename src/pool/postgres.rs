@@ -5,7 +5,7 @@
 use super::{Disposition, Manager};
 use crate::config::Config;
 use crate::connection::{Connection, TransactionStatus};
-use crate::error::Result;
+use crate::error::{Result, SqlState};
 
 /// Opens connections with one [`Config`] for a [`super::Pool`].
 #[derive(Debug, Clone)]
@@ -201,7 +201,10 @@ impl Manager for ConnectionManager {
     /// The server is out of connection slots (53300 too_many_connections, as when
     /// `max_connections` is reached) or of resources for another backend (53000).
     fn is_full(&self, error: &crate::Error) -> bool {
-        matches!(error.code(), Some("53300") | Some("53000"))
+        matches!(
+            error.code(),
+            Some(&SqlState::TOO_MANY_CONNECTIONS | &SqlState::INSUFFICIENT_RESOURCES)
+        )
     }
 
     async fn close(&self, conn: Self::Resource) {

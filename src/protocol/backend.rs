@@ -709,7 +709,7 @@ fn encode_error_fields(db: &DbError, buf: &mut BytesMut) -> Result<()> {
     if let Some(v) = db.severity_nonlocalized() {
         field(b'V', v)?;
     }
-    field(b'C', db.code())?;
+    field(b'C', db.code().as_str())?;
     field(b'M', db.message())?;
     let line = db.line().map(|l| l.to_string());
     let optional: [(u8, Option<&str>); 12] = [

@@ -31,9 +31,12 @@ pub const SCRAM_SHA_256_PLUS: &str = "SCRAM-SHA-256-PLUS";
 /// 2^31-1); a hostile one could ask for billions to burn our CPU.
 pub const MAX_ITERATIONS: u32 = 10_000_000;
 
-/// How the client binds the exchange to the TLS channel (the gs2 header's first field).
+/// What the client says about channel binding in this one exchange: the gs2 header's
+/// channel-binding flag (RFC 5802 §7), with the binding data when it binds. Chosen per
+/// connection from the user's setting, [`config::ChannelBinding`](crate::config::ChannelBinding),
+/// and what the server offers.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub enum ChannelBinding {
+pub enum Gs2Binding {
     /// `n`: the client does not support channel binding.
     Unsupported,
     /// `y`: the client supports it but thinks the server does not.
@@ -42,18 +45,18 @@ pub enum ChannelBinding {
     TlsServerEndPoint(Vec<u8>),
 }
 
-impl ChannelBinding {
+impl Gs2Binding {
     fn gs2_header(&self) -> &'static str {
         match self {
-            ChannelBinding::Unsupported => "n,,",
-            ChannelBinding::UnusedByClient => "y,,",
-            ChannelBinding::TlsServerEndPoint(_) => "p=tls-server-end-point,,",
+            Gs2Binding::Unsupported => "n,,",
+            Gs2Binding::UnusedByClient => "y,,",
+            Gs2Binding::TlsServerEndPoint(_) => "p=tls-server-end-point,,",
         }
     }
 
     fn cbind_input(&self) -> Vec<u8> {
         let mut v = self.gs2_header().as_bytes().to_vec();
-        if let ChannelBinding::TlsServerEndPoint(data) = self {
+        if let Gs2Binding::TlsServerEndPoint(data) = self {
             v.extend_from_slice(data);
         }
         v
@@ -136,7 +139,7 @@ enum State {
 /// A SCRAM-SHA-256 exchange from the client's side.
 pub struct ScramSha256 {
     state: State,
-    channel_binding: ChannelBinding,
+    channel_binding: Gs2Binding,
     client_first: String,
 }
 
@@ -149,7 +152,7 @@ impl std::fmt::Debug for ScramSha256 {
 
 impl ScramSha256 {
     /// Starts an exchange with a random nonce.
-    pub fn new(password: &[u8], channel_binding: ChannelBinding) -> ScramSha256 {
+    pub fn new(password: &[u8], channel_binding: Gs2Binding) -> ScramSha256 {
         use rand::RngExt;
         let mut rng = rand::rng();
         // 18 random bytes in base64: printable, no commas, as the server's own nonces.
@@ -158,7 +161,7 @@ impl ScramSha256 {
     }
 
     /// Starts an exchange with a given nonce (for tests with known vectors).
-    pub fn with_nonce(password: &[u8], channel_binding: ChannelBinding, nonce: String) -> Self {
+    pub fn with_nonce(password: &[u8], channel_binding: Gs2Binding, nonce: String) -> Self {
         let client_first_bare = format!("n=,r={nonce}");
         let client_first = format!("{}{}", channel_binding.gs2_header(), client_first_bare);
         ScramSha256 {
@@ -407,7 +410,7 @@ mod tests {
     #[test]
     fn full_exchange_verifies_server_signature() {
         let nonce = "rOprNGfwEbeRWgbNEkqO".to_owned();
-        let mut scram = ScramSha256::with_nonce(b"pencil", ChannelBinding::Unsupported, nonce);
+        let mut scram = ScramSha256::with_nonce(b"pencil", Gs2Binding::Unsupported, nonce);
         assert_eq!(scram.client_first(), b"n,,n=,r=rOprNGfwEbeRWgbNEkqO");
         let server_first = "r=rOprNGfwEbeRWgbNEkqO%hvYDpWUa2RaTCAfuxFIlj)hNlF$k0,s=W22ZaJ0SNY7soEsUEjb6gQ==,i=4096";
         let client_final =
@@ -438,7 +441,7 @@ mod tests {
 
     #[test]
     fn rejects_nonce_that_does_not_extend_ours() {
-        let mut scram = ScramSha256::with_nonce(b"p", ChannelBinding::Unsupported, "abc".into());
+        let mut scram = ScramSha256::with_nonce(b"p", Gs2Binding::Unsupported, "abc".into());
         let err = scram.update(b"r=xyzdef,s=c2FsdA==,i=4096").unwrap_err();
         assert!(err.to_string().contains("nonce"), "{err}");
         // The exchange is over after an error.
@@ -448,13 +451,13 @@ mod tests {
 
     #[test]
     fn rejects_wrong_signature_and_server_error() {
-        let mut scram = ScramSha256::with_nonce(b"p", ChannelBinding::Unsupported, "abc".into());
+        let mut scram = ScramSha256::with_nonce(b"p", Gs2Binding::Unsupported, "abc".into());
         scram.update(b"r=abcdef,s=c2FsdA==,i=16").unwrap();
         let err = scram
             .finish(b"v=AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA=")
             .unwrap_err();
         assert!(err.to_string().contains("signature"), "{err}");
-        let mut scram = ScramSha256::with_nonce(b"p", ChannelBinding::Unsupported, "abc".into());
+        let mut scram = ScramSha256::with_nonce(b"p", Gs2Binding::Unsupported, "abc".into());
         scram.update(b"r=abcdef,s=c2FsdA==,i=16").unwrap();
         assert!(
             scram

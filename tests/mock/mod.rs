@@ -558,19 +558,30 @@ pub fn ready(status: TransactionStatus) -> BackendMessage {
 
 /// The body of an ErrorResponse or NoticeResponse with severity, SQLSTATE and message.
 fn error_fields(severity: &str, code: &str, message: &str) -> Bytes {
-    let mut body = Vec::new();
-    for (ty, value) in [
+    fields_body(&[
         (b'S', severity),
         (b'V', severity),
         (b'C', code),
         (b'M', message),
-    ] {
-        body.push(ty);
+    ])
+}
+
+/// The body of an ErrorResponse or NoticeResponse with exactly these fields.
+fn fields_body(fields: &[(u8, &str)]) -> Bytes {
+    let mut body = Vec::new();
+    for (ty, value) in fields {
+        body.push(*ty);
         body.extend_from_slice(value.as_bytes());
         body.push(0);
     }
     body.push(0);
     Bytes::from(body)
+}
+
+/// An ErrorResponse with exactly these `(field type, value)` pairs (e.g. a localised `S`
+/// beside the never-localised `V`).
+pub fn error_response_fields(fields: &[(u8, &str)]) -> BackendMessage {
+    BackendMessage::decode(b'E', fields_body(fields)).expect("the ErrorResponse decodes")
 }
 
 /// An ErrorResponse. (`DbError` has no public constructor, so it is decoded from its bytes.)
