@@ -14,10 +14,13 @@
 use std::future::{Future, IntoFuture};
 use std::pin::Pin;
 
+use crate::connection::CommitAsk;
 use crate::connection::TransactionStatus;
 use crate::engine::{PostgresEngine, Route};
-use crate::error::{Error, Result, TransactionError};
+use crate::error::{Error, Result, SqlState, TransactionError};
+use crate::outcome::{COMMIT_ID_QUERY, CommitId, resolve_lost_commit};
 use crate::query::{Query, ToQuery};
+use crate::retry::{RetryPolicy, connection_lost};
 use crate::row::Row;
 
 /// Queries to run together, all or nothing. Awaiting it runs it.
@@ -36,6 +39,7 @@ use crate::row::Row;
 pub struct Atomic<'q> {
     engine: PostgresEngine,
     queries: Vec<Box<dyn ToQuery + Send + 'q>>,
+    retry: Option<RetryPolicy>,
 }
 
 impl std::fmt::Debug for Atomic<'_> {
@@ -54,6 +58,7 @@ impl<'q> Atomic<'q> {
         Atomic {
             engine,
             queries: Vec::new(),
+            retry: None,
         }
     }
 
@@ -61,6 +66,17 @@ impl<'q> Atomic<'q> {
     /// `(sql, params)` whose values may be borrowed for as long as the Atomic lives.
     pub fn add(&mut self, query: impl ToQuery + Send + 'q) -> &mut Atomic<'q> {
         self.queries.push(Box::new(query));
+        self
+    }
+
+    /// Runs it again, by `policy`, when it fails in a way a new attempt can fix (see
+    /// [`retry`](crate::retry)): a serialization failure or deadlock, a failure that reached
+    /// nothing, a COMMIT lost on the wire that the server says it aborted. The run stays one
+    /// round trip; its COMMIT goes after the queries' Sync in the same write, with the
+    /// transaction's id asked just before it (PostgreSQL 13+), so a lost answer can be
+    /// resolved. Refused with [`TransactionError::Nested`] inside a transaction.
+    pub fn retry(&mut self, policy: RetryPolicy) -> &mut Atomic<'q> {
+        self.retry = Some(policy);
         self
     }
 
@@ -98,67 +114,145 @@ impl<'q> Atomic<'q> {
             }
         }
         if let Route::Transaction(tx) = self.engine.route() {
+            if self.retry.is_some() {
+                crate::retry::refuse_inside_transaction(&self.engine)?;
+            }
             return tx
                 .pipeline(&queries)
                 .await
                 .map_err(|(i, e)| name_failure(i, e, queries.len()));
         }
+        match &self.retry {
+            None => self.run_once(&queries, false).await,
+            Some(policy) => {
+                let queries = &queries[..];
+                crate::retry::with_retry(&self.engine, policy, || self.run_once(queries, true))
+                    .await
+            }
+        }
+    }
 
+    /// One run on a connection of its own: `BEGIN`, the queries and `COMMIT` in one write.
+    /// With `track` (and PostgreSQL 13+), the COMMIT goes after the queries' Sync, with the
+    /// transaction's id asked just before it, so that a lost answer can be resolved (see
+    /// [`TransactionBuilder::track_commit`](crate::transaction::TransactionBuilder::track_commit)).
+    async fn run_once(&self, queries: &[&dyn ToQuery], track: bool) -> Result<AtomicResults> {
+        let mut conn = self.engine.acquire().await?;
+        let ask = (track && conn.server_version_num() >= 130_000).then_some(CommitAsk {
+            before: Some(COMMIT_ID_QUERY),
+            after: None,
+        });
         let mut all: Vec<&dyn ToQuery> = Vec::with_capacity(queries.len() + 2);
         all.push(&"BEGIN");
         all.extend(queries.iter().copied());
-        all.push(&"COMMIT");
-
-        let mut conn = self.engine.acquire().await?;
+        if ask.is_none() {
+            all.push(&"COMMIT");
+        }
         let mut retried = false;
         loop {
-            match conn.pipeline(&all).await {
+            let result = conn.pipeline_then(&all, ask).await;
+            // The COMMIT after the Sync, if it was sent: its replies are owed.
+            let reply = match ask {
+                Some(ask) if conn.is_busy() && !conn.is_broken() => {
+                    Some(conn.read_commit(ask).await)
+                }
+                _ => None,
+            };
+            let failure = match result {
                 Ok(mut results) => {
-                    results.pop(); // COMMIT
                     results.remove(0); // BEGIN
-                    return Ok(results);
+                    let Some(reply) = reply else {
+                        if ask.is_none() {
+                            results.pop(); // COMMIT
+                            return Ok(results);
+                        }
+                        // Tracked, and the connection was lost before the COMMIT's replies.
+                        let lost = Error::closed("the connection was lost during the COMMIT");
+                        return resolve_lost_commit(&self.engine, None, lost)
+                            .await
+                            .map(|()| results);
+                    };
+                    match reply.commit {
+                        Ok(Some(tag)) if tag == "ROLLBACK" => {
+                            return Err(Error::transaction(
+                                TransactionError::NotCommitted,
+                                "the server rolled the Atomic back instead of committing: \
+                                 nothing was committed",
+                            ));
+                        }
+                        Ok(_) => return Ok(results),
+                        Err(e) if conn.is_broken() || conn.is_busy() => {
+                            let id = reply
+                                .before
+                                .and_then(|answer| answer.ok())
+                                .and_then(|id| CommitId::parse(id.as_deref()));
+                            return resolve_lost_commit(&self.engine, id, e)
+                                .await
+                                .map(|()| results);
+                        }
+                        // The server refused the COMMIT (a deferred constraint, a
+                        // serialization failure): rolled back.
+                        Err(e) => (None, e),
+                    }
                 }
                 Err((i, e)) => {
-                    // The failure left the transaction block open and aborted: end it, so the
-                    // connection is clean and nothing is committed. If that fails too (the
-                    // connection was lost: PgBouncer in statement mode drops a client whose
-                    // block stays open), the server rolls back with the session; the error
-                    // worth reporting is still the query's, and the pool discards or cleans
-                    // the connection.
-                    let mut clean = !conn.is_broken();
-                    if clean
-                        && conn.transaction_status() != TransactionStatus::Idle
-                        && let Err(rollback) = conn.command(&["ROLLBACK"]).await
-                    {
-                        tracing::debug!(
-                            target: "pgengine::query",
-                            "rolling back a failed Atomic failed too: {}",
-                            rollback.redacted()
-                        );
-                        clean = false;
-                    }
-                    // A cached statement invalidated by DDL: nothing was committed, so the
-                    // whole run can go again once (the statement is prepared afresh).
-                    // (A pooler took our prepared statements: the connection has switched to
-                    // unnamed ones, and the run works again.)
-                    let stale = matches!(
-                        e.code(),
-                        Some(
-                            &crate::SqlState::FEATURE_NOT_SUPPORTED
-                                | &crate::SqlState::UNDEFINED_PSTATEMENT
-                                | &crate::SqlState::DUPLICATE_PSTATEMENT
+                    // The COMMIT's replies were read (the failed block made it a ROLLBACK),
+                    // or never sent, or lost with the connection.
+                    if conn.is_broken() && !e.safe_to_retry() && connection_lost(&e) {
+                        // Lost in the middle: the COMMIT went out in the same write and may
+                        // have run.
+                        return Err(Error::transaction(
+                            TransactionError::OutcomeUnknown,
+                            format!(
+                                "the connection was lost while the Atomic ran ({}): its COMMIT \
+                                 was sent with it, so it may or may not have committed",
+                                e.redacted()
+                            ),
                         )
-                    );
-                    if stale && clean && !retried {
-                        retried = true;
-                        continue;
+                        .with_source(e));
                     }
-                    let i = i
-                        .map(|i| i.saturating_sub(1))
-                        .filter(|i| *i < queries.len());
-                    return Err(name_failure(i, e, queries.len()));
+                    (i, e)
                 }
+            };
+            let (i, e) = failure;
+            // The failure left the transaction block open and aborted: end it, so the
+            // connection is clean and nothing is committed. If that fails too (the
+            // connection was lost: PgBouncer in statement mode drops a client whose block
+            // stays open), the server rolls back with the session; the error worth
+            // reporting is still the query's, and the pool discards or cleans the
+            // connection.
+            let mut clean = !conn.is_broken();
+            if clean
+                && conn.transaction_status() != TransactionStatus::Idle
+                && let Err(rollback) = conn.command(&["ROLLBACK"]).await
+            {
+                tracing::debug!(
+                    target: "pgengine::query",
+                    "rolling back a failed Atomic failed too: {}",
+                    rollback.redacted()
+                );
+                clean = false;
             }
+            // A cached statement invalidated by DDL: nothing was committed, so the whole
+            // run can go again once (the statement is prepared afresh). (A pooler took our
+            // prepared statements: the connection has switched to unnamed ones, and the
+            // run works again.)
+            let stale = matches!(
+                e.code(),
+                Some(
+                    &SqlState::FEATURE_NOT_SUPPORTED
+                        | &SqlState::UNDEFINED_PSTATEMENT
+                        | &SqlState::DUPLICATE_PSTATEMENT
+                )
+            );
+            if stale && clean && !retried {
+                retried = true;
+                continue;
+            }
+            let i = i
+                .map(|i| i.saturating_sub(1))
+                .filter(|i| *i < queries.len());
+            return Err(name_failure(i, e, queries.len()));
         }
     }
 

@@ -44,7 +44,7 @@ use std::time::{Duration, Instant};
 
 use crate::config::TargetSessionAttrs;
 use crate::engine::{PostgresEngine, Route};
-use crate::error::{Error, SqlState, TransactionError};
+use crate::error::{Error, Result, SqlState, TransactionError};
 use crate::transaction::{PostgresTransaction, TransactionBuilder};
 
 /// How often and how long a transaction is tried ([`TransactionBuilder::retry`]).
@@ -181,50 +181,75 @@ impl RetryingTransaction {
     ///
     /// Refused with [`TransactionError::Nested`] on a task already inside a transaction of
     /// this engine: a retry cannot undo the outer transaction's work.
-    pub async fn run<F, Fut, T, E>(self, mut f: F) -> std::result::Result<T, E>
+    pub async fn run<F, Fut, T, E>(self, f: F) -> std::result::Result<T, E>
     where
         F: FnMut(PostgresTransaction) -> Fut,
         Fut: Future<Output = std::result::Result<T, E>>,
         E: RetryError,
     {
         let engine = self.builder.engine().clone();
-        if let Route::Transaction(_) = engine.route() {
-            return Err(Error::transaction(
-                TransactionError::Nested,
-                "a retrying transaction cannot join the transaction already open on this task \
-                 (a new attempt could not undo the outer one's work); retry the outer one",
-            )
-            .into());
-        }
-        let started = Instant::now();
-        let mut attempt = 0;
-        loop {
-            attempt += 1;
-            let result = self.builder.clone().track_commit(true).run(&mut f).await;
-            let mut e = match result {
-                Ok(value) => return Ok(value),
-                Err(e) => e,
-            };
-            let reason = e.pgengine_error().and_then(|pe| retry_reason(pe, &engine));
-            let wait = self.policy.wait_after(attempt);
-            let spent = started.elapsed() + wait;
-            let Some(reason) = reason
-                .filter(|_| attempt < self.policy.max_attempts && spent < self.policy.max_elapsed)
-            else {
-                if let Some(pe) = e.pgengine_error_mut() {
-                    pe.note_attempts(attempt);
-                }
-                return Err(e);
-            };
-            tracing::debug!(
-                target: "pgengine::transaction",
-                attempt,
-                reason,
-                wait_ms = wait.as_millis() as u64,
-                "transaction failed; trying again"
-            );
-            tokio::time::sleep(wait).await;
-        }
+        refuse_inside_transaction(&engine)?;
+        // Each attempt calls `f` once; the lock is held only while it makes its future.
+        let f = std::sync::Mutex::new(f);
+        let call = |tx| (f.lock().unwrap_or_else(|p| p.into_inner()))(tx);
+        let builder = &self.builder;
+        with_retry(&engine, &self.policy, || {
+            builder.clone().track_commit(true).run(call)
+        })
+        .await
+    }
+}
+
+/// Refuses a retrying run on a task already inside a transaction of `engine`.
+pub(crate) fn refuse_inside_transaction(engine: &PostgresEngine) -> Result<()> {
+    if let Route::Transaction(_) = engine.route() {
+        return Err(Error::transaction(
+            TransactionError::Nested,
+            "a retrying run cannot join the transaction already open on this task (a new \
+             attempt could not undo the outer one's work); retry the outer one",
+        ));
+    }
+    Ok(())
+}
+
+/// Runs `attempt` again while it fails in a way a new attempt can fix and `policy` allows;
+/// the last error says how many attempts were made.
+pub(crate) async fn with_retry<T, E, Fut>(
+    engine: &PostgresEngine,
+    policy: &RetryPolicy,
+    mut attempt_once: impl FnMut() -> Fut,
+) -> std::result::Result<T, E>
+where
+    E: RetryError,
+    Fut: Future<Output = std::result::Result<T, E>>,
+{
+    let started = Instant::now();
+    let mut attempt = 0;
+    loop {
+        attempt += 1;
+        let mut e = match attempt_once().await {
+            Ok(value) => return Ok(value),
+            Err(e) => e,
+        };
+        let reason = e.pgengine_error().and_then(|pe| retry_reason(pe, engine));
+        let wait = policy.wait_after(attempt);
+        let spent = started.elapsed() + wait;
+        let Some(reason) =
+            reason.filter(|_| attempt < policy.max_attempts && spent < policy.max_elapsed)
+        else {
+            if let Some(pe) = e.pgengine_error_mut() {
+                pe.note_attempts(attempt);
+            }
+            return Err(e);
+        };
+        tracing::debug!(
+            target: "pgengine::transaction",
+            attempt,
+            reason,
+            wait_ms = wait.as_millis() as u64,
+            "transaction failed; trying again"
+        );
+        tokio::time::sleep(wait).await;
     }
 }
 
@@ -265,7 +290,7 @@ fn retry_reason(e: &Error, engine: &PostgresEngine) -> Option<&'static str> {
 
 /// True if `e` says the connection was lost: closed, failed, or ended by the server (57P01
 /// and its kin come as a FATAL error; class 08 is the connection exception class).
-fn connection_lost(e: &Error) -> bool {
+pub(crate) fn connection_lost(e: &Error) -> bool {
     e.is_closed()
         || e.code().is_some_and(|code| {
             code.as_str().starts_with("57P") || code.class() == SqlState::CONNECTION_EXCEPTION

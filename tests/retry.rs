@@ -331,8 +331,9 @@ async fn cutting_proxy(replies_after_commit: usize) -> u16 {
                             return;
                         }
                         let chunk = &buf[..n];
-                        // A simple Query message whose text is exactly COMMIT.
-                        if chunk.windows(12).any(|w| w == b"Q\0\0\0\x0bCOMMIT\0") {
+                        // A COMMIT: a simple Query message whose text is exactly that, or
+                        // a Parse of it.
+                        if chunk.windows(7).any(|w| w == b"COMMIT\0") {
                             let _ = commit_tx.send(true);
                         }
                         if server_write.write_all(chunk).await.is_err() {
@@ -732,6 +733,70 @@ async fn a_read_only_error_is_retried_only_when_the_engine_wants_a_primary() {
                 assert_eq!(attempts.load(Ordering::SeqCst), 1);
             }
         }
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn an_atomic_retries_a_serialization_failure_in_one_round_trip_per_attempt() {
+    bounded("atomic retry", async {
+        let engine = engine();
+        fresh_table(&engine, "retry_atomic", "k int").await;
+        engine
+            .run_ddl("DROP SEQUENCE IF EXISTS retry_atomic_seq; CREATE SEQUENCE retry_atomic_seq")
+            .await
+            .unwrap();
+        let mut atomic = engine.atomic();
+        atomic.add("INSERT INTO retry_atomic VALUES (1)");
+        // The first run fails as a serialization failure would (a sequence is not undone).
+        atomic.add(
+            "DO $$ BEGIN IF nextval('retry_atomic_seq') = 1 THEN \
+             RAISE EXCEPTION 'conflict' USING ERRCODE = '40001'; END IF; END $$",
+        );
+        atomic.retry(policy());
+        atomic.run().await.unwrap();
+        assert_eq!(
+            count_where(&engine, "SELECT count(*) FROM retry_atomic".into()).await,
+            1
+        );
+        let runs: i64 = engine
+            .query_one("SELECT last_value FROM retry_atomic_seq")
+            .await
+            .unwrap()
+            .get(0);
+        assert_eq!(runs, 2);
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn an_atomic_whose_commit_answer_was_lost_is_resolved_or_called_unknown() {
+    bounded("atomic lost answer", async {
+        let engine = engine();
+        fresh_table(&engine, "retry_atomic_lost", "k int").await;
+        // Tracked: the pipeline's and the id's ReadyForQuery get through, the COMMIT's not.
+        let proxied = proxied_engine(cutting_proxy(2).await);
+        let mut atomic = proxied.atomic();
+        atomic.add("INSERT INTO retry_atomic_lost VALUES (1)");
+        atomic.retry(policy());
+        atomic.run().await.expect("the server says it committed");
+        assert_eq!(
+            count_where(&engine, "SELECT count(*) FROM retry_atomic_lost".into()).await,
+            1,
+            "committed once, not run again"
+        );
+
+        // Untracked: the COMMIT travels inside the pipeline; a loss is an unknown outcome,
+        // never "nothing was committed".
+        let proxied = proxied_engine(cutting_proxy(0).await);
+        let mut atomic = proxied.atomic();
+        atomic.add("INSERT INTO retry_atomic_lost VALUES (2)");
+        let err = atomic.run().await.unwrap_err();
+        assert_eq!(
+            err.transaction_error(),
+            Some(TransactionError::OutcomeUnknown),
+            "{err}"
+        );
     })
     .await;
 }
