@@ -30,7 +30,7 @@ use std::time::{Duration, Instant};
 
 use ha::{Member, PatroniCluster, Tools};
 use pgengine::pool::PoolOptions;
-use pgengine::{Config, Connection, PostgresEngine, TransactionError};
+use pgengine::{Config, Connection, PostgresEngine, RetryPolicy, TransactionError};
 
 /// Tasks writing at once, through a pool of fewer connections.
 const WRITERS: i32 = 32;
@@ -237,7 +237,7 @@ async fn writer(
         let id = i64::from(task) * 1_000_000 + n;
         n += 1;
         let started = Instant::now();
-        let outcome = write_once(&engine, id, task).await;
+        let (outcome, attempts) = write_once(&engine, id, task).await;
         let pause = if let Outcome::Acknowledged { server_port } = outcome {
             acks.add(server_port);
             PAUSE_AFTER_WRITE
@@ -249,24 +249,32 @@ async fn writer(
             started,
             finished: Instant::now(),
             outcome,
+            attempts,
         });
         tokio::time::sleep(pause).await;
     }
     writes
 }
 
-/// Inserts row `id` in a transaction of its own and says what became of it.
-async fn write_once(engine: &PostgresEngine, id: i64, task: i32) -> Outcome {
+/// How the writers retry: long enough in all to bridge a failover (the crash takes the leader
+/// key's time to live, 10 s, plus a promotion).
+fn retry_policy() -> RetryPolicy {
+    RetryPolicy::default()
+        .max_attempts(100)
+        .max_elapsed(Duration::from_secs(40))
+        .backoff(Duration::from_millis(20), Duration::from_millis(500))
+}
+
+/// Inserts row `id` in a retrying transaction of its own and says what the engine said of it:
+/// success, an unknown outcome, or (any other error) nothing saved. The table then checks the
+/// engine's word.
+async fn write_once(engine: &PostgresEngine, id: i64, task: i32) -> (Outcome, i32) {
     let attempts = &AtomicI32::new(0);
-    // Set once the INSERT succeeded: from then on a failure is COMMIT's.
-    let committing = &AtomicBool::new(false);
     let result = engine
         .transaction()
-        // RETRY: `.retry(policy)` goes here, the one line to change. The closure is already
-        // safe to run again: it counts its runs and writes the count into the row.
+        .retry(retry_policy())
         .run(|tx| async move {
             let attempt = attempts.fetch_add(1, Ordering::Relaxed) + 1;
-            committing.store(false, Ordering::Relaxed);
             let row = tx
                 .query_one((
                     "INSERT INTO ha_writes (id, task, attempt) VALUES ($1, $2, $3)
@@ -274,33 +282,19 @@ async fn write_once(engine: &PostgresEngine, id: i64, task: i32) -> Outcome {
                     (id, task, attempt),
                 ))
                 .await?;
-            committing.store(true, Ordering::Relaxed);
             Ok::<_, pgengine::Error>(row.get::<_, i32>(0))
         })
         .await;
-    match result {
+    let outcome = match result {
         Ok(port) => Outcome::Acknowledged {
             server_port: u16::try_from(port).expect("a port"),
         },
-        // BEGIN or the INSERT failed: a transaction block the server never saw COMMIT for is
-        // never committed, whatever became of its connection.
-        Err(error) if !committing.load(Ordering::Relaxed) => Outcome::NotSaved(error),
-        Err(error) if commit_saved_nothing(&error) => Outcome::NotSaved(error),
-        Err(error) => Outcome::Unknown(error),
-    }
-}
-
-/// True when an error from COMMIT proves nothing was committed: COMMIT never reached the
-/// server, the server answered it with ROLLBACK, or with an ERROR (a serialization failure,
-/// a deferred constraint: the transaction is rolled back). A lost connection, a timeout or a
-/// FATAL error say nothing either way — a backend stopped by a fast shutdown while waiting for
-/// its synchronous standby has committed locally and says so in a WARNING before its FATAL.
-fn commit_saved_nothing(error: &pgengine::Error) -> bool {
-    error.safe_to_retry()
-        || error.transaction_error() == Some(TransactionError::NotCommitted)
-        || error
-            .as_db_error()
-            .is_some_and(|db| db.severity_nonlocalized().unwrap_or(db.severity()) == "ERROR")
+        Err(error) if error.transaction_error() == Some(TransactionError::OutcomeUnknown) => {
+            Outcome::Unknown(error)
+        }
+        Err(error) => Outcome::NotSaved(error),
+    };
+    (outcome, attempts.load(Ordering::Relaxed))
 }
 
 /// What the engine said of one write.
@@ -320,6 +314,8 @@ struct Write {
     started: Instant,
     finished: Instant,
     outcome: Outcome,
+    /// Runs of the transaction's closure (more than one: retried).
+    attempts: i32,
 }
 
 /// Acknowledged writes counted by the port of the server that committed them, for the test to
@@ -345,6 +341,8 @@ struct Report<'a> {
     /// Patroni's view: the new leader took writes this long after the event began.
     promoted_after: Duration,
     acknowledged: usize,
+    /// Writes whose transaction ran more than once.
+    retried: usize,
     not_saved: Vec<&'a Write>,
     /// With whether each landed.
     unknown: Vec<(&'a Write, bool)>,
@@ -372,6 +370,7 @@ impl<'a> Report<'a> {
             new_leader,
             promoted_after,
             acknowledged: 0,
+            retried: writes.iter().filter(|w| w.attempts > 1).count(),
             not_saved: Vec::new(),
             unknown: Vec::new(),
             writing_again_after: None,
@@ -441,11 +440,12 @@ impl<'a> Report<'a> {
             self.event, self.old_leader.name, self.new_leader.name
         );
         eprintln!(
-            "   outcomes: {} acknowledged, {} not saved, {} unknown ({} landed)",
+            "   outcomes: {} acknowledged, {} not saved, {} unknown ({} landed); {} retried",
             self.acknowledged,
             self.not_saved.len(),
             self.unknown.len(),
-            self.unknown.iter().filter(|(_, landed)| *landed).count()
+            self.unknown.iter().filter(|(_, landed)| *landed).count(),
+            self.retried
         );
         eprintln!(
             "   after the event: Patroni reported the new leader taking writes at {}; the \

@@ -260,11 +260,11 @@ impl PatroniCluster {
     pub fn wait_for_new_leader(&self, previous: &Member, limit: Duration) -> io::Result<Member> {
         let deadline = Instant::now() + limit;
         loop {
-            if let Ok(leader) = self.leader() {
-                if leader != *previous && matches!(self.api_get(&leader, "/primary"), Ok((200, _)))
-                {
-                    return Ok(leader);
-                }
+            if let Ok(leader) = self.leader()
+                && leader != *previous
+                && matches!(self.api_get(&leader, "/primary"), Ok((200, _)))
+            {
+                return Ok(leader);
             }
             self.check_deadline(deadline, "a new leader")?;
             std::thread::sleep(Duration::from_millis(100));
@@ -471,10 +471,10 @@ impl PatroniCluster {
         self.etcd = Some(etcd);
         let deadline = Instant::now() + Duration::from_secs(30);
         loop {
-            if let Ok((200, body)) = http_get(self.etcd_port, "/health") {
-                if body.contains("true") {
-                    return Ok(());
-                }
+            if let Ok((200, body)) = http_get(self.etcd_port, "/health")
+                && body.contains("true")
+            {
+                return Ok(());
             }
             if let Some(status) = self
                 .etcd
@@ -669,13 +669,13 @@ impl Drop for PatroniCluster {
             let _ = etcd.kill();
             let _ = etcd.wait();
         }
-        if let Err(error) = fs::remove_dir_all(&self.root) {
-            if error.kind() != io::ErrorKind::NotFound {
-                eprintln!(
-                    "PatroniCluster: could not remove {}: {error}",
-                    self.root.display()
-                );
-            }
+        if let Err(error) = fs::remove_dir_all(&self.root)
+            && error.kind() != io::ErrorKind::NotFound
+        {
+            eprintln!(
+                "PatroniCluster: could not remove {}: {error}",
+                self.root.display()
+            );
         }
     }
 }
