@@ -18,6 +18,7 @@ use crate::connection::CommitAsk;
 use crate::connection::TransactionStatus;
 use crate::engine::{PostgresEngine, Route};
 use crate::error::{Error, Result, SqlState, TransactionError};
+use crate::freshness::POSITION_QUERY;
 use crate::outcome::{COMMIT_ID_QUERY, CommitId, resolve_lost_commit};
 use crate::query::{Query, ToQuery};
 use crate::retry::{RetryPolicy, connection_lost};
@@ -138,9 +139,11 @@ impl<'q> Atomic<'q> {
     /// [`TransactionBuilder::track_commit`](crate::transaction::TransactionBuilder::track_commit)).
     async fn run_once(&self, queries: &[&dyn ToQuery], track: bool) -> Result<AtomicResults> {
         let mut conn = self.engine.acquire().await?;
-        let ask = (track && conn.server_version_num() >= 130_000).then_some(CommitAsk {
-            before: Some(COMMIT_ID_QUERY),
-            after: None,
+        let track = track && conn.server_version_num() >= 130_000;
+        let positions = self.engine.tracks_writes();
+        let ask = (track || positions).then_some(CommitAsk {
+            before: track.then_some(COMMIT_ID_QUERY),
+            after: positions.then_some(POSITION_QUERY),
         });
         let mut all: Vec<&dyn ToQuery> = Vec::with_capacity(queries.len() + 2);
         all.push(&"BEGIN");
@@ -168,6 +171,9 @@ impl<'q> Atomic<'q> {
                         }
                         // Tracked, and the connection was lost before the COMMIT's replies.
                         let lost = Error::closed("the connection was lost during the COMMIT");
+                        if positions {
+                            self.engine.writes().wrote_somewhere();
+                        }
                         return resolve_lost_commit(&self.engine, None, lost)
                             .await
                             .map(|()| results);
@@ -180,12 +186,23 @@ impl<'q> Atomic<'q> {
                                  nothing was committed",
                             ));
                         }
-                        Ok(_) => return Ok(results),
+                        Ok(_) => {
+                            if positions {
+                                let position = reply.after.and_then(|answer| answer.ok());
+                                self.engine
+                                    .writes()
+                                    .committed_at(position.flatten().as_deref());
+                            }
+                            return Ok(results);
+                        }
                         Err(e) if conn.is_broken() || conn.is_busy() => {
                             let id = reply
                                 .before
                                 .and_then(|answer| answer.ok())
                                 .and_then(|id| CommitId::parse(id.as_deref()));
+                            if positions {
+                                self.engine.writes().wrote_somewhere();
+                            }
                             return resolve_lost_commit(&self.engine, id, e)
                                 .await
                                 .map(|()| results);
@@ -199,6 +216,9 @@ impl<'q> Atomic<'q> {
                     // The COMMIT's replies were read (the failed block made it a ROLLBACK),
                     // or never sent, or lost with the connection.
                     if conn.is_broken() && !e.safe_to_retry() && connection_lost(&e) {
+                        if self.engine.tracks_writes() {
+                            self.engine.writes().wrote_somewhere();
+                        }
                         // Lost in the middle: the COMMIT went out in the same write and may
                         // have run.
                         return Err(Error::transaction(

@@ -29,6 +29,7 @@ use std::time::{Duration, Instant};
 use crate::config::Config;
 use crate::connection::{Connection, Lease, RowStream, TransactionStatus};
 use crate::error::{Error, Result, TransactionError};
+use crate::freshness::{Freshness, Node, NodeLink, Writes};
 use crate::listen::{ListenOptions, Listener};
 use crate::pool::{ConnectionManager, Manager, Pipeline, Pool, PoolOptions, PoolStats, Pooled};
 use crate::query::ToQuery;
@@ -109,7 +110,11 @@ struct Options {
 struct Inner {
     config: Config,
     options: Options,
-    nodes: BTreeMap<String, PostgresEngine>,
+    nodes: BTreeMap<String, Arc<Node>>,
+    /// Some node reads its primary's writes ([`Freshness::read_your_writes`]): commits ask
+    /// their WAL position, and other writes are counted (see [`crate::freshness`]).
+    tracks_writes: bool,
+    writes: Arc<Writes>,
     /// The running pool and its pipeline, if any. Read on every query; written only by
     /// start/close.
     pool: RwLock<Option<RunningPool>>,
@@ -140,6 +145,9 @@ type RunningPool = (Pool<ConnectionManager>, Option<Arc<Pipeline>>);
 #[derive(Clone)]
 pub struct PostgresEngine {
     inner: Arc<Inner>,
+    /// On a handle from [`PostgresEngine::node`] whose node has a freshness rule: the rule,
+    /// and the primary.
+    link: Option<Arc<NodeLink>>,
 }
 
 impl fmt::Debug for PostgresEngine {
@@ -158,7 +166,7 @@ impl fmt::Debug for PostgresEngine {
 pub struct EngineBuilder {
     config: Config,
     options: Options,
-    nodes: BTreeMap<String, PostgresEngine>,
+    nodes: BTreeMap<String, Arc<Node>>,
 }
 
 impl EngineBuilder {
@@ -264,18 +272,41 @@ impl EngineBuilder {
     }
 
     /// Adds a named engine, typically for a read replica: `engine.node(name)` returns it.
-    pub fn extra_node(mut self, name: impl Into<String>, engine: PostgresEngine) -> Self {
-        self.nodes.insert(name.into(), engine);
+    /// Reads through it go to it however far behind its primary it is; see
+    /// [`extra_node_with`](Self::extra_node_with) for a freshness rule.
+    pub fn extra_node(self, name: impl Into<String>, engine: PostgresEngine) -> Self {
+        self.extra_node_with(name, engine, Freshness::any())
+    }
+
+    /// Adds a named engine for a read replica, with a rule for how fresh its reads must be
+    /// (read your writes, or bounded lag; see [`crate::freshness`]). The rule applies to
+    /// statements run through `engine.node(name)` outside a transaction (queries, streams,
+    /// batches, DDL); a transaction on the node runs there as it is.
+    pub fn extra_node_with(
+        mut self,
+        name: impl Into<String>,
+        engine: PostgresEngine,
+        freshness: Freshness,
+    ) -> Self {
+        self.nodes
+            .insert(name.into(), Arc::new(Node::new(engine, freshness)));
         self
     }
 
     /// The engine.
     pub fn build(self) -> PostgresEngine {
+        let tracks_writes = self
+            .nodes
+            .values()
+            .any(|n| n.freshness().wants_commit_positions());
         PostgresEngine {
+            link: None,
             inner: Arc::new(Inner {
                 config: self.config,
                 options: self.options,
                 nodes: self.nodes,
+                tracks_writes,
+                writes: Default::default(),
                 pool: RwLock::new(None),
                 pooler_seen: Default::default(),
             }),
@@ -286,7 +317,24 @@ impl EngineBuilder {
 /// A connection borrowed by the engine for one use ([`PostgresEngine::acquire`]): from the
 /// pool when it runs, otherwise a fresh one that is closed when dropped. It dereferences to
 /// the [`Connection`].
-pub struct EngineConnection(Source);
+pub struct EngineConnection {
+    source: Source,
+    /// Does its work when dropped.
+    _note: WriteNote,
+}
+
+/// Counts a write of unknown position when a connection handed out by
+/// [`PostgresEngine::acquire`] comes back, for read-your-writes nodes: whatever it did was
+/// acknowledged by then.
+struct WriteNote(Option<Arc<Writes>>);
+
+impl Drop for WriteNote {
+    fn drop(&mut self) {
+        if let Some(writes) = self.0.take() {
+            writes.wrote_somewhere();
+        }
+    }
+}
 
 /// Where an [`EngineConnection`] came from.
 enum Source {
@@ -301,13 +349,13 @@ impl EngineConnection {
     /// clean first if it needs to be); false for one opened for this use alone (closed when
     /// dropped).
     pub fn is_pooled(&self) -> bool {
-        matches!(self.0, Source::Pooled(_))
+        matches!(self.source, Source::Pooled(_))
     }
 
     /// Closes the connection instead of giving it back to the pool, as when its session holds
     /// something nobody else should inherit.
     pub fn discard(self) {
-        if let Source::Pooled(pooled) = self.0 {
+        if let Source::Pooled(pooled) = self.source {
             pooled.discard();
         }
     }
@@ -316,7 +364,7 @@ impl EngineConnection {
 impl Deref for EngineConnection {
     type Target = Connection;
     fn deref(&self) -> &Connection {
-        match &self.0 {
+        match &self.source {
             Source::Pooled(p) => p,
             Source::Fresh(c) => c,
         }
@@ -325,7 +373,7 @@ impl Deref for EngineConnection {
 
 impl DerefMut for EngineConnection {
     fn deref_mut(&mut self) -> &mut Connection {
-        match &mut self.0 {
+        match &mut self.source {
             Source::Pooled(p) => p,
             Source::Fresh(c) => c,
         }
@@ -373,7 +421,21 @@ impl PostgresEngine {
 
     /// The engine of an extra node (a read replica) by name.
     pub fn node(&self, name: &str) -> Result<PostgresEngine> {
-        self.inner.nodes.get(name).cloned().ok_or_else(|| {
+        if let Some(node) = self.inner.nodes.get(name) {
+            let mut engine = node.engine.clone();
+            if node.has_rule() {
+                engine.link = Some(Arc::new(NodeLink {
+                    name: name.into(),
+                    node: node.clone(),
+                    primary: PostgresEngine {
+                        inner: self.inner.clone(),
+                        link: None,
+                    },
+                }));
+            }
+            return Ok(engine);
+        }
+        Err({
             let known: Vec<&str> = self.inner.nodes.keys().map(String::as_str).collect();
             Error::config(format!(
                 "no extra node named {name:?} (known nodes: {})",
@@ -395,13 +457,25 @@ impl PostgresEngine {
     /// fresh one, opened within the engine's query timeout, or [`FRESH_CONNECT_TIMEOUT`]
     /// without one (a server that accepts and never answers cannot hold a query forever).
     pub async fn acquire(&self) -> Result<EngineConnection> {
+        self.checkout(true).await
+    }
+
+    /// [`acquire`](Self::acquire) for the engine's own use; `writes`: what the connection
+    /// does may write, and is counted as a write when it comes back (for read-your-writes
+    /// nodes; see [`crate::freshness`]).
+    pub(crate) async fn checkout(&self, writes: bool) -> Result<EngineConnection> {
+        let note =
+            WriteNote((writes && self.inner.tracks_writes).then(|| self.inner.writes.clone()));
         let pool = self.current_pool();
         match pool {
             Some(pool) => {
                 let started = Instant::now();
                 let mut pooled = pool.acquire().await?;
                 pooled.note_acquire_wait(started.elapsed());
-                Ok(EngineConnection(Source::Pooled(pooled)))
+                Ok(EngineConnection {
+                    source: Source::Pooled(pooled),
+                    _note: note,
+                })
             }
             None => {
                 let limit = self
@@ -416,7 +490,10 @@ impl PostgresEngine {
                         Error::timeout(format!("opening a connection took longer than {limit:?}"))
                     })??;
                 conn.note_acquire_wait(started.elapsed());
-                Ok(EngineConnection(Source::Fresh(conn)))
+                Ok(EngineConnection {
+                    source: Source::Fresh(conn),
+                    _note: note,
+                })
             }
         }
     }
@@ -493,13 +570,30 @@ impl PostgresEngine {
         if let Some(control) = effects.control {
             return Err(control_outside_scope(control));
         }
+        if let Some(primary) = self.fresh_enough().await? {
+            return Box::pin(primary.run_outside(query)).await;
+        }
+        if self.inner.tracks_writes && !crate::freshness::reads_only(query.sql()) {
+            // Counted once acknowledged (or failed: a lost answer may have committed).
+            let result = self.run_outside_here(query, effects).await;
+            self.inner.writes.wrote_somewhere();
+            return result;
+        }
+        self.run_outside_here(query, effects).await
+    }
+
+    async fn run_outside_here(
+        &self,
+        query: &dyn ToQuery,
+        effects: crate::sql::StatementEffects,
+    ) -> Result<(Vec<Row>, u64)> {
         if effects.is_plain()
             && let Some(pipeline) = self.current_pipeline()
             && let Some(result) = pipeline.run(query).await?
         {
             return Ok(result);
         }
-        self.acquire().await?.query_counted(query).await
+        self.checkout(false).await?.query_counted(query).await
     }
 
     /// Runs SQL with the simple protocol outside any transaction, on a connection of its
@@ -511,7 +605,10 @@ impl PostgresEngine {
         if let Some(control) = crate::sql::effects(sql).unbalanced() {
             return Err(control_outside_scope(control));
         }
-        let mut conn = self.acquire().await?;
+        if let Some(primary) = self.fresh_enough().await? {
+            return Box::pin(primary.run_simple_outside(sql)).await;
+        }
+        let mut conn = self.checkout(true).await?;
         let results = conn.simple_query(sql).await?;
         if conn.transaction_status() != TransactionStatus::Idle {
             let undone = conn.reset().await;
@@ -552,7 +649,7 @@ impl PostgresEngine {
 
     /// The server's full version.
     pub async fn server_version(&self) -> Result<ServerVersion> {
-        let conn = self.acquire().await?;
+        let conn = self.checkout(false).await?;
         let text = conn
             .parameter("server_version")
             .ok_or_else(|| Error::protocol("the server did not report server_version"))?;
@@ -564,7 +661,7 @@ impl PostgresEngine {
     /// each name quoted as an identifier). A missing privilege is logged as a warning, as
     /// Piccolo does; any other error is returned.
     pub async fn prep_database(&self) -> Result<()> {
-        let mut conn = self.acquire().await?;
+        let mut conn = self.checkout(true).await?;
         for name in &self.inner.options.extensions {
             let sql = format!(
                 "CREATE EXTENSION IF NOT EXISTS {}",
@@ -698,8 +795,43 @@ impl PostgresEngine {
     pub(crate) async fn lease(&self) -> Result<Lease<'static>> {
         match self.route() {
             Route::Transaction(tx) => tx.lease().await,
-            Route::Outside => Ok(Lease::Held(Box::new(self.acquire().await?))),
+            Route::Outside => {
+                if let Some(primary) = self.fresh_enough().await? {
+                    return Box::pin(primary.lease()).await;
+                }
+                Ok(Lease::Held(Box::new(self.checkout(false).await?)))
+            }
         }
+    }
+
+    /// For a node with a freshness rule: the primary to read from instead, if the node is
+    /// not fresh enough (see [`crate::freshness`]).
+    async fn fresh_enough(&self) -> Result<Option<PostgresEngine>> {
+        match &self.link {
+            Some(link) => link.choose().await,
+            None => Ok(None),
+        }
+    }
+
+    /// What this engine knows of its writes, for read-your-writes nodes.
+    pub(crate) fn writes(&self) -> &Writes {
+        &self.inner.writes
+    }
+
+    /// True when some node reads this engine's writes: commits then ask their WAL position.
+    pub(crate) fn tracks_writes(&self) -> bool {
+        self.inner.tracks_writes
+    }
+
+    /// The one value `sql` returns, asked on a connection of this engine.
+    pub(crate) async fn ask_one(&self, sql: &str) -> Result<Option<String>> {
+        let mut conn = self.checkout(false).await?;
+        let results = conn.simple_query(sql).await?;
+        Ok(results
+            .first()
+            .and_then(|r| r.rows().first())
+            .and_then(|row| row.get(0))
+            .map(str::to_owned))
     }
 
     /// Runs a query and returns a stream of its rows, read as it is polled: memory stays
@@ -726,7 +858,11 @@ impl PostgresEngine {
                 if let Some(control) = crate::sql::statement_effects(query.sql()).control {
                     return Err(control_outside_scope(control));
                 }
-                let conn = Lease::Held(Box::new(self.acquire().await?));
+                if let Some(primary) = self.fresh_enough().await? {
+                    return Box::pin(primary.query_stream(query)).await;
+                }
+                let writes = !crate::freshness::reads_only(query.sql());
+                let conn = Lease::Held(Box::new(self.checkout(writes).await?));
                 RowStream::start(conn, &query).await
             }
         }

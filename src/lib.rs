@@ -61,6 +61,7 @@ pub mod config;
 pub mod connection;
 pub mod engine;
 pub mod error;
+pub mod freshness;
 pub mod from_row;
 pub mod listen;
 mod outcome;

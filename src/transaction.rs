@@ -53,6 +53,7 @@ use crate::batch::{AsyncBatch, check_batch};
 use crate::connection::{CommitAsk, CommitReply, Lease, RowStream, TransactionStatus};
 use crate::engine::{EngineConnection, PostgresEngine};
 use crate::error::{Error, Result, TransactionError};
+use crate::freshness::POSITION_QUERY;
 use crate::outcome::{COMMIT_ID_QUERY, CommitId, resolve_lost_commit};
 use crate::query::ToQuery;
 use crate::row::{Row, SimpleQueryResult};
@@ -618,15 +619,26 @@ impl PostgresTransaction {
             return Err(self.rollback_failed().await);
         }
         let track = self.shared.track_commit && c.conn().server_version_num() >= 130_000;
-        let reply = if track {
-            let ask = CommitAsk {
-                before: Some(COMMIT_ID_QUERY),
-                after: None,
-            };
+        let engine = &self.shared.engine;
+        let ask = CommitAsk {
+            before: track.then_some(COMMIT_ID_QUERY),
+            after: engine.tracks_writes().then_some(POSITION_QUERY),
+        };
+        let reply = if ask.before.is_some() || ask.after.is_some() {
             c.conn().commit_between(ask).await
         } else {
             CommitReply::of(c.conn().command(&["COMMIT"]).await)
         };
+        if engine.tracks_writes() {
+            // For read-your-writes nodes: where this commit is (unknown if it was lost, or
+            // not committed: counting a write that did not happen only makes a read wait).
+            match &reply.after {
+                Some(Ok(position)) if reply.commit.is_ok() => {
+                    engine.writes().committed_at(position.as_deref())
+                }
+                _ => engine.writes().wrote_somewhere(),
+            }
+        }
         let result = reply.commit;
         // No answer: the server may have committed or not. (A server error, by contrast,
         // came with ReadyForQuery on a connection still usable.)
