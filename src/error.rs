@@ -124,6 +124,9 @@ struct Inner {
     /// cannot apply it twice (jackc/pgx's `SafeToRetry`).
     safe_to_retry: bool,
     transaction: Option<TransactionError>,
+    /// How many attempts a retrying transaction made before giving up with this error
+    /// (0: not from one).
+    attempts: u32,
 }
 
 impl Error {
@@ -135,6 +138,7 @@ impl Error {
             source: None,
             safe_to_retry: false,
             transaction: None,
+            attempts: 0,
         }))
     }
 
@@ -192,6 +196,7 @@ impl Error {
             source: self.0.source.clone(),
             safe_to_retry: self.0.safe_to_retry,
             transaction: self.0.transaction,
+            attempts: self.0.attempts,
         }))
     }
 
@@ -207,12 +212,20 @@ impl Error {
 
     /// Says how many attempts a retrying transaction made before giving up with this error.
     pub(crate) fn note_attempts(&mut self, attempts: u32) {
+        self.0.attempts = attempts;
         let noted = format!("the transaction was attempted {attempts} time(s)");
         self.0.message = if self.0.message.is_empty() {
             noted
         } else {
             format!("{}; {noted}", self.0.message)
         };
+    }
+
+    /// How many attempts a retrying transaction or Atomic
+    /// ([`RetryPolicy`](crate::RetryPolicy)) made before giving up with this error; `None`
+    /// for an error that did not end one.
+    pub fn attempts(&self) -> Option<u32> {
+        (self.0.attempts > 0).then_some(self.0.attempts)
     }
 
     /// Why a transaction refused an operation, for [`ErrorKind::Transaction`] errors.

@@ -172,6 +172,7 @@ async fn the_callers_own_failures_are_never_retried() {
         assert_eq!(err.code(), Some(&SqlState::UNIQUE_VIOLATION), "{err}");
         assert_eq!(attempts.load(Ordering::SeqCst), 1);
         assert!(err.to_string().contains("attempted 1 time"), "{err}");
+        assert_eq!(err.attempts(), Some(1));
 
         // An application error, in its own type.
         #[derive(Debug)]
@@ -236,6 +237,7 @@ async fn the_callers_own_failures_are_never_retried() {
         assert_eq!(err.code(), Some(&SqlState::T_R_SERIALIZATION_FAILURE));
         assert_eq!(attempts.load(Ordering::SeqCst), 3);
         assert!(err.to_string().contains("attempted 3 time"), "{err}");
+        assert_eq!(err.attempts(), Some(3));
     })
     .await;
 }
