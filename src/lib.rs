@@ -34,6 +34,12 @@
 //!   `#[derive(ToSql, FromSql)]` for enums and composite types). Beside them, the private `sql`
 //!   module reads SQL text as the server lexes it: placeholders, and whether a statement
 //!   controls the transaction or changes the session (the engine routes on it).
+//! - [`client`]: [`Client`], the one trait every query runner implements (engines and their
+//!   nodes, transactions, savepoints, connections), with the same methods and query forms;
+//!   [`from_row`]'s [`FromRow`] turns its rows into tuples and derived structs.
+//! - [`retry`], [`freshness`]: transactions (and Atomic runs) tried again when a new attempt
+//!   can fix their failure, with the outcome of a COMMIT whose answer was lost found out from
+//!   the server; replica reads that wait for the reader's own writes or keep under a lag bound.
 //! - [`error`]: the one [`Error`] type, with a [`ErrorKind`] a caller can match on and every
 //!   field of a server error.
 //! - `testing` (feature `testing`): `testing::TempCluster`, a throwaway PostgreSQL cluster
