@@ -143,17 +143,64 @@ pub trait Client: sealed::Sealed + Send {
     }
 }
 
-/// Implements [`Client`] for a type and for a shared reference to it, with the same body:
-/// in it, `this!()` is the `&Type` whose inherent methods do the work.
+/// Implements [`Client`] for a type whose methods need no `&mut`, and for a shared reference
+/// to it. Each method calls the inherent method of the same name of `$target` — the type
+/// itself, or the transaction a savepoint belongs to, got by `$get` from `$this` — except
+/// `simple_query`, which calls `$simple`.
 macro_rules! client_by_shared_ref {
-    ($ty:ty { $($body:tt)* }) => {
+    ($ty:ty => $target:ty, |$this:ident| $get:expr, $simple:ident) => {
         impl sealed::Sealed for $ty {}
         impl sealed::Sealed for &$ty {}
-        impl Client for $ty {
-            $($body)*
-        }
-        impl Client for &$ty {
-            $($body)*
+        client_by_shared_ref!(@impl $ty, $ty => $target, |$this| $get, $simple);
+        client_by_shared_ref!(@impl &$ty, $ty => $target, |$this| $get, $simple);
+    };
+    (@impl $self_ty:ty, $ty:ty => $target:ty, |$this:ident| $get:expr, $simple:ident) => {
+        impl Client for $self_ty {
+            async fn query<Q: ToQuery + Send>(&mut self, query: Q) -> Result<Vec<Row>> {
+                let $this: &$ty = shared(self);
+                <$target>::query($get, query).await
+            }
+
+            async fn query_one<Q: ToQuery + Send>(&mut self, query: Q) -> Result<Row> {
+                let $this: &$ty = shared(self);
+                <$target>::query_one($get, query).await
+            }
+
+            async fn query_opt<Q: ToQuery + Send>(&mut self, query: Q) -> Result<Option<Row>> {
+                let $this: &$ty = shared(self);
+                <$target>::query_opt($get, query).await
+            }
+
+            async fn execute<Q: ToQuery + Send>(&mut self, query: Q) -> Result<u64> {
+                let $this: &$ty = shared(self);
+                <$target>::execute($get, query).await
+            }
+
+            async fn query_stream<Q: ToQuery + Send>(
+                &mut self,
+                query: Q,
+            ) -> Result<RowStream<'_>> {
+                let $this: &$ty = shared(self);
+                <$target>::query_stream($get, query).await
+            }
+
+            async fn batch<Q: ToQuery + Send>(
+                &mut self,
+                query: Q,
+                batch_size: usize,
+            ) -> Result<AsyncBatch<'_>> {
+                // Not through the inherent methods' 'static batch: a batch's type is
+                // invariant in its lifetime, and the lease is not.
+                let batch_size = check_batch(&query, batch_size)?;
+                let $this: &$ty = shared(self);
+                let conn = <$target>::lease($get).await?;
+                AsyncBatch::start(conn, &query, batch_size).await
+            }
+
+            async fn simple_query(&mut self, sql: &str) -> Result<Vec<SimpleQueryResult>> {
+                let $this: &$ty = shared(self);
+                <$target>::$simple($get, sql).await
+            }
         }
     };
 }
@@ -163,115 +210,9 @@ fn shared<T, S: Borrow<T> + ?Sized>(this: &S) -> &T {
     this.borrow()
 }
 
-client_by_shared_ref!(PostgresEngine {
-    async fn query<Q: ToQuery + Send>(&mut self, query: Q) -> Result<Vec<Row>> {
-        PostgresEngine::query(shared(self), query).await
-    }
-
-    async fn query_one<Q: ToQuery + Send>(&mut self, query: Q) -> Result<Row> {
-        PostgresEngine::query_one(shared(self), query).await
-    }
-
-    async fn query_opt<Q: ToQuery + Send>(&mut self, query: Q) -> Result<Option<Row>> {
-        PostgresEngine::query_opt(shared(self), query).await
-    }
-
-    async fn execute<Q: ToQuery + Send>(&mut self, query: Q) -> Result<u64> {
-        PostgresEngine::execute(shared(self), query).await
-    }
-
-    async fn query_stream<Q: ToQuery + Send>(&mut self, query: Q) -> Result<RowStream<'_>> {
-        PostgresEngine::query_stream(shared(self), query).await
-    }
-
-    async fn batch<Q: ToQuery + Send>(
-        &mut self,
-        query: Q,
-        batch_size: usize,
-    ) -> Result<AsyncBatch<'_>> {
-        // Not through the 'static batch of the inherent method: a batch's type is invariant
-        // in its lifetime, and the lease is not.
-        let batch_size = check_batch(&query, batch_size)?;
-        let conn = PostgresEngine::lease(shared(self)).await?;
-        AsyncBatch::start(conn, &query, batch_size).await
-    }
-
-    async fn simple_query(&mut self, sql: &str) -> Result<Vec<SimpleQueryResult>> {
-        PostgresEngine::run_ddl(shared(self), sql).await
-    }
-});
-
-client_by_shared_ref!(PostgresTransaction {
-    async fn query<Q: ToQuery + Send>(&mut self, query: Q) -> Result<Vec<Row>> {
-        PostgresTransaction::query(shared(self), query).await
-    }
-
-    async fn query_one<Q: ToQuery + Send>(&mut self, query: Q) -> Result<Row> {
-        PostgresTransaction::query_one(shared(self), query).await
-    }
-
-    async fn query_opt<Q: ToQuery + Send>(&mut self, query: Q) -> Result<Option<Row>> {
-        PostgresTransaction::query_opt(shared(self), query).await
-    }
-
-    async fn execute<Q: ToQuery + Send>(&mut self, query: Q) -> Result<u64> {
-        PostgresTransaction::execute(shared(self), query).await
-    }
-
-    async fn query_stream<Q: ToQuery + Send>(&mut self, query: Q) -> Result<RowStream<'_>> {
-        PostgresTransaction::query_stream(shared(self), query).await
-    }
-
-    async fn batch<Q: ToQuery + Send>(
-        &mut self,
-        query: Q,
-        batch_size: usize,
-    ) -> Result<AsyncBatch<'_>> {
-        let batch_size = check_batch(&query, batch_size)?;
-        let conn = PostgresTransaction::lease(shared(self)).await?;
-        AsyncBatch::start(conn, &query, batch_size).await
-    }
-
-    async fn simple_query(&mut self, sql: &str) -> Result<Vec<SimpleQueryResult>> {
-        PostgresTransaction::simple_query(shared(self), sql).await
-    }
-});
-
-client_by_shared_ref!(Savepoint {
-    async fn query<Q: ToQuery + Send>(&mut self, query: Q) -> Result<Vec<Row>> {
-        shared::<Savepoint, _>(self).transaction().query(query).await
-    }
-
-    async fn query_one<Q: ToQuery + Send>(&mut self, query: Q) -> Result<Row> {
-        shared::<Savepoint, _>(self).transaction().query_one(query).await
-    }
-
-    async fn query_opt<Q: ToQuery + Send>(&mut self, query: Q) -> Result<Option<Row>> {
-        shared::<Savepoint, _>(self).transaction().query_opt(query).await
-    }
-
-    async fn execute<Q: ToQuery + Send>(&mut self, query: Q) -> Result<u64> {
-        shared::<Savepoint, _>(self).transaction().execute(query).await
-    }
-
-    async fn query_stream<Q: ToQuery + Send>(&mut self, query: Q) -> Result<RowStream<'_>> {
-        shared::<Savepoint, _>(self).transaction().query_stream(query).await
-    }
-
-    async fn batch<Q: ToQuery + Send>(
-        &mut self,
-        query: Q,
-        batch_size: usize,
-    ) -> Result<AsyncBatch<'_>> {
-        let batch_size = check_batch(&query, batch_size)?;
-        let conn = shared::<Savepoint, _>(self).transaction().lease().await?;
-        AsyncBatch::start(conn, &query, batch_size).await
-    }
-
-    async fn simple_query(&mut self, sql: &str) -> Result<Vec<SimpleQueryResult>> {
-        shared::<Savepoint, _>(self).transaction().simple_query(sql).await
-    }
-});
+client_by_shared_ref!(PostgresEngine => PostgresEngine, |engine| engine, run_ddl);
+client_by_shared_ref!(PostgresTransaction => PostgresTransaction, |tx| tx, simple_query);
+client_by_shared_ref!(Savepoint => PostgresTransaction, |sp| sp.transaction(), simple_query);
 
 /// Implements [`Client`] for a type that dereferences to a [`Connection`].
 macro_rules! client_by_connection {
