@@ -162,6 +162,19 @@ impl fmt::Debug for PostgresEngine {
 }
 
 /// Builds a [`PostgresEngine`].
+///
+/// ```no_run
+/// # fn demo(config: pgengine::Config, replica: pgengine::Config) {
+/// use std::time::Duration;
+/// use pgengine::PostgresEngine;
+///
+/// let engine = PostgresEngine::builder(config)
+///     .extensions(["uuid-ossp"])
+///     .query_timeout(Duration::from_secs(5))
+///     .extra_node("read_1", PostgresEngine::new(replica))
+///     .build();
+/// # }
+/// ```
 #[derive(Debug)]
 pub struct EngineBuilder {
     config: Config,

@@ -23,6 +23,15 @@ mod sqlstate;
 pub use sqlstate::SqlState;
 
 /// What went wrong, broadly. Match on this to decide what to do next.
+///
+/// ```
+/// use pgengine::ErrorKind;
+///
+/// fn worth_another_try(kind: ErrorKind) -> bool {
+///     matches!(kind, ErrorKind::Io | ErrorKind::Closed | ErrorKind::Timeout | ErrorKind::Pool)
+/// }
+/// assert!(!worth_another_try(ErrorKind::Config));
+/// ```
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 #[non_exhaustive]
 pub enum ErrorKind {
@@ -109,6 +118,20 @@ pub enum TransactionError {
 }
 
 /// The error type of every pgengine operation.
+///
+/// ```no_run
+/// # async fn demo(engine: pgengine::PostgresEngine) -> pgengine::Result<()> {
+/// use pgengine::{ErrorKind, SqlState};
+///
+/// match engine.execute("INSERT INTO band (id) VALUES (1)").await {
+///     Ok(_) => {}
+///     Err(e) if e.code() == Some(&SqlState::UNIQUE_VIOLATION) => println!("already there"),
+///     Err(e) if e.kind() == ErrorKind::Timeout => println!("too slow: {e}"),
+///     Err(e) => return Err(e),
+/// }
+/// # Ok(())
+/// # }
+/// ```
 pub struct Error(Box<Inner>);
 
 /// A lower error that caused an [`Error`]. Shared, so that the copies of one error handed to

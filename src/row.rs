@@ -325,6 +325,16 @@ impl Container {
 }
 
 /// One row of a simple-protocol result: every value in the text format.
+///
+/// ```no_run
+/// # async fn demo(conn: &mut pgengine::Connection) -> pgengine::Result<()> {
+/// let results = conn.simple_query("SELECT 1 AS one, NULL AS nothing").await?;
+/// let row = &results[0].rows()[0];
+/// assert_eq!(row.get("one"), Some("1"));
+/// assert_eq!(row.get("nothing"), None);
+/// # Ok(())
+/// # }
+/// ```
 #[derive(Clone)]
 pub struct SimpleRow {
     columns: Arc<[Column]>,

@@ -452,6 +452,19 @@ struct Shared {
 }
 
 /// A transaction on one connection. Cheap to clone; clones are the same transaction.
+///
+/// ```no_run
+/// # async fn demo(engine: pgengine::PostgresEngine) -> pgengine::Result<()> {
+/// let tx = engine.begin().await?;
+/// tx.execute(("UPDATE account SET balance = balance - $1 WHERE id = 1", (10i64,))).await?;
+/// if tx.query_one("SELECT balance FROM account WHERE id = 1").await?.get::<_, i64>(0) < 0 {
+///     tx.rollback().await?; // nothing was saved
+/// } else {
+///     tx.commit().await?;
+/// }
+/// # Ok(())
+/// # }
+/// ```
 #[derive(Clone)]
 pub struct PostgresTransaction {
     shared: Arc<Shared>,

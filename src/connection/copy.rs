@@ -611,6 +611,19 @@ fn encode_row(buf: &mut BytesMut, values: &[&(dyn ToSql + Sync)], types: &[Type]
 
 /// The data of a `COPY … TO STDOUT`, from [`Connection::copy_out`]: one item per CopyData
 /// message, ending after the statement's CommandComplete and ReadyForQuery.
+///
+/// ```no_run
+/// # async fn demo(conn: &mut pgengine::Connection) -> pgengine::Result<()> {
+/// use futures::TryStreamExt;
+///
+/// let mut out = conn.copy_out("COPY band TO STDOUT (FORMAT csv)").await?;
+/// let mut csv = Vec::new();
+/// while let Some(chunk) = out.try_next().await? {
+///     csv.extend_from_slice(&chunk);
+/// }
+/// # Ok(())
+/// # }
+/// ```
 pub struct CopyOutStream<'a> {
     conn: &'a mut Connection,
     format: CopyFormat,

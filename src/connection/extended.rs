@@ -1125,6 +1125,20 @@ enum StreamState {
 /// A stream from [`Connection::query_stream`] borrows the connection; one from the engine or
 /// a transaction (through [`Client::query_stream`](crate::Client::query_stream)) holds a
 /// connection until it is dropped.
+///
+/// ```no_run
+/// # async fn demo(engine: pgengine::PostgresEngine) -> pgengine::Result<()> {
+/// use futures::TryStreamExt;
+///
+/// let mut rows = engine.query_stream("SELECT id FROM big ORDER BY id").await?;
+/// while let Some(row) = rows.try_next().await? {
+///     let id: i64 = row.get(0);
+///     # let _ = id;
+/// }
+/// println!("{:?} rows", rows.rows_affected());
+/// # Ok(())
+/// # }
+/// ```
 pub struct RowStream<'a> {
     conn: Lease<'a>,
     reader: RowReader,

@@ -64,6 +64,17 @@ pub use crate::protocol::TransactionStatus;
 pub type NoticeHandler = Box<dyn FnMut(&DbError) + Send>;
 
 /// A notification from `NOTIFY` on a channel this connection listens to.
+///
+/// ```no_run
+/// # async fn demo(conn: &mut pgengine::Connection) -> pgengine::Result<()> {
+/// conn.simple_query("LISTEN orders").await?;
+/// conn.simple_query("NOTIFY orders, 'order 42'").await?;
+/// for n in conn.take_notifications() {
+///     println!("{} from process {}: {}", n.channel, n.process_id, n.payload);
+/// }
+/// # Ok(())
+/// # }
+/// ```
 #[derive(Debug, Clone, PartialEq, Eq)]
 #[non_exhaustive]
 pub struct Notification {
