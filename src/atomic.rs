@@ -39,15 +39,31 @@ use crate::row::Row;
 /// ```
 pub struct Atomic<'q> {
     engine: PostgresEngine,
-    queries: Vec<Box<dyn ToQuery + Send + 'q>>,
+    queries: Vec<Entry<'q>>,
     retry: Option<RetryPolicy>,
 }
 
 impl std::fmt::Debug for Atomic<'_> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         // The SQL only: values may be secrets.
-        let sql: Vec<&str> = self.queries.iter().map(|q| q.sql()).collect();
+        let sql: Vec<&str> = self.queries.iter().map(|q| q.query().sql()).collect();
         f.debug_struct("Atomic").field("queries", &sql).finish()
+    }
+}
+
+/// A query of an [`Atomic`]: an owned [`Query`] as it is (building one allocates nothing, and
+/// neither does keeping it), any other form boxed.
+enum Entry<'q> {
+    Owned(Query),
+    Other(Box<dyn ToQuery + Send + 'q>),
+}
+
+impl Entry<'_> {
+    fn query(&self) -> &dyn ToQuery {
+        match self {
+            Entry::Owned(query) => query,
+            Entry::Other(query) => &**query,
+        }
     }
 }
 
@@ -66,7 +82,10 @@ impl<'q> Atomic<'q> {
     /// Adds a query, in any form the engine takes ([`ToQuery`]): `&str`, a [`Query`], or
     /// `(sql, params)` whose values may be borrowed for as long as the Atomic lives.
     pub fn add(&mut self, query: impl ToQuery + Send + 'q) -> &mut Atomic<'q> {
-        self.queries.push(Box::new(query));
+        self.queries.push(match query.__into_query() {
+            Ok(query) => Entry::Owned(query),
+            Err(other) => Entry::Other(Box::new(other)),
+        });
         self
     }
 
@@ -94,8 +113,7 @@ impl<'q> Atomic<'q> {
     /// Runs every query in one transaction, in one round trip; returns each query's rows and
     /// row count. Nothing is committed if any query fails.
     pub async fn run(&self) -> Result<AtomicResults> {
-        let queries: Vec<&dyn ToQuery> =
-            self.queries.iter().map(|q| &**q as &dyn ToQuery).collect();
+        let queries: Vec<&dyn ToQuery> = self.queries.iter().map(Entry::query).collect();
         if queries.is_empty() {
             return Ok(Vec::new());
         }

@@ -377,6 +377,16 @@ pub trait ToQuery: Sync {
     fn time_limit(&self) -> Option<std::time::Duration> {
         None
     }
+
+    /// This query as an owned [`Query`] if it is one, so that a collection of queries (an
+    /// `Atomic`) keeps it as it is instead of boxing it. Not part of the API.
+    #[doc(hidden)]
+    fn __into_query(self) -> std::result::Result<Query, Self>
+    where
+        Self: Sized,
+    {
+        Err(self)
+    }
 }
 
 impl ToQuery for Query {
@@ -388,6 +398,9 @@ impl ToQuery for Query {
     }
     fn time_limit(&self) -> Option<std::time::Duration> {
         self.timeout
+    }
+    fn __into_query(self) -> std::result::Result<Query, Self> {
+        Ok(self)
     }
 }
 

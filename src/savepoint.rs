@@ -49,22 +49,34 @@ impl Savepoint {
     /// Rolls back to this savepoint (it stays usable; later savepoints are gone). Works in a
     /// failed transaction and makes it active again.
     pub async fn rollback_to(&self) -> Result<()> {
-        self.tx.rollback_to(&self.name).await
+        // The name was checked when the savepoint was made.
+        self.tx.rollback_to_checked(&self.name).await
     }
 
     /// Releases this savepoint (and later ones), keeping their work.
     pub async fn release(&self) -> Result<()> {
-        self.tx.release(&self.name).await
+        self.tx.release_checked(&self.name).await
     }
 }
 
 /// Checks that `name` is a plain SQL identifier: a letter or underscore, then letters,
 /// digits, underscores or dollar signs, at most 63 bytes.
 pub(crate) fn check_savepoint_name(name: &str) -> Result<()> {
-    let mut chars = name.chars();
-    let first_ok = chars.next().is_some_and(|c| c.is_alphabetic() || c == '_');
-    let rest_ok = chars.all(|c| c.is_alphanumeric() || c == '_' || c == '$');
-    if first_ok && rest_ok && name.len() <= MAX_IDENTIFIER_LEN {
+    let valid = if name.is_ascii() {
+        // The common case, byte by byte.
+        let bytes = name.as_bytes();
+        bytes
+            .first()
+            .is_some_and(|b| b.is_ascii_alphabetic() || *b == b'_')
+            && bytes[1..]
+                .iter()
+                .all(|b| b.is_ascii_alphanumeric() || *b == b'_' || *b == b'$')
+    } else {
+        let mut chars = name.chars();
+        chars.next().is_some_and(|c| c.is_alphabetic() || c == '_')
+            && chars.all(|c| c.is_alphanumeric() || c == '_' || c == '$')
+    };
+    if valid && name.len() <= MAX_IDENTIFIER_LEN {
         Ok(())
     } else {
         Err(Error::transaction(

@@ -525,7 +525,11 @@ impl PostgresTransaction {
     /// is finished, or failed (unless `allow_failed`).
     pub(crate) async fn lock(&self, allow_failed: bool) -> Result<MutexGuard<'_, TxConn>> {
         self.refuse_if_lent()?;
-        let mut guard = self.shared.conn.lock().await;
+        // Uncontended is the rule (one task's statements one after another): no lock future.
+        let mut guard = match self.shared.conn.try_lock() {
+            Ok(guard) => guard,
+            Err(_) => self.shared.conn.lock().await,
+        };
         // A query whose future was dropped left its answer unread: as after a timeout.
         guard.after_abandoned();
         match guard.state {
@@ -785,6 +789,11 @@ impl PostgresTransaction {
     /// transaction back to active. The savepoint stays; later ones are gone.
     pub async fn rollback_to(&self, name: &str) -> Result<()> {
         check_savepoint_name(name)?;
+        self.rollback_to_checked(name).await
+    }
+
+    /// [`rollback_to`](Self::rollback_to) a name already checked (a [`Savepoint`]'s).
+    pub(crate) async fn rollback_to_checked(&self, name: &str) -> Result<()> {
         let mut c = self.lock(true).await?;
         let at = c.live_savepoint(name)?;
         let result = c
@@ -800,6 +809,11 @@ impl PostgresTransaction {
     /// Releases the savepoint called `name` (and every later one), keeping their work.
     pub async fn release(&self, name: &str) -> Result<()> {
         check_savepoint_name(name)?;
+        self.release_checked(name).await
+    }
+
+    /// [`release`](Self::release) of a name already checked (a [`Savepoint`]'s).
+    pub(crate) async fn release_checked(&self, name: &str) -> Result<()> {
         let mut c = self.lock(false).await?;
         let at = c.live_savepoint(name)?;
         let result = c

@@ -143,18 +143,31 @@ pub fn query(buf: &mut BytesMut, sql: &str) -> Result<()> {
     query_parts(buf, &[sql])
 }
 
-/// Query whose SQL text is `parts` one after the other: no string to build first.
+/// Query whose SQL text is `parts` one after the other: no string to build first. The
+/// transaction and savepoint commands' path: the length is known before anything is written,
+/// so the message goes in with one reservation and no length patched in afterwards.
 pub(crate) fn query_parts(buf: &mut BytesMut, parts: &[&str]) -> Result<()> {
-    write_message(buf, Some(b'Q'), |buf| {
-        for part in parts {
-            if part.as_bytes().contains(&0) {
-                return Err(Error::conversion("SQL text must not contain a NUL byte"));
-            }
-            buf.put_slice(part.as_bytes());
+    let mut text = 0usize;
+    for part in parts {
+        if part.as_bytes().contains(&0) {
+            return Err(Error::conversion("SQL text must not contain a NUL byte"));
         }
-        buf.put_u8(0);
-        Ok(())
-    })
+        text += part.len();
+    }
+    // The length counts itself and the NUL, not the tag.
+    let Ok(len) = i32::try_from(text + 5) else {
+        return Err(Error::protocol(format!(
+            "a query of {text} bytes is too large to send"
+        )));
+    };
+    buf.reserve(1 + len as usize);
+    buf.put_u8(b'Q');
+    buf.put_i32(len);
+    for part in parts {
+        buf.extend_from_slice(part.as_bytes());
+    }
+    buf.put_u8(0);
+    Ok(())
 }
 
 /// Parse: prepares `sql` as the statement `name` ("" for the unnamed statement). A type OID of
@@ -668,6 +681,18 @@ mod tests {
         let mut buf = BytesMut::new();
         query(&mut buf, "SELECT 1").unwrap();
         assert_eq!(&buf[..], b"Q\0\0\0\x0dSELECT 1\0");
+    }
+
+    #[test]
+    fn query_parts_write_what_the_joined_text_would() {
+        let mut parts = BytesMut::from(&b"before"[..]);
+        query_parts(&mut parts, &["SAVEPOINT", " \"", "s_1", "\""]).unwrap();
+        let mut joined = BytesMut::from(&b"before"[..]);
+        query(&mut joined, "SAVEPOINT \"s_1\"").unwrap();
+        assert_eq!(parts, joined);
+        let mut refused = BytesMut::from(&b"kept"[..]);
+        assert!(query_parts(&mut refused, &["SELECT", "\0"]).is_err());
+        assert_eq!(&refused[..], b"kept");
     }
 
     #[test]
