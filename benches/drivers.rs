@@ -28,6 +28,11 @@
 //! Per contender the median over the rounds is reported, because run-to-run noise on this kind
 //! of VM is about ±25% and one outlier must not decide a comparison.
 //!
+//! A full run of a workload (every contender, its default size) also records pgengine's
+//! ratios to the baseline for its placement in `benches/results/<placement>.tsv`, and the run
+//! ends by drawing `benches/results/ratios.svg` from every placement recorded (see `chart`):
+//! one run per placement gives the whole picture the README shows.
+//!
 //! Every single measurement is also printed as one line for scripts:
 //! `workload=ping driver=raw rows=20000 secs=0.312000 rate=64102.6`, with further `key=value`
 //! fields after `rate` where there are any: `rss_growth_kib` in the batch workloads, and facts
@@ -106,6 +111,8 @@
 mod atomic;
 #[path = "drivers/batch.rs"]
 mod batch;
+#[path = "drivers/chart.rs"]
+mod chart;
 #[path = "drivers/copy.rs"]
 mod copy;
 #[path = "drivers/libpq.rs"]
@@ -383,6 +390,15 @@ impl Placement {
         }
     }
 
+    /// The name `PGENGINE_BENCH_PIN` gives it.
+    fn key(self) -> &'static str {
+        match self {
+            Placement::Unpinned => "none",
+            Placement::SameCore => "same",
+            Placement::Split => "split",
+        }
+    }
+
     fn describe(self) -> &'static str {
         match self {
             Placement::Unpinned => {
@@ -509,9 +525,14 @@ fn run() -> BenchResult<()> {
     print_setup(&bench, &machine, placement)?;
 
     for workload in workloads {
-        run_workload(&bench, workload, &settings)?;
+        run_workload(&bench, workload, &settings, placement, &machine)?;
     }
     drop(cluster);
+    let drawn = chart::draw()?;
+    println!(
+        "\n# chart of every placement recorded so far: {}",
+        drawn.display()
+    );
     Ok(())
 }
 
@@ -635,7 +656,13 @@ fn machine() -> String {
     )
 }
 
-fn run_workload(bench: &Bench, workload: &Workload, settings: &Settings) -> BenchResult<()> {
+fn run_workload(
+    bench: &Bench,
+    workload: &Workload,
+    settings: &Settings,
+    placement: Placement,
+    machine: &str,
+) -> BenchResult<()> {
     let size = settings.size.unwrap_or(workload.default_size).max(1);
     let rounds = settings.rounds.unwrap_or(workload.default_rounds);
     let warmup = settings.warmup.unwrap_or(size / 10);
@@ -706,6 +733,30 @@ fn run_workload(bench: &Bench, workload: &Workload, settings: &Settings) -> Benc
         }
     }
     print!("{}", summary(workload, &contenders, &results));
+    // A run of some contenders only, or of a shorter size, is not the picture.
+    if settings.drivers.is_none() && settings.size.is_none() {
+        let medians: Vec<f64> = results
+            .iter()
+            .map(|r| median(&r.iter().map(|o| o.rate).collect::<Vec<_>>()))
+            .collect();
+        if let Some(b) = contenders
+            .iter()
+            .position(|c| c.driver == workload.baseline)
+        {
+            let ratios: Vec<chart::Ratio> = contenders
+                .iter()
+                .zip(&medians)
+                .filter(|(c, _)| c.driver.starts_with("pgengine"))
+                .map(|(c, m)| chart::Ratio {
+                    workload: workload.name.to_owned(),
+                    driver: c.driver.to_owned(),
+                    baseline: workload.baseline.to_owned(),
+                    ratio: m / medians[b],
+                })
+                .collect();
+            chart::record(placement.key(), machine, workload.name, &ratios)?;
+        }
+    }
     Ok(())
 }
 
