@@ -547,11 +547,8 @@ pub fn check_scram(data: &[u8]) {
         .ok()
         .map(|s| parse_server_final(s).map(str::to_owned));
 
-    let mut scram = ScramSha256::with_nonce(
-        password,
-        Gs2Binding::Unsupported,
-        SCRAM_CLIENT_NONCE.into(),
-    );
+    let mut scram =
+        ScramSha256::with_nonce(password, Gs2Binding::Unsupported, SCRAM_CLIENT_NONCE.into());
     assert_eq!(
         scram.client_first(),
         format!("n,,n=,r={SCRAM_CLIENT_NONCE}").as_bytes()
@@ -624,11 +621,8 @@ pub fn check_scram(data: &[u8]) {
         );
 
         // And the right server-final-message, on a fresh exchange, is accepted.
-        let mut fresh = ScramSha256::with_nonce(
-            password,
-            Gs2Binding::Unsupported,
-            SCRAM_CLIENT_NONCE.into(),
-        );
+        let mut fresh =
+            ScramSha256::with_nonce(password, Gs2Binding::Unsupported, SCRAM_CLIENT_NONCE.into());
         fresh
             .update(server_first)
             .expect("accepted once, accepted again");
