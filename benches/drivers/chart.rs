@@ -163,9 +163,15 @@ pub fn draw() -> BenchResult<PathBuf> {
                 [(0.0, y0), (r.ratio.min(max), y0 + 0.24)],
                 colour.filled(),
             )))?;
+            // A bar cut at the chart's edge says its value inside the bar.
+            let (label, at) = if r.ratio > max * 0.9 {
+                (format!("{:.2} {placement} ▸", r.ratio), max * 0.78)
+            } else {
+                (format!("{:.2} {placement}", r.ratio), r.ratio + max * 0.01)
+            };
             chart.draw_series(std::iter::once(Text::new(
-                format!("{:.2} {placement}", r.ratio),
-                (r.ratio.min(max) + max * 0.01, y0 + 0.2),
+                label,
+                (at, y0 + 0.2),
                 ("sans-serif", 10),
             )))?;
         }
