@@ -263,14 +263,13 @@ impl NodeLink {
         let started = Instant::now();
         let mut pause = Duration::from_millis(1);
         loop {
-            let replayed = self
-                .node
-                .engine
-                .ask_one(REPLAY_QUERY)
-                .await?
-                .as_deref()
-                .and_then(parse_lsn)
-                .unwrap_or(0);
+            let replayed = self.node.engine.ask_one(REPLAY_QUERY).await;
+            // A node that cannot say how far it is, is not fresh enough.
+            let replayed = match replayed {
+                Ok(answer) => answer,
+                Err(e) => return Ok(Err(format!("it could not be asked: {}", e.redacted()))),
+            };
+            let replayed = replayed.as_deref().and_then(parse_lsn).unwrap_or(0);
             self.node.replayed.fetch_max(replayed, Ordering::AcqRel);
             if replayed >= target {
                 return Ok(Ok(()));
@@ -294,11 +293,12 @@ impl NodeLink {
         let lag = match cached {
             Some((at, lag)) if at.elapsed() < LAG_TTL => lag,
             _ => {
-                let seconds: f64 = self
-                    .node
-                    .engine
-                    .ask_one(LAG_QUERY)
-                    .await?
+                let answer = match self.node.engine.ask_one(LAG_QUERY).await {
+                    Ok(answer) => answer,
+                    // A node that cannot say how far behind it is, is not fresh enough.
+                    Err(e) => return Ok(Err(format!("it could not be asked: {}", e.redacted()))),
+                };
+                let seconds: f64 = answer
                     .as_deref()
                     .and_then(|s| s.parse().ok())
                     .unwrap_or(f64::INFINITY);

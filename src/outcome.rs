@@ -129,7 +129,7 @@ async fn ask_xact_status(
 ) -> Result<(Option<String>, Option<String>)> {
     // The id is a number we parsed: it goes into the text as digits only.
     let sql = format!("SELECT pg_xact_status('{id}'::xid8)::text, ({SERVER_EPOCH})");
-    let mut conn = engine.acquire().await?;
+    let mut conn = engine.checkout(false).await?;
     let results = conn.simple_query(&sql).await?;
     let row = results
         .first()
