@@ -802,3 +802,39 @@ async fn an_atomic_whose_commit_answer_was_lost_is_resolved_or_called_unknown() 
     })
     .await;
 }
+
+#[tokio::test]
+async fn a_pooled_connection_to_a_read_only_server_is_not_given_out_again() {
+    bounded("read-only connection discarded", async {
+        let mut config = common::tcp_config(TempCluster::SUPERUSER);
+        config.target_session_attrs(pgengine::config::TargetSessionAttrs::ReadWrite);
+        // No session reset: only the discard stands between the next user and the read-only
+        // session.
+        let engine = PostgresEngine::builder(config).reset_session(false).build();
+        engine
+            .start_connection_pool(pgengine::pool::PoolOptions::default().max_size(1))
+            .await
+            .unwrap();
+        {
+            let mut conn = engine.acquire().await.unwrap();
+            // As a server demoted under its sessions reports: they are read-only now.
+            conn.execute("SET default_transaction_read_only = on")
+                .await
+                .unwrap();
+        }
+        let mut conn = engine.acquire().await.unwrap();
+        let read_only: String = conn
+            .query_one("SHOW default_transaction_read_only")
+            .await
+            .unwrap()
+            .get(0);
+        assert_eq!(
+            read_only, "off",
+            "a fresh connection, not the read-only one"
+        );
+        drop(conn);
+        assert_eq!(engine.pool_stats().unwrap().closed, 1);
+        engine.close_connection_pool().await.unwrap();
+    })
+    .await;
+}

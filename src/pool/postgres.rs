@@ -77,6 +77,20 @@ impl ConnectionManager {
         }
     }
 
+    /// True for a connection whose server no longer meets `target_session_attrs=read-write`
+    /// or `primary`: its server says (PostgreSQL 14+ reports both) that it is in hot standby
+    /// now, or that sessions are read-only — a failover demoted it. Closed rather than given
+    /// out again: a retry must reach the new primary.
+    fn no_longer_qualifies(&self, conn: &Connection) -> bool {
+        use crate::config::TargetSessionAttrs::{Primary, ReadWrite};
+        let standby = conn.parameter("in_hot_standby") == Some("on");
+        match self.config.get_target_session_attrs() {
+            Primary => standby,
+            ReadWrite => standby || conn.parameter("default_transaction_read_only") == Some("on"),
+            _ => false,
+        }
+    }
+
     /// Logs every request of the connections it opens (an engine's `log_queries`).
     pub fn log_queries(mut self, on: bool) -> ConnectionManager {
         self.log_queries = on;
@@ -160,7 +174,7 @@ impl Manager for ConnectionManager {
     }
 
     fn disposition(&self, conn: &Self::Resource) -> Disposition {
-        if conn.is_broken() {
+        if conn.is_broken() || self.no_longer_qualifies(conn) {
             Disposition::Discard
         } else if conn.is_busy()
             || conn.transaction_status() != TransactionStatus::Idle
