@@ -902,9 +902,13 @@ impl Connection {
                 }
             }
         }
-        // One trace per statement; the wait for the connection is the first one's.
-        let mut traces: Vec<Option<Traced>> =
-            queries.iter().map(|q| Some(self.trace(q.sql()))).collect();
+        // One trace per statement, when someone watches; the wait for the connection is the
+        // first one's.
+        let mut traces: Vec<Option<Traced>> = if self.instrument.watching() {
+            queries.iter().map(|q| Some(self.trace(q.sql()))).collect()
+        } else {
+            Vec::new()
+        };
         self.send(requests).await.map_err(|e| (None, e))?;
 
         let mut results = Vec::with_capacity(queries.len());
@@ -930,7 +934,7 @@ impl Connection {
             };
             match rows {
                 Some(r) => {
-                    if let Some(traced) = traces[i].take() {
+                    if let Some(traced) = traces.get_mut(i).and_then(Option::take) {
                         traced.succeeded(r.1);
                     }
                     results.push(r);
@@ -942,7 +946,7 @@ impl Connection {
             (Err(e), failed) => {
                 // The failed statement's trace says why; those after it did not run, and
                 // the ones before it were rolled back with it inside a transaction block.
-                if let Some(traced) = failed.and_then(|i| traces[i].take()) {
+                if let Some(traced) = failed.and_then(|i| traces.get_mut(i)?.take()) {
                     traced.failed(&e);
                 }
                 for traced in traces.into_iter().flatten() {

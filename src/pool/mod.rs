@@ -361,7 +361,23 @@ impl<M: Manager> Pool<M> {
     pub(crate) async fn acquire_by(&self, deadline: tokio::time::Instant) -> Result<Pooled<M>> {
         let started = tokio::time::Instant::now();
         let mut waited_on = WaitedOn::Others;
-        let outcome = tokio::time::timeout_at(deadline, self.acquire_inner(&mut waited_on)).await;
+        // The deadline's timer is made only if the acquire has to wait: an idle connection is
+        // handed over without one.
+        let outcome = {
+            let mut acquiring = std::pin::pin!(self.acquire_inner(&mut waited_on));
+            let mut timer: Option<std::pin::Pin<Box<tokio::time::Sleep>>> = None;
+            std::future::poll_fn(|cx| {
+                if let std::task::Poll::Ready(r) = acquiring.as_mut().poll(cx) {
+                    return std::task::Poll::Ready(Ok(r));
+                }
+                timer
+                    .get_or_insert_with(|| Box::pin(tokio::time::sleep_until(deadline)))
+                    .as_mut()
+                    .poll(cx)
+                    .map(Err)
+            })
+            .await
+        };
         let waited = u64::try_from(started.elapsed().as_nanos()).unwrap_or(u64::MAX);
         self.inner
             .wait_total_ns
