@@ -204,7 +204,7 @@ impl StatementCache {
 /// process wrote, so the DoS resistance of the default SipHash buys nothing here, and hashing
 /// the SQL happens on every query.
 #[derive(Default)]
-struct FxHasher(u64);
+pub(crate) struct FxHasher(u64);
 
 impl Hasher for FxHasher {
     fn write(&mut self, bytes: &[u8]) {

@@ -119,12 +119,14 @@ impl Connection {
     /// Runs a query and returns all its rows and the row count from CommandComplete (which
     /// differs from the number of rows for `INSERT … RETURNING` and the like).
     pub(crate) async fn query_counted(&mut self, query: impl ToQuery) -> Result<(Vec<Row>, u64)> {
-        let mut stream = self.query_stream(query).await?;
+        // The rows are read here, not through a RowStream: the hot path has no stream to
+        // build.
+        let mut reader = self.open_rows(&query).await?;
         let mut rows = Vec::new();
-        while let Some(row) = std::future::poll_fn(|cx| stream.poll_next_row(cx)).await {
+        while let Some(row) = std::future::poll_fn(|cx| reader.poll_next_row(self, cx)).await {
             rows.push(row?);
         }
-        Ok((rows, stream.rows_affected().unwrap_or(0)))
+        Ok((rows, reader.rows_affected.unwrap_or(0)))
     }
 
     /// Runs a query that must return exactly one row.
@@ -149,10 +151,10 @@ impl Connection {
 
     /// The first row (if any) and how many rows there were, without collecting them.
     async fn query_opt_counted(&mut self, query: impl ToQuery) -> Result<(Option<Row>, u64)> {
-        let mut stream = self.query_stream(query).await?;
+        let mut reader = self.open_rows(&query).await?;
         let mut first = None;
         let mut count = 0;
-        while let Some(row) = std::future::poll_fn(|cx| stream.poll_next_row(cx)).await {
+        while let Some(row) = std::future::poll_fn(|cx| reader.poll_next_row(self, cx)).await {
             let row = row?;
             if first.is_none() {
                 first = Some(row);
@@ -164,11 +166,11 @@ impl Connection {
 
     /// Runs a statement and returns the number of rows it affected (or returned).
     pub async fn execute(&mut self, query: impl ToQuery) -> Result<u64> {
-        let mut stream = self.query_stream(query).await?;
-        while let Some(row) = std::future::poll_fn(|cx| stream.poll_next_row(cx)).await {
+        let mut reader = self.open_rows(&query).await?;
+        while let Some(row) = std::future::poll_fn(|cx| reader.poll_next_row(self, cx)).await {
             row?;
         }
-        Ok(stream.rows_affected().unwrap_or(0))
+        Ok(reader.rows_affected.unwrap_or(0))
     }
 
     /// Runs a query and returns a stream of its rows, read from the socket as the stream is
@@ -994,7 +996,7 @@ impl Connection {
             // Statements this pipeline parses: a later copy of the same SQL binds the first
             // one's statement instead of parsing its own. (One Sync ends the pipeline: if that
             // Parse fails, the server runs nothing after it anyway.)
-            let mut parsing: HashMap<&str, (Arc<str>, Arc<[Type]>)> = HashMap::new();
+            let mut parsing: HashMap<&str, (Arc<str>, Arc<[Type]>), FxBuild> = HashMap::default();
             for (i, q) in queries.iter().enumerate() {
                 let sql = q.sql();
                 let written = match parsing.get(sql) {
@@ -1100,6 +1102,9 @@ impl Connection {
         }
     }
 }
+
+/// The statement cache's hash, for maps keyed by SQL text.
+type FxBuild = std::hash::BuildHasherDefault<super::cache::FxHasher>;
 
 fn param_count_error(expected: usize, given: usize) -> Error {
     Error::conversion(format!(
