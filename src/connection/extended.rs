@@ -996,7 +996,7 @@ impl Connection {
             // Statements this pipeline parses: a later copy of the same SQL binds the first
             // one's statement instead of parsing its own. (One Sync ends the pipeline: if that
             // Parse fails, the server runs nothing after it anyway.)
-            let mut parsing: HashMap<&str, (Arc<str>, Arc<[Type]>), FxBuild> = HashMap::default();
+            let mut parsing: Parsing<'_> = HashMap::default();
             for (i, q) in queries.iter().enumerate() {
                 let sql = q.sql();
                 let written = match parsing.get(sql) {
@@ -1103,8 +1103,13 @@ impl Connection {
     }
 }
 
-/// The statement cache's hash, for maps keyed by SQL text.
-type FxBuild = std::hash::BuildHasherDefault<super::cache::FxHasher>;
+/// The statements a pipeline parses, by SQL text (hashed as the statement cache does): their
+/// names and parameter types.
+type Parsing<'a> = HashMap<
+    &'a str,
+    (Arc<str>, Arc<[Type]>),
+    std::hash::BuildHasherDefault<super::cache::FxHasher>,
+>;
 
 fn param_count_error(expected: usize, given: usize) -> Error {
     Error::conversion(format!(
