@@ -319,14 +319,11 @@ impl NodeLink {
 /// True for a statement taken not to write: one whose first word is `SELECT`, `SHOW`,
 /// `VALUES` or `TABLE`.
 pub(crate) fn reads_only(sql: &str) -> bool {
-    let word: String = sql
-        .trim_start_matches(|c: char| c.is_whitespace() || c == '(')
-        .chars()
-        .take_while(|c| c.is_ascii_alphabetic())
-        .collect();
-    ["SELECT", "SHOW", "VALUES", "TABLE"]
-        .iter()
-        .any(|w| word.eq_ignore_ascii_case(w))
+    crate::sql::first_keyword(sql).is_some_and(|word| {
+        ["SELECT", "SHOW", "VALUES", "TABLE"]
+            .iter()
+            .any(|w| word.eq_ignore_ascii_case(w))
+    })
 }
 
 /// Reads an LSN as PostgreSQL prints it (`16/B374D848`) as a number.

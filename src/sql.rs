@@ -205,10 +205,10 @@ pub fn count_placeholders(sql: &str) -> usize {
         .unwrap_or(0)
 }
 
-/// The first keyword of `sql` (after comments and white space), if it starts with one: the
-/// statement's operation, as a trace names it.
+/// The first keyword of `sql` (after comments, white space and opening parentheses: `(SELECT
+/// …) UNION …`), if it starts with one: the statement's operation, as a trace names it.
 pub(crate) fn first_keyword(sql: &str) -> Option<&str> {
-    match tokens(sql).next()? {
+    match tokens(sql).find(|t| *t != Token::OpenParen)? {
         Token::Word(w) => Some(w),
         _ => None,
     }
