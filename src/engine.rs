@@ -836,15 +836,22 @@ impl PostgresEngine {
         self.inner.tracks_writes
     }
 
-    /// The one value `sql` returns, asked on a connection of this engine.
-    pub(crate) async fn ask_one(&self, sql: &str) -> Result<Option<String>> {
-        let mut conn = self.checkout(false).await?;
-        let results = conn.simple_query(sql).await?;
-        Ok(results
-            .first()
-            .and_then(|r| r.rows().first())
-            .and_then(|row| row.get(0))
-            .map(str::to_owned))
+    /// The one value `sql` returns, asked on a connection of this engine within `limit`
+    /// (connecting included: a server that does not answer fails it with a timeout, and the
+    /// abandoned question is cancelled before the connection is used again).
+    pub(crate) async fn ask_one(&self, sql: &str, limit: Duration) -> Result<Option<String>> {
+        let ask = async {
+            let mut conn = self.checkout(false).await?;
+            let results = conn.simple_query(sql).await?;
+            Ok(results
+                .first()
+                .and_then(|r| r.rows().first())
+                .and_then(|row| row.get(0))
+                .map(str::to_owned))
+        };
+        tokio::time::timeout(limit, ask)
+            .await
+            .map_err(|_| Error::timeout(format!("{sql:?} was not answered within {limit:?}")))?
     }
 
     /// Runs a query and returns a stream of its rows, read as it is polled: memory stays

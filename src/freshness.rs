@@ -11,6 +11,10 @@
 //! - **bounded lag** ([`Freshness::max_lag`]): the node is used while its replay lag is under
 //!   a bound, otherwise the primary (or an error).
 //!
+//! Every question these rules ask has the rule's own duration as its limit (the wait of read
+//! your writes, the bound of bounded lag): a node that does not answer in time is not fresh
+//! enough, and a primary that does not say where its writes are fails the read with a timeout.
+//!
 //! Each decision is logged at debug level (target `pgengine::query`), inside the caller's
 //! span: the node, where the read went, and why.
 //!
@@ -150,10 +154,11 @@ impl Writes {
 
     /// The position every write acknowledged so far is at or before: asks `primary` once if
     /// some were acknowledged without one.
-    async fn position(&self, primary: &PostgresEngine) -> Result<u64> {
+    /// The primary gets `limit` to answer.
+    async fn position(&self, primary: &PostgresEngine, limit: Duration) -> Result<u64> {
         let unknown = self.unknown.load(Ordering::Acquire);
         if unknown > 0 {
-            let answer = primary.ask_one(POSITION_QUERY).await?;
+            let answer = primary.ask_one(POSITION_QUERY, limit).await?;
             self.committed_at(answer.as_deref());
             // Those counted before the question are covered by its answer.
             self.unknown.fetch_sub(unknown, Ordering::AcqRel);
@@ -256,14 +261,22 @@ impl NodeLink {
 
     /// Waits up to `max_wait` for the node to replay the primary's writes so far.
     async fn replayed_writes(&self, max_wait: Duration) -> Result<std::result::Result<(), String>> {
-        let target = self.primary.writes().position(&self.primary).await?;
+        let target = self
+            .primary
+            .writes()
+            .position(&self.primary, max_wait)
+            .await?;
         if self.node.replayed.load(Ordering::Acquire) >= target {
             return Ok(Ok(()));
         }
         let started = Instant::now();
         let mut pause = Duration::from_millis(1);
         loop {
-            let replayed = self.node.engine.ask_one(REPLAY_QUERY).await;
+            // The question gets what is left of the wait (at least a moment).
+            let left = max_wait
+                .saturating_sub(started.elapsed())
+                .max(Duration::from_millis(1));
+            let replayed = self.node.engine.ask_one(REPLAY_QUERY, left).await;
             // A node that cannot say how far it is, is not fresh enough.
             let replayed = match replayed {
                 Ok(answer) => answer,
@@ -293,7 +306,8 @@ impl NodeLink {
         let lag = match cached {
             Some((at, lag)) if at.elapsed() < LAG_TTL => lag,
             _ => {
-                let answer = match self.node.engine.ask_one(LAG_QUERY).await {
+                // A node slower to answer than the bound is too far behind anyway.
+                let answer = match self.node.engine.ask_one(LAG_QUERY, max_lag).await {
                     Ok(answer) => answer,
                     // A node that cannot say how far behind it is, is not fresh enough.
                     Err(e) => return Ok(Err(format!("it could not be asked: {}", e.redacted()))),
