@@ -400,17 +400,9 @@ impl Connection {
     /// The server's version as a number, `major * 10000 + minor` (150004 for 15.4, as the
     /// server's `server_version_num`), from the `server_version` it reported; 0 if unreadable.
     pub(crate) fn server_version_num(&self) -> u32 {
-        let Some(text) = self.parameter("server_version") else {
-            return 0;
-        };
-        let number = |s: &str| -> u32 {
-            let digits: String = s.chars().take_while(char::is_ascii_digit).collect();
-            digits.parse().unwrap_or(0)
-        };
-        let mut parts = text.split('.');
-        let major = parts.next().map(number).unwrap_or(0);
-        let minor = parts.next().map(number).unwrap_or(0);
-        major * 10_000 + minor
+        self.parameter("server_version")
+            .and_then(ServerVersion::parse)
+            .map_or(0, |v| v.major * 10_000 + v.minor)
     }
 
     /// The current value of a run-time parameter the server reports (`server_version`,
@@ -1138,5 +1130,53 @@ impl Connection {
             "unexpected message {:?} during {during}",
             msg.tag() as char
         ))
+    }
+}
+
+/// The server's version, from its `server_version` parameter.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct ServerVersion {
+    /// The major version (15 for "15.4", 9 for "9.6.24").
+    pub major: u32,
+    /// The minor version (4 for "15.4", 6 for "9.6.24"; 0 for "16beta1").
+    pub minor: u32,
+    /// The text the server reported, e.g. "15.4 (Debian 15.4-1.pgdg120+1)".
+    pub text: String,
+}
+
+impl ServerVersion {
+    /// Reads a `server_version` string the way Piccolo's `get_version` does: the first word,
+    /// its first two dot-separated numbers.
+    ///
+    /// ```
+    /// use pgengine::engine::ServerVersion;
+    /// let v = ServerVersion::parse("12.4 (Ubuntu 12.4-1.pgdg20.04+1)").unwrap();
+    /// assert_eq!((v.major, v.minor, v.as_f64()), (12, 4, 12.4));
+    /// assert_eq!(ServerVersion::parse("9.4.1").unwrap().as_f64(), 9.4);
+    /// assert_eq!(ServerVersion::parse("16beta1").unwrap().as_f64(), 16.0);
+    /// assert!(ServerVersion::parse("unknown").is_none());
+    /// ```
+    pub fn parse(text: &str) -> Option<ServerVersion> {
+        let word = text.split_whitespace().next()?;
+        let mut parts = word.split('.');
+        let leading_number = |s: &str| -> Option<u32> {
+            let digits: String = s.chars().take_while(char::is_ascii_digit).collect();
+            digits.parse().ok()
+        };
+        let major = leading_number(parts.next()?)?;
+        let minor = parts.next().and_then(leading_number).unwrap_or(0);
+        Some(ServerVersion {
+            major,
+            minor,
+            text: text.to_owned(),
+        })
+    }
+
+    /// `major.minor` as a number, as Piccolo's `get_version` returns it (12.4, 9.4).
+    pub fn as_f64(&self) -> f64 {
+        format!("{}.{}", self.major, self.minor)
+            .parse()
+            .unwrap_or(self.major as f64)
     }
 }
