@@ -206,18 +206,12 @@ impl<'q> Atomic<'q> {
                         }
                         Ok(_) => {
                             if positions {
-                                let position = reply.after.and_then(|answer| answer.ok());
-                                self.engine
-                                    .writes()
-                                    .committed_at(position.flatten().as_deref());
+                                self.engine.writes().after_commit(&reply);
                             }
                             return Ok(results);
                         }
                         Err(e) if conn.is_broken() || conn.is_busy() => {
-                            let id = reply
-                                .before
-                                .and_then(|answer| answer.ok())
-                                .and_then(|id| CommitId::parse(id.as_deref()));
+                            let id = CommitId::learned(reply.before);
                             if positions {
                                 self.engine.writes().wrote_somewhere();
                             }

@@ -147,6 +147,16 @@ impl Writes {
         }
     }
 
+    /// What a COMMIT's round trip said of its position ([`POSITION_QUERY`] asked after it): a
+    /// commit at a known position, or — lost, not committed, not asked — a write whose
+    /// position is not known (counting one that did not happen only makes a read wait).
+    pub(crate) fn after_commit(&self, reply: &crate::connection::CommitReply) {
+        match &reply.after {
+            Some(Ok(position)) if reply.commit.is_ok() => self.committed_at(position.as_deref()),
+            _ => self.wrote_somewhere(),
+        }
+    }
+
     /// A write whose position is not known.
     pub(crate) fn wrote_somewhere(&self) {
         self.unknown.fetch_add(1, Ordering::AcqRel);

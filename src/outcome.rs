@@ -34,6 +34,11 @@ pub(crate) enum CommitId {
 impl CommitId {
     /// Reads the answer to [`COMMIT_ID_QUERY`]: `"<id> <epoch>"`, or NULL when no id was
     /// assigned. `None` for anything else.
+    /// What the answer to [`COMMIT_ID_QUERY`] in a COMMIT's round trip said, if it came.
+    pub(crate) fn learned(answer: Option<Result<Option<String>>>) -> Option<CommitId> {
+        CommitId::parse(answer?.ok()?.as_deref())
+    }
+
     pub(crate) fn parse(answer: Option<&str>) -> Option<CommitId> {
         let Some(answer) = answer else {
             return Some(CommitId::NoneAssigned);

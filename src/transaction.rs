@@ -647,14 +647,8 @@ impl PostgresTransaction {
             CommitReply::of(c.conn().command(&["COMMIT"]).await)
         };
         if engine.tracks_writes() {
-            // For read-your-writes nodes: where this commit is (unknown if it was lost, or
-            // not committed: counting a write that did not happen only makes a read wait).
-            match &reply.after {
-                Some(Ok(position)) if reply.commit.is_ok() => {
-                    engine.writes().committed_at(position.as_deref())
-                }
-                _ => engine.writes().wrote_somewhere(),
-            }
+            // For read-your-writes nodes: where this commit is.
+            engine.writes().after_commit(&reply);
         }
         let result = reply.commit;
         // No answer: the server may have committed or not. (A server error, by contrast,
@@ -667,11 +661,7 @@ impl PostgresTransaction {
         if lost {
             c.release();
             drop(c);
-            // Answered (a NULL or an id), or not.
-            let id = reply
-                .before
-                .and_then(|answer| answer.ok())
-                .and_then(|id| CommitId::parse(id.as_deref()));
+            let id = CommitId::learned(reply.before);
             let e = result.expect_err("lost");
             let outcome = resolve_lost_commit(&self.shared.engine, id, e).await;
             {

@@ -245,7 +245,6 @@ pub(crate) struct CommitAsk<'a> {
 pub(crate) struct CommitReply {
     pub(crate) before: Option<Result<Option<String>>>,
     pub(crate) commit: Result<Option<bytes::Bytes>>,
-    #[allow(dead_code)]
     pub(crate) after: Option<Result<Option<String>>>,
 }
 
