@@ -167,8 +167,10 @@ async fn one_tasks_session_changes_are_seen_by_no_other_task() {
                         .query("SELECT pg_catalog.set_config('search_path', 'nowhere', false)")
                         .await
                         .unwrap();
+                    // statement_timeout last: a statement after it in the same string would
+                    // run under the 1 ms limit, and on a busy machine be cancelled.
                     engine
-                        .run_ddl("SET statement_timeout = '1ms'; SET lock_timeout = '1ms'")
+                        .run_ddl("SET lock_timeout = '1ms'; SET statement_timeout = '1ms'")
                         .await
                         .unwrap();
                     tokio::task::yield_now().await;
