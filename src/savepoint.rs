@@ -4,6 +4,8 @@
 //! A savepoint name is always a valid SQL identifier, checked before anything is sent and
 //! always sent quoted: a name is never pasted into SQL as it came.
 
+use std::sync::Arc;
+
 use crate::error::{Error, Result, TransactionError};
 use crate::transaction::PostgresTransaction;
 
@@ -27,11 +29,11 @@ const MAX_IDENTIFIER_LEN: usize = 63;
 #[derive(Debug, Clone)]
 pub struct Savepoint {
     tx: PostgresTransaction,
-    name: String,
+    name: Arc<str>,
 }
 
 impl Savepoint {
-    pub(crate) fn new(tx: PostgresTransaction, name: String) -> Savepoint {
+    pub(crate) fn new(tx: PostgresTransaction, name: Arc<str>) -> Savepoint {
         Savepoint { tx, name }
     }
 
@@ -90,6 +92,28 @@ pub(crate) fn check_savepoint_name(name: &str) -> Result<()> {
     }
 }
 
+/// The automatic name of savepoint `id`: `savepoint_<id>`, written without the formatting
+/// machinery (this is every unnamed savepoint's path) and allocated once.
+pub(crate) fn automatic_name(id: u32) -> Arc<str> {
+    const PREFIX: &[u8] = b"savepoint_";
+    let mut buf = [0u8; PREFIX.len() + 10];
+    buf[..PREFIX.len()].copy_from_slice(PREFIX);
+    let mut digits = [0u8; 10];
+    let mut n = id;
+    let mut start = digits.len();
+    loop {
+        start -= 1;
+        digits[start] = b'0' + (n % 10) as u8;
+        n /= 10;
+        if n == 0 {
+            break;
+        }
+    }
+    let len = PREFIX.len() + digits.len() - start;
+    buf[PREFIX.len()..len].copy_from_slice(&digits[start..]);
+    Arc::from(std::str::from_utf8(&buf[..len]).expect("ASCII digits"))
+}
+
 /// The SQL text `verb "name"`, in parts for `Connection::command`. A name that passed
 /// [`check_savepoint_name`] holds no double quote, so quoting it is putting it between two.
 pub(crate) fn savepoint_command<'a>(verb: &'a str, name: &'a str) -> [&'a str; 4] {
@@ -100,6 +124,13 @@ pub(crate) fn savepoint_command<'a>(verb: &'a str, name: &'a str) -> [&'a str; 4
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn automatic_names_are_the_id_in_decimal() {
+        for id in [0, 1, 9, 10, 12345, u32::MAX] {
+            assert_eq!(&*automatic_name(id), format!("savepoint_{id}"));
+        }
+    }
 
     #[test]
     fn savepoint_names() {

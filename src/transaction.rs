@@ -424,7 +424,7 @@ pub(crate) struct TxConn {
     stats_at_end: crate::connection::ConnectionStats,
     state: TxState,
     /// Live savepoints, oldest first.
-    savepoints: Vec<String>,
+    savepoints: Vec<Arc<str>>,
 }
 
 impl Drop for TxConn {
@@ -760,9 +760,9 @@ impl PostgresTransaction {
         let name = match name {
             Some(n) => {
                 check_savepoint_name(n)?;
-                n.to_owned()
+                Arc::from(n)
             }
-            None => format!("savepoint_{}", self.get_savepoint_id()),
+            None => crate::savepoint::automatic_name(self.get_savepoint_id()),
         };
         let mut c = self.lock(false).await?;
         let result = c
@@ -993,7 +993,7 @@ impl TxConn {
 
     /// The position of the live savepoint `name` (the latest of that name).
     fn live_savepoint(&self, name: &str) -> Result<usize> {
-        self.savepoints.iter().rposition(|s| s == name).ok_or_else(|| {
+        self.savepoints.iter().rposition(|s| **s == *name).ok_or_else(|| {
             Error::transaction(
                 TransactionError::SavepointGone,
                 format!("no savepoint {name:?} is live in this transaction (released or rolled back past?)"),

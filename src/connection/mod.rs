@@ -946,40 +946,20 @@ impl Connection {
     /// are dealt with here; ReadyForQuery updates the transaction status.
     fn poll_read(&mut self, cx: &mut Context<'_>) -> Poll<Result<BackendMessage>> {
         loop {
-            let msg = match self.stream.poll_message(cx) {
-                Poll::Ready(Ok(m)) => m,
-                Poll::Ready(Err(e)) => return Poll::Ready(Err(self.fail(e))),
-                Poll::Pending => {
-                    if self.pending > 0
-                        && self.watch.armed
-                        && let Some(deadline) = self.watch.deadline.as_mut()
-                        && deadline.as_mut().poll(cx).is_ready()
-                    {
-                        return Poll::Ready(Err(self.time_out()));
-                    }
-                    return Poll::Pending;
+            let msg = match self.stream.take_message() {
+                Ok(Some(m)) => m,
+                Ok(None) => {
+                    ready!(self.poll_more(cx))?;
+                    continue;
                 }
+                Err(e) => return Poll::Ready(Err(self.fail(e))),
             };
             match msg {
                 BackendMessage::NoticeResponse(_)
                 | BackendMessage::ParameterStatus { .. }
                 | BackendMessage::NotificationResponse { .. } => self.take_async(msg),
                 BackendMessage::ReadyForQuery(status) => {
-                    if self.pending == 0 {
-                        return Poll::Ready(Err(
-                            self.protocol_error("ReadyForQuery that no request asked for")
-                        ));
-                    }
-                    self.pending -= 1;
-                    self.status = status;
-                    if self.pending == 0 {
-                        // The request is over: its clock and its cancel state with it, and
-                        // whatever memory it made the buffers take.
-                        self.watch.armed = false;
-                        self.watch.cancelled = false;
-                        self.stream.release_memory();
-                    }
-                    return Poll::Ready(Ok(msg));
+                    return Poll::Ready(self.ready_for_query(status).map(|()| msg));
                 }
                 BackendMessage::ErrorResponse(ref db) if db.ends_session() => {
                     // The server closes the session after a FATAL (or PANIC) error, e.g. an
@@ -991,6 +971,42 @@ impl Connection {
                 other => return Poll::Ready(Ok(other)),
             }
         }
+    }
+
+    /// Reads more of the response in flight into the read buffer, within the request's time
+    /// limit.
+    fn poll_more(&mut self, cx: &mut Context<'_>) -> Poll<Result<()>> {
+        match self.stream.poll_more(cx) {
+            Poll::Ready(Ok(())) => Poll::Ready(Ok(())),
+            Poll::Ready(Err(e)) => Poll::Ready(Err(self.fail(e))),
+            Poll::Pending => {
+                if self.pending > 0
+                    && self.watch.armed
+                    && let Some(deadline) = self.watch.deadline.as_mut()
+                    && deadline.as_mut().poll(cx).is_ready()
+                {
+                    return Poll::Ready(Err(self.time_out()));
+                }
+                Poll::Pending
+            }
+        }
+    }
+
+    /// A ReadyForQuery came with `status`: one request fewer is owed, and when none is, the
+    /// request's clock, its cancel state and whatever memory it made the buffers take go.
+    #[inline]
+    fn ready_for_query(&mut self, status: TransactionStatus) -> Result<()> {
+        if self.pending == 0 {
+            return Err(self.protocol_error("ReadyForQuery that no request asked for"));
+        }
+        self.pending -= 1;
+        self.status = status;
+        if self.pending == 0 {
+            self.watch.armed = false;
+            self.watch.cancelled = false;
+            self.stream.release_memory();
+        }
+        Ok(())
     }
 
     /// Deals with a message that can arrive at any time (§55.2.7 "Asynchronous Operations"):
@@ -1024,10 +1040,11 @@ impl Connection {
     }
 
     /// Polls for the next step of the request read through `r`: the one read path of every
-    /// request (see [`response`]). Rows, BindComplete and CommandComplete that are whole in
-    /// the buffer already are taken in place — a result's messages arrive back to back, and
-    /// the general path must look out for notices, status reports and ReadyForQuery — and
-    /// everything else goes through [`poll_read`](Self::poll_read) and `r`'s rules.
+    /// request (see [`response`]). Rows, BindComplete, CommandComplete and ReadyForQuery that
+    /// are whole in the buffer are taken in place — a response's messages arrive back to back,
+    /// and the general path must decode each and look out for notices, status reports and
+    /// FATAL errors — and everything else goes through [`poll_read`](Self::poll_read); every
+    /// one of them through `r`'s rules.
     #[inline(always)]
     pub(super) fn poll_step(
         &mut self,
@@ -1052,25 +1069,63 @@ impl Connection {
             let e = Error::closed(format!("the connection is broken: {reason}"));
             return Poll::Ready(Err(r.lost(e)));
         }
-        match self.stream.next_tag() {
-            Some(b'2') if r.takes_bind_complete() && self.stream.take_bind_complete() => {
-                return Poll::Ready(Ok(Step::Message(BackendMessage::BindComplete)));
-            }
-            Some(b'C') if r.takes_counts() => {
-                if let Some(rows) = self.stream.take_command_complete() {
-                    return Poll::Ready(Ok(r.accept_count(rows)));
+        // The usual messages, whole in the buffer, are taken in place; the buffer is filled
+        // until the next message is whole, so that the first message after a wait is taken
+        // in place too.
+        loop {
+            match self.stream.next_tag() {
+                Some(b'D') if r.takes_rows() => match self.stream.take_data_row() {
+                    Ok(Some(row)) => return Poll::Ready(Ok(r.accept_row(row))),
+                    Ok(None) => {}
+                    Err(e) => return Poll::Ready(Err(self.fail(e))),
+                },
+                Some(b'2') if r.takes_bind_complete() && self.stream.take_bind_complete() => {
+                    return Poll::Ready(Ok(Step::Message(BackendMessage::BindComplete)));
                 }
+                Some(b'C') if r.takes_counts() => {
+                    if let Some(rows) = self.stream.take_command_complete() {
+                        return Poll::Ready(Ok(r.accept_count(rows)));
+                    }
+                }
+                Some(b'C') => {
+                    if let Some(tag) = self.stream.take_command_tag() {
+                        let msg = BackendMessage::CommandComplete(tag);
+                        return Poll::Ready(self.accept(r, msg));
+                    }
+                }
+                Some(b'Z') if self.pending > 0 => {
+                    if let Some(status) = self.stream.take_ready_for_query() {
+                        // `pending > 0`: this cannot fail.
+                        let _ = self.ready_for_query(status);
+                        let msg = BackendMessage::ReadyForQuery(status);
+                        return Poll::Ready(self.accept(r, msg));
+                    }
+                }
+                _ => {}
             }
-            _ => {}
+            if self.stream.has_whole_message() {
+                break;
+            }
+            if let Err(e) = ready!(self.poll_more(cx)) {
+                return Poll::Ready(Err(r.lost(e)));
+            }
         }
+        // Anything else, through the general path and its rules.
         let msg = match ready!(self.poll_read(cx)) {
             Ok(msg) => msg,
             Err(e) => return Poll::Ready(Err(r.lost(e))),
         };
-        Poll::Ready(match r.accept(msg) {
+        Poll::Ready(self.accept(r, msg))
+    }
+
+    /// What `msg` means for the request read through `r`; a message the request's shape does
+    /// not allow breaks the connection.
+    #[inline]
+    fn accept(&mut self, r: &mut Response, msg: BackendMessage) -> Result<Step> {
+        match r.accept(msg) {
             Ok(step) => Ok(step),
             Err(other) => Err(self.unexpected(&other, r.shape().during())),
-        })
+        }
     }
 
     /// The next step of the request read through `r`.

@@ -20,7 +20,7 @@ use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, ReadBuf};
 
 use super::socket::{AskAgain, Socket};
 use crate::error::{Error, Result};
-use crate::protocol::{self, BackendMessage, DataRow};
+use crate::protocol::{self, BackendMessage, DataRow, TransactionStatus};
 
 /// How much free room the read buffer has before a read that follows a read which filled
 /// all the room it had (the server is sending a lot).
@@ -81,6 +81,19 @@ fn changes_session(tag: &[u8]) -> bool {
             | b"DEALLOCATE ALL"
             | b"LOAD"
     ) || tag.starts_with(b"DISCARD")
+}
+
+/// Whether a command with this tag changed the session ([`changes_session`]), noting in
+/// `sql_prepared` a SQL `PREPARE` and in `statements_dropped` a `DISCARD ALL` or
+/// `DEALLOCATE ALL`.
+#[inline]
+fn note_session_change(tag: &[u8], sql_prepared: &mut bool, statements_dropped: &mut bool) -> bool {
+    if !changes_session(tag) {
+        return false;
+    }
+    *sql_prepared |= tag == b"PREPARE";
+    *statements_dropped |= matches!(tag, b"DISCARD ALL" | b"DEALLOCATE ALL");
+    true
 }
 
 impl MessageStream {
@@ -159,11 +172,8 @@ impl MessageStream {
     }
 
     fn note_tag(&mut self, tag: &[u8]) {
-        if changes_session(tag) {
-            self.session_changed = true;
-            self.sql_prepared |= tag == b"PREPARE";
-            self.statements_dropped |= matches!(tag, b"DISCARD ALL" | b"DEALLOCATE ALL");
-        }
+        self.session_changed |=
+            note_session_change(tag, &mut self.sql_prepared, &mut self.statements_dropped);
     }
 
     /// Whether a command that changes the session has completed since
@@ -235,15 +245,31 @@ impl MessageStream {
     #[inline]
     pub(crate) fn poll_message(&mut self, cx: &mut Context<'_>) -> Poll<Result<BackendMessage>> {
         loop {
-            if let Some(msg) = protocol::read_message(&mut self.read_buf, self.max_message_len)? {
-                self.streaming = matches!(msg, BackendMessage::DataRow(_));
-                if let BackendMessage::CommandComplete(tag) = &msg {
-                    self.note_tag(tag);
-                }
+            if let Some(msg) = self.take_message()? {
                 return Poll::Ready(Ok(msg));
             }
             ready!(self.poll_fill(cx, true))?;
         }
+    }
+
+    /// Decodes the next message if it is whole in the buffer; no I/O.
+    #[inline]
+    pub(crate) fn take_message(&mut self) -> Result<Option<BackendMessage>> {
+        let Some(msg) = protocol::read_message(&mut self.read_buf, self.max_message_len)? else {
+            return Ok(None);
+        };
+        self.streaming = matches!(msg, BackendMessage::DataRow(_));
+        if let BackendMessage::CommandComplete(tag) = &msg {
+            self.note_tag(tag);
+        }
+        Ok(Some(msg))
+    }
+
+    /// Reads more of the response from the socket into the read buffer (a reader in the middle
+    /// of a result's rows may ask an empty socket again before it sleeps).
+    #[inline]
+    pub(crate) fn poll_more(&mut self, cx: &mut Context<'_>) -> Poll<Result<()>> {
+        self.poll_fill(cx, true)
     }
 
     /// Takes the next message if it is a DataRow that is whole in the buffer already. The rows
@@ -274,6 +300,19 @@ impl MessageStream {
         true
     }
 
+    /// Takes a ReadyForQuery if it is next in the buffer, whole and well formed, and returns
+    /// its status. Anything unusual is left for the general read path and its errors.
+    #[inline]
+    pub(crate) fn take_ready_for_query(&mut self) -> Option<TransactionStatus> {
+        let [b'Z', 0, 0, 0, 5, byte, ..] = self.read_buf[..] else {
+            return None;
+        };
+        let status = TransactionStatus::from_byte(byte)?;
+        self.read_buf.advance(6);
+        self.streaming = false;
+        Some(status)
+    }
+
     /// Takes a CommandComplete if it is next in the buffer and well formed, and returns the
     /// row count of its tag. Anything unusual is left for the general read path and its
     /// errors.
@@ -282,18 +321,30 @@ impl MessageStream {
             return None;
         }
         let len = protocol::frame_len(&self.read_buf, self.max_message_len).ok()??;
-        let body = self.read_buf.get(5..1 + len)?;
-        let tag = protocol::command_tag(body)?;
+        let tag = protocol::command_tag(self.read_buf.get(5..1 + len)?)?;
         let count = crate::row::rows_affected(tag);
-        let changes = changes_session(tag);
-        let prepared = tag == b"PREPARE";
-        let dropped = matches!(tag, b"DISCARD ALL" | b"DEALLOCATE ALL");
-        self.session_changed |= changes;
-        self.sql_prepared |= prepared;
-        self.statements_dropped |= dropped;
+        self.session_changed |=
+            note_session_change(tag, &mut self.sql_prepared, &mut self.statements_dropped);
         self.read_buf.advance(1 + len);
         self.streaming = false;
         Some(count)
+    }
+
+    /// Takes a CommandComplete if it is next in the buffer and well formed, and returns its
+    /// tag (for the simple protocol's results, which keep it). Anything unusual is left for
+    /// the general read path and its errors.
+    pub(crate) fn take_command_tag(&mut self) -> Option<bytes::Bytes> {
+        if self.read_buf.first() != Some(&b'C') {
+            return None;
+        }
+        let len = protocol::frame_len(&self.read_buf, self.max_message_len).ok()??;
+        let tag = protocol::command_tag(self.read_buf.get(5..1 + len)?)?;
+        let tag_len = tag.len();
+        self.session_changed |=
+            note_session_change(tag, &mut self.sql_prepared, &mut self.statements_dropped);
+        let frame = self.read_buf.split_to(1 + len).freeze();
+        self.streaming = false;
+        Some(frame.slice(5..5 + tag_len))
     }
 
     /// Whether a whole message is waiting in the read buffer (reading it needs no socket).

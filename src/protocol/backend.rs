@@ -26,6 +26,17 @@ pub enum TransactionStatus {
 }
 
 impl TransactionStatus {
+    /// The status for a byte on the wire, if it is one.
+    #[inline]
+    pub fn from_byte(byte: u8) -> Option<TransactionStatus> {
+        match byte {
+            b'I' => Some(TransactionStatus::Idle),
+            b'T' => Some(TransactionStatus::InTransaction),
+            b'E' => Some(TransactionStatus::Failed),
+            _ => None,
+        }
+    }
+
     /// The status byte on the wire.
     pub fn byte(self) -> u8 {
         match self {
@@ -414,16 +425,16 @@ impl BackendMessage {
             },
             b'1' => BackendMessage::ParseComplete,
             b's' => BackendMessage::PortalSuspended,
-            b'Z' => BackendMessage::ReadyForQuery(match r.u8()? {
-                b'I' => TransactionStatus::Idle,
-                b'T' => TransactionStatus::InTransaction,
-                b'E' => TransactionStatus::Failed,
-                other => {
-                    return Err(Error::protocol(format!(
-                        "ReadyForQuery has an unknown transaction status {other:#04x}"
-                    )));
-                }
-            }),
+            b'Z' => {
+                let byte = r.u8()?;
+                BackendMessage::ReadyForQuery(TransactionStatus::from_byte(byte).ok_or_else(
+                    || {
+                        Error::protocol(format!(
+                            "ReadyForQuery has an unknown transaction status {byte:#04x}"
+                        ))
+                    },
+                )?)
+            }
             b'T' => {
                 let n = r.count16("field count")?;
                 // Each field takes at least 19 bytes: never reserve more than the body can hold.
