@@ -1097,8 +1097,12 @@ impl Connection {
                     if let Some(status) = self.stream.take_ready_for_query() {
                         // `pending > 0`: this cannot fail.
                         let _ = self.ready_for_query(status);
-                        let msg = BackendMessage::ReadyForQuery(status);
-                        return Poll::Ready(self.accept(r, msg));
+                        return Poll::Ready(if r.accepts_ready() {
+                            Ok(Step::Over)
+                        } else {
+                            let msg = BackendMessage::ReadyForQuery(status);
+                            Err(self.unexpected(&msg, r.shape().during()))
+                        });
                     }
                 }
                 _ => {}

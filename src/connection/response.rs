@@ -161,7 +161,7 @@ impl Response {
         use BackendMessage as M;
         let extended = matches!(self.shape, Shape::Extended | Shape::Describe);
         let step = match msg {
-            M::ReadyForQuery(_) if self.answered => return Ok(Step::Over),
+            M::ReadyForQuery(_) if self.accepts_ready() => return Ok(Step::Over),
             M::ErrorResponse(db) => {
                 self.error.get_or_insert_with(|| Error::db(db));
                 self.answered = true;
@@ -203,6 +203,13 @@ impl Response {
             other => return Err(other),
         };
         Ok(step)
+    }
+
+    /// Whether a ReadyForQuery is this request's: it is once the request has answered. (The
+    /// fast path for what `accept` makes of one: `Step::Over` if so, else not ours.)
+    #[inline]
+    pub(crate) fn accepts_ready(&self) -> bool {
+        self.answered
     }
 
     /// Takes a row found whole in the read buffer (the fast path for what `accept` makes of a
