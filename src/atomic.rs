@@ -117,8 +117,16 @@ impl<'q> Atomic<'q> {
         if queries.is_empty() {
             return Ok(Vec::new());
         }
+        let mut previous: Option<&str> = None;
         for (i, q) in queries.iter().enumerate() {
-            if let Some(control) = crate::sql::statement_effects(q.sql()).control {
+            let sql = q.sql();
+            // The same text as the statement before (an Atomic of one INSERT again and
+            // again): already read.
+            if previous.is_some_and(|p| std::ptr::eq(p, sql) || p == sql) {
+                continue;
+            }
+            previous = Some(sql);
+            if let Some(control) = crate::sql::statement_effects(sql).control {
                 return Err(Error::transaction(
                     TransactionError::ControlStatement,
                     format!(

@@ -430,15 +430,24 @@ impl PostgresEngine {
     /// [`acquire`](Self::acquire) for the engine's own use; `writes`: what the connection
     /// does may write, and is counted as a write when it comes back (for read-your-writes
     /// nodes; see [`crate::freshness`]).
+    /// Whether anyone records the queries' traces (see `Instrument::watching`).
+    fn watching_queries(&self) -> bool {
+        self.inner.options.log_queries
+            || tracing::span_enabled!(target: "pgengine::query", tracing::Level::INFO)
+    }
+
     pub(crate) async fn checkout(&self, writes: bool) -> Result<EngineConnection> {
         let note =
             WriteNote((writes && self.inner.tracks_writes).then(|| self.inner.writes.clone()));
         let pool = self.current_pool();
         match pool {
             Some(pool) => {
-                let started = Instant::now();
+                // The wait is told only in a query's trace: timed only for someone watching.
+                let started = self.watching_queries().then(Instant::now);
                 let mut pooled = pool.acquire().await?;
-                pooled.note_acquire_wait(started.elapsed());
+                if let Some(started) = started {
+                    pooled.note_acquire_wait(started.elapsed());
+                }
                 Ok(EngineConnection {
                     source: Source::Pooled(pooled),
                     _note: note,

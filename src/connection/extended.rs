@@ -540,27 +540,30 @@ impl Connection {
         /// Execute of the unnamed portal without a row limit.
         const EXECUTE_ALL: [u8; 10] = [b'E', 0, 0, 0, 9, 0, 0, 0, 0, 0];
         let types = &statement.param_types;
-        let Ok(count) = i16::try_from(params.len()) else {
+        let n = params.len();
+        let Ok(count) = i16::try_from(n) else {
             return Ok(None);
         };
-        if max_rows != 0
-            || !(0..params.len())
-                .all(|i| matches!(params.get(i).encode_format(&types[i]), Format::Binary))
-        {
+        if max_rows != 0 {
             return Ok(None);
         }
         let buf = &mut self.stream.write_buf;
         let start = buf.len();
         // Statement names are ours (`pge_<n>` or empty): no NUL can hide in one.
         let name = statement.name.as_bytes();
-        buf.reserve(17 + name.len() + 8 * params.len() + EXECUTE_ALL.len());
+        buf.reserve(17 + name.len() + 8 * n + EXECUTE_ALL.len());
         buf.extend_from_slice(&[b'B', 0, 0, 0, 0, 0]);
         buf.extend_from_slice(name);
         buf.extend_from_slice(&[0, 0, 1, 0, 1]);
         buf.extend_from_slice(&count.to_be_bytes());
-        for i in 0..params.len() {
-            let written =
-                frontend::put_param(buf, i, |buf| encode_param(params.get(i), &types[i], i, buf));
+        for i in 0..n {
+            let value = params.get(i);
+            if !matches!(value.encode_format(&types[i]), Format::Binary) {
+                // Not the usual case after all: nothing of it stays written.
+                buf.truncate(start);
+                return Ok(None);
+            }
+            let written = frontend::put_param(buf, i, |buf| encode_param(value, &types[i], i, buf));
             match written {
                 Ok(()) => {}
                 Err(EncodeError::WrongType) => {

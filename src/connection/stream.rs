@@ -69,6 +69,10 @@ pub(crate) struct MessageStream {
 /// library. The statement's text was read before it was sent (`crate::sql::effects`); the
 /// tag catches what that missed.
 fn changes_session(tag: &[u8]) -> bool {
+    // Most tags (INSERT, UPDATE, COMMIT, …) are told apart by their first letter.
+    if !matches!(tag.first(), Some(b'S' | b'R' | b'L' | b'U' | b'D' | b'P')) {
+        return false;
+    }
     matches!(
         tag,
         b"SET"
@@ -86,7 +90,7 @@ fn changes_session(tag: &[u8]) -> bool {
 /// Whether a command with this tag changed the session ([`changes_session`]), noting in
 /// `sql_prepared` a SQL `PREPARE` and in `statements_dropped` a `DISCARD ALL` or
 /// `DEALLOCATE ALL`.
-#[inline]
+#[inline(always)]
 fn note_session_change(tag: &[u8], sql_prepared: &mut bool, statements_dropped: &mut bool) -> bool {
     if !changes_session(tag) {
         return false;

@@ -83,10 +83,11 @@ impl ConnectionManager {
     /// out again: a retry must reach the new primary.
     fn no_longer_qualifies(&self, conn: &Connection) -> bool {
         use crate::config::TargetSessionAttrs::{Primary, ReadWrite};
-        let standby = conn.parameter("in_hot_standby") == Some("on");
+        // Runs on every return to the pool: the parameters are looked up only when asked.
+        let standby = || conn.parameter("in_hot_standby") == Some("on");
         match self.config.get_target_session_attrs() {
-            Primary => standby,
-            ReadWrite => standby || conn.parameter("default_transaction_read_only") == Some("on"),
+            Primary => standby(),
+            ReadWrite => standby() || conn.parameter("default_transaction_read_only") == Some("on"),
             _ => false,
         }
     }
