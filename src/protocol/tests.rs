@@ -257,6 +257,30 @@ proptest! {
     /// an error, never a panic; a DER prefix with a known signature algorithm gives a hash of
     /// the whole input.
     #[test]
+    fn a_data_rows_values_are_the_same_in_any_order_of_reading(
+        cols in proptest::collection::vec(proptest::option::of(bytes()), 0..8),
+        order in proptest::collection::vec(0usize..10, 0..24),
+    ) {
+        // Decoded from the wire, as a connection gets it.
+        let built: DataRow = cols.iter().cloned().map(|c| c.map(Bytes::from)).collect();
+        let mut wire = BytesMut::new();
+        BackendMessage::DataRow(built).encode(&mut wire).unwrap();
+        let row = match read_message(&mut wire, usize::MAX).unwrap() {
+            Some(BackendMessage::DataRow(row)) => row,
+            other => panic!("{other:?}"),
+        };
+        for &i in &order {
+            let expected = cols.get(i).and_then(|c| c.as_deref());
+            prop_assert_eq!(row.value(i), expected, "column {} after {:?}", i, order);
+        }
+        // A clone starts reading from the front and finds the same.
+        let copy = row.clone();
+        for i in (0..cols.len()).rev() {
+            prop_assert_eq!(copy.value(i), cols[i].as_deref());
+        }
+    }
+
+    #[test]
     fn tls_server_end_point_never_panics(bytes in proptest::collection::vec(any::<u8>(), 0..64)) {
         let _ = crate::protocol::scram::tls_server_end_point(&bytes);
     }
