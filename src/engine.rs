@@ -430,12 +430,6 @@ impl PostgresEngine {
     /// [`acquire`](Self::acquire) for the engine's own use; `writes`: what the connection
     /// does may write, and is counted as a write when it comes back (for read-your-writes
     /// nodes; see [`crate::freshness`]).
-    /// Whether anyone records the queries' traces (see `Instrument::watching`).
-    fn watching_queries(&self) -> bool {
-        self.inner.options.log_queries
-            || tracing::span_enabled!(target: "pgengine::query", tracing::Level::INFO)
-    }
-
     pub(crate) async fn checkout(&self, writes: bool) -> Result<EngineConnection> {
         let note =
             WriteNote((writes && self.inner.tracks_writes).then(|| self.inner.writes.clone()));
@@ -443,7 +437,8 @@ impl PostgresEngine {
         match pool {
             Some(pool) => {
                 // The wait is told only in a query's trace: timed only for someone watching.
-                let started = self.watching_queries().then(Instant::now);
+                let watching = crate::connection::watching(self.inner.options.log_queries);
+                let started = watching.then(Instant::now);
                 let mut pooled = pool.acquire().await?;
                 if let Some(started) = started {
                     pooled.note_acquire_wait(started.elapsed());

@@ -44,6 +44,13 @@ pub(crate) struct Waited {
     pub(crate) pipeline: Option<Duration>,
 }
 
+/// Whether anyone records what a request would tell: the query log (`log_queries`), or a
+/// subscriber that wants the query spans.
+#[inline]
+pub(crate) fn watching(log_queries: bool) -> bool {
+    log_queries || tracing::span_enabled!(target: "pgengine::query", tracing::Level::INFO)
+}
+
 impl Instrument {
     pub(crate) fn new(namespace: &str, address: &str, port: u16) -> Instrument {
         Instrument {
@@ -62,7 +69,7 @@ impl Instrument {
     /// that wants the query spans.
     #[inline]
     pub(crate) fn watching(&self) -> bool {
-        self.log_queries || tracing::span_enabled!(target: "pgengine::query", tracing::Level::INFO)
+        watching(self.log_queries)
     }
 
     /// Starts the record of a request sent now: one statement, or a simple query's text.

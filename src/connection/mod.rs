@@ -53,7 +53,7 @@ use stream::MessageStream;
 pub use copy::{BinaryCopyInWriter, CopyInSink, CopyOutStream};
 pub use extended::RowStream;
 pub(crate) use extended::{PipelinedAnswer, QueryOrigin, SentQuery};
-pub(crate) use instrument::Traced;
+pub(crate) use instrument::{Traced, watching};
 pub(crate) use lease::Lease;
 pub(crate) use simple::{CommitAsk, CommitReply};
 pub use socket::Transport;

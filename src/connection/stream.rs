@@ -87,6 +87,17 @@ fn changes_session(tag: &[u8]) -> bool {
     ) || tag.starts_with(b"DISCARD")
 }
 
+/// The length field and the tag of the CommandComplete at the front of `buf`, if it is whole
+/// and well formed (anything else is left for the general read path and its errors).
+#[inline(always)]
+fn command_complete(buf: &[u8], max_message_len: usize) -> Option<(usize, &[u8])> {
+    if buf.first() != Some(&b'C') {
+        return None;
+    }
+    let len = protocol::frame_len(buf, max_message_len).ok()??;
+    Some((len, protocol::command_tag(buf.get(5..1 + len)?)?))
+}
+
 /// Whether a command with this tag changed the session ([`changes_session`]), noting in
 /// `sql_prepared` a SQL `PREPARE` and in `statements_dropped` a `DISCARD ALL` or
 /// `DEALLOCATE ALL`.
@@ -321,11 +332,7 @@ impl MessageStream {
     /// row count of its tag. Anything unusual is left for the general read path and its
     /// errors.
     pub(crate) fn take_command_complete(&mut self) -> Option<u64> {
-        if self.read_buf.first() != Some(&b'C') {
-            return None;
-        }
-        let len = protocol::frame_len(&self.read_buf, self.max_message_len).ok()??;
-        let tag = protocol::command_tag(self.read_buf.get(5..1 + len)?)?;
+        let (len, tag) = command_complete(&self.read_buf, self.max_message_len)?;
         let count = crate::row::rows_affected(tag);
         self.session_changed |=
             note_session_change(tag, &mut self.sql_prepared, &mut self.statements_dropped);
@@ -338,11 +345,7 @@ impl MessageStream {
     /// tag (for the simple protocol's results, which keep it). Anything unusual is left for
     /// the general read path and its errors.
     pub(crate) fn take_command_tag(&mut self) -> Option<bytes::Bytes> {
-        if self.read_buf.first() != Some(&b'C') {
-            return None;
-        }
-        let len = protocol::frame_len(&self.read_buf, self.max_message_len).ok()??;
-        let tag = protocol::command_tag(self.read_buf.get(5..1 + len)?)?;
+        let (len, tag) = command_complete(&self.read_buf, self.max_message_len)?;
         let tag_len = tag.len();
         self.session_changed |=
             note_session_change(tag, &mut self.sql_prepared, &mut self.statements_dropped);

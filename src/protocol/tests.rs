@@ -262,7 +262,7 @@ proptest! {
         order in proptest::collection::vec(0usize..10, 0..24),
     ) {
         // Decoded from the wire, as a connection gets it.
-        let built: DataRow = cols.iter().cloned().map(|c| c.map(Bytes::from)).collect();
+        let built: DataRow = cols.iter().cloned().collect();
         let mut wire = BytesMut::new();
         BackendMessage::DataRow(built).encode(&mut wire).unwrap();
         let row = match read_message(&mut wire, usize::MAX).unwrap() {
