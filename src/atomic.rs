@@ -205,7 +205,7 @@ impl<'q> Atomic<'q> {
                             .map(|()| results);
                     };
                     match reply.commit {
-                        Ok(Some(tag)) if tag == "ROLLBACK" => {
+                        Ok(Some(done)) if done.rolled_back() => {
                             return Err(Error::transaction(
                                 TransactionError::NotCommitted,
                                 "the server rolled the Atomic back instead of committing: \

@@ -431,6 +431,10 @@ impl SimpleQueryResult {
 /// that report none (`"CREATE TABLE"`).
 pub(crate) fn rows_affected(tag: &[u8]) -> u64 {
     // By hand rather than through `str::parse`: this runs once per statement.
+    if !tag.last().is_some_and(u8::is_ascii_digit) {
+        // `SAVEPOINT`, `COMMIT`: no count.
+        return 0;
+    }
     let digits = tag.rsplit(|&b| b == b' ').next().unwrap_or_default();
     if digits.is_empty() {
         return 0;
@@ -603,5 +607,9 @@ mod tests {
         assert_eq!(rows_affected(b"SELECT 18446744073709551615"), u64::MAX);
         assert_eq!(rows_affected(b"SELECT 18446744073709551616"), 0);
         assert_eq!(rows_affected(b"SELECT 1x"), 0);
+        assert_eq!(rows_affected(b"SELECT x1"), 0);
+        assert_eq!(rows_affected(b"12"), 12);
+        assert_eq!(rows_affected(b"SAVEPOINT"), 0);
+        assert_eq!(rows_affected(b"SELECT "), 0);
     }
 }

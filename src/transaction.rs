@@ -688,14 +688,14 @@ impl PostgresTransaction {
             return outcome;
         }
         let outcome = match (&result, c.state) {
-            (Ok(Some(tag)), _) if tag == "ROLLBACK" => "rolled back",
+            (Ok(Some(done)), _) if done.rolled_back() => "rolled back",
             (Ok(_), _) => "committed",
             (Err(_), TxState::RolledBack) => "rolled back",
             (Err(_), _) => "commit failed",
         };
         self.shared.span.record("pgengine.outcome", outcome);
         let outcome = match result {
-            Ok(Some(tag)) if tag == "ROLLBACK" => {
+            Ok(Some(done)) if done.rolled_back() => {
                 // The server answers COMMIT with ROLLBACK when the block had failed.
                 c.state = TxState::RolledBack;
                 Err(Error::transaction(

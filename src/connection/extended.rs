@@ -1079,9 +1079,10 @@ impl Connection {
             self.take_buffered_rows(&columns, &mut rows)?;
             // The usual end, whole in the buffer already, taken in place.
             if response.takes_counts()
-                && let Some(n) = self.stream.take_command_complete()
+                && let Some(done) = self.stream.take_command_complete()
             {
-                let _ = response.accept_count(n);
+                let n = done.rows();
+                let _ = response.accept_count(done);
                 return Ok(Some((rows, n)));
             }
             let step = match self.next_step(response).await {

@@ -1083,8 +1083,8 @@ impl Connection {
                     return Poll::Ready(Ok(Step::Message(BackendMessage::BindComplete)));
                 }
                 Some(b'C') if r.takes_counts() => {
-                    if let Some(rows) = self.stream.take_command_complete() {
-                        return Poll::Ready(Ok(r.accept_count(rows)));
+                    if let Some(done) = self.stream.take_command_complete() {
+                        return Poll::Ready(Ok(r.accept_count(done)));
                     }
                 }
                 Some(b'C') => {

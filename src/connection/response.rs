@@ -14,6 +14,9 @@
 //! - [`Shape::Simple`]: a simple Query (§55.2.2): any number of statements, each with a
 //!   RowDescription, rows and CommandComplete, an EmptyQueryResponse, an error, or a COPY's
 //!   messages.
+//! - [`Shape::Command`]: a simple Query of one command that returns no rows (`BEGIN`,
+//!   `SAVEPOINT`, `COMMIT`, …), read as [`Shape::Simple`] is, except that its tag is read in
+//!   place and not kept: only its row count and whether it says `ROLLBACK` are.
 //! - [`Shape::Drain`]: the rest of a request nobody waits for any more: anything up to its
 //!   ReadyForQuery is skipped.
 //!
@@ -44,6 +47,7 @@ pub(crate) enum Shape {
     Extended,
     Describe,
     Simple,
+    Command,
     Drain,
 }
 
@@ -54,6 +58,7 @@ impl Shape {
             Shape::Extended => "an extended-protocol request",
             Shape::Describe => "Describe",
             Shape::Simple => "a simple query",
+            Shape::Command => "a command",
             Shape::Drain => "the rest of an abandoned request",
         }
     }
@@ -76,27 +81,46 @@ pub(crate) enum Step {
     Over,
 }
 
-/// What a CommandComplete said: the row count, read in place from a tag whole in the buffer,
-/// or the tag itself (the simple protocol's results keep it).
+/// What a CommandComplete said: what matters of a tag read in place from the buffer, or the
+/// tag itself (the simple protocol's results keep it).
 #[derive(Debug)]
 pub(crate) enum Completion {
-    Rows(u64),
+    Counted { rows: u64, rolled_back: bool },
     Tag(Bytes),
 }
 
 impl Completion {
+    /// What matters of `tag`, without keeping it.
+    #[inline]
+    pub(crate) fn counted(tag: &[u8]) -> Completion {
+        Completion::Counted {
+            rows: crate::row::rows_affected(tag),
+            // The first letter first: most tags are not ROLLBACK, and `SELECT 1` is as long.
+            rolled_back: tag.first() == Some(&b'R') && tag == b"ROLLBACK",
+        }
+    }
+
     /// The row count of the tag (`INSERT 0 5` → 5; 0 for a command without one).
+    #[inline]
     pub(crate) fn rows(&self) -> u64 {
         match self {
-            Completion::Rows(n) => *n,
+            Completion::Counted { rows, .. } => *rows,
             Completion::Tag(tag) => crate::row::rows_affected(tag),
+        }
+    }
+
+    /// Whether the tag is `ROLLBACK`: the server's answer to a COMMIT of a failed block.
+    pub(crate) fn rolled_back(&self) -> bool {
+        match self {
+            Completion::Counted { rolled_back, .. } => *rolled_back,
+            Completion::Tag(tag) => tag == "ROLLBACK",
         }
     }
 
     /// The tag, if it was kept.
     pub(crate) fn into_tag(self) -> Option<Bytes> {
         match self {
-            Completion::Rows(_) => None,
+            Completion::Counted { .. } => None,
             Completion::Tag(tag) => Some(tag),
         }
     }
@@ -196,7 +220,7 @@ impl Response {
                 Step::Message(msg)
             }
             M::CopyInResponse(_) | M::CopyOutResponse(_) | M::CopyData(_) | M::CopyDone
-                if self.shape == Shape::Simple =>
+                if matches!(self.shape, Shape::Simple | Shape::Command) =>
             {
                 Step::Message(msg)
             }
@@ -220,19 +244,19 @@ impl Response {
         Step::Row(row)
     }
 
-    /// Takes a CommandComplete whose count was read in place (the fast path; only for shapes
-    /// that do not keep the tag).
+    /// Takes a CommandComplete read in place (the fast path; only for shapes that do not keep
+    /// the tag).
     #[inline]
-    pub(crate) fn accept_count(&mut self, rows: u64) -> Step {
+    pub(crate) fn accept_count(&mut self, done: Completion) -> Step {
         debug_assert!(self.takes_counts());
         self.answered = true;
-        Step::Complete(Completion::Rows(rows))
+        Step::Complete(done)
     }
 
     /// Whether a CommandComplete may be read in place, without its tag.
     #[inline]
     pub(crate) fn takes_counts(&self) -> bool {
-        matches!(self.shape, Shape::Extended | Shape::Drain)
+        matches!(self.shape, Shape::Extended | Shape::Command | Shape::Drain)
     }
 
     /// Whether a BindComplete may be taken in place.
@@ -317,7 +341,12 @@ mod tests {
 
     #[test]
     fn ready_for_query_before_an_answer_is_not_ours() {
-        for shape in [Shape::Extended, Shape::Simple, Shape::Describe] {
+        for shape in [
+            Shape::Extended,
+            Shape::Simple,
+            Shape::Command,
+            Shape::Describe,
+        ] {
             let mut r = Response::new(shape);
             assert!(r.accept(ready()).is_err(), "{shape:?}");
         }
@@ -355,6 +384,33 @@ mod tests {
     }
 
     #[test]
+    fn a_command_reads_whether_its_tag_said_rollback_on_either_path() {
+        for (tag, rolled_back) in [("ROLLBACK", true), ("COMMIT", false)] {
+            // The general path (a tag not whole in the buffer) keeps the tag.
+            let mut r = Response::new(Shape::Command);
+            let Ok(Step::Complete(done)) = r.accept(complete(tag)) else {
+                panic!("{tag}");
+            };
+            assert_eq!(done.rolled_back(), rolled_back, "{tag}");
+            // The fast path reads it in place.
+            let mut r = Response::new(Shape::Command);
+            assert!(r.takes_counts());
+            let Step::Complete(done) = r.accept_count(Completion::counted(tag.as_bytes())) else {
+                panic!("{tag}");
+            };
+            assert_eq!(done.rolled_back(), rolled_back, "{tag}");
+            assert!(matches!(r.accept(ready()), Ok(Step::Over)));
+        }
+        // Still a simple query's rules: no extended-protocol messages.
+        let mut r = Response::new(Shape::Command);
+        assert!(r.accept(BackendMessage::BindComplete).is_err());
+        assert!(
+            !Response::new(Shape::Simple).takes_counts(),
+            "a simple query keeps its tags"
+        );
+    }
+
+    #[test]
     fn a_lost_connection_keeps_the_servers_error_for_the_request() {
         let mut r = Response::new(Shape::Extended);
         let _ = r.accept(db(SqlState::IN_FAILED_SQL_TRANSACTION));
@@ -389,7 +445,7 @@ mod tests {
         /// ReadyForQuery that follows an answer, and its error is the first one sent.
         #[test]
         fn any_sequence_ends_where_the_model_says(
-            shape in prop::sample::select(vec![Shape::Extended, Shape::Simple, Shape::Describe, Shape::Drain]),
+            shape in prop::sample::select(vec![Shape::Extended, Shape::Simple, Shape::Command, Shape::Describe, Shape::Drain]),
             msgs in prop::collection::vec(any_message(), 0..24),
         ) {
             let mut r = Response::new(shape);

@@ -1,10 +1,12 @@
 //! The simple query protocol (PostgreSQL docs §55.2.2): one Query message with any number of
 //! statements, results in the text format, one ReadyForQuery at the end.
 
+use std::future::poll_fn;
 use std::sync::Arc;
+use std::task::{Poll, ready};
 
 use super::Connection;
-use super::response::{Response, Shape, Step};
+use super::response::{Completion, Response, Shape, Step};
 use crate::error::{Error, Result};
 use crate::protocol::{BackendMessage, frontend};
 use crate::row::{Column, SimpleQueryResult, SimpleRow};
@@ -109,9 +111,9 @@ impl Connection {
     /// Runs one statement that returns no rows (`BEGIN`, `SAVEPOINT "s"`, `COMMIT`, …) whose
     /// SQL text is `parts` one after the other, with the simple query protocol: the lean
     /// path of the transaction and savepoint commands, which builds no string and no result.
-    /// Returns the command tag; the server's error, if it sent one, is returned once the
-    /// connection is ready again.
-    pub(crate) async fn command(&mut self, parts: &[&str]) -> Result<Option<bytes::Bytes>> {
+    /// Returns what its tag said (read in place, not kept); the server's error, if it sent
+    /// one, is returned once the connection is ready again.
+    pub(crate) async fn command(&mut self, parts: &[&str]) -> Result<Option<Completion>> {
         self.prepare_request().await?;
         // The text is put together only for someone watching: this is the savepoints' path.
         let traced = if self.instrument.watching() {
@@ -127,7 +129,7 @@ impl Connection {
         result
     }
 
-    pub(super) async fn run_command(&mut self, parts: &[&str]) -> Result<Option<bytes::Bytes>> {
+    pub(super) async fn run_command(&mut self, parts: &[&str]) -> Result<Option<Completion>> {
         frontend::query_parts(&mut self.stream.write_buf, parts)?;
         self.send(1).await?;
         self.read_command_reply().await
@@ -216,19 +218,24 @@ impl Connection {
         response.finish().map(|()| value)
     }
 
-    /// Reads the reply to a command: its tag, or the server's error once the connection is
-    /// ready again.
-    async fn read_command_reply(&mut self) -> Result<Option<bytes::Bytes>> {
-        let mut response = Response::new(Shape::Simple);
+    /// Reads the reply to a command: what its tag said, or the server's error once the
+    /// connection is ready again.
+    async fn read_command_reply(&mut self) -> Result<Option<Completion>> {
+        let mut response = Response::new(Shape::Command);
         let mut tag = None;
-        loop {
-            match self.next_step(&mut response).await? {
-                Step::Complete(done) => tag = done.into_tag(),
-                Step::Message(BackendMessage::EmptyQueryResponse) | Step::Failed => {}
-                Step::Over => break,
-                other => return Err(self.unexpected_step(other, "a command")),
+        // One future for the whole reply, not one per message: this is every savepoint's
+        // and transaction command's wait.
+        poll_fn(|cx| {
+            loop {
+                match ready!(self.poll_step(&mut response, cx))? {
+                    Step::Complete(done) => tag = Some(done),
+                    Step::Message(BackendMessage::EmptyQueryResponse) | Step::Failed => {}
+                    Step::Over => return Poll::Ready(Ok(())),
+                    other => return Poll::Ready(Err(self.unexpected_step(other, "a command"))),
+                }
             }
-        }
+        })
+        .await?;
         response.finish().map(|()| tag)
     }
 }
@@ -244,13 +251,13 @@ pub(crate) struct CommitAsk<'a> {
 /// not asked or not read (the connection was lost first).
 pub(crate) struct CommitReply {
     pub(crate) before: Option<Result<Option<String>>>,
-    pub(crate) commit: Result<Option<bytes::Bytes>>,
+    pub(crate) commit: Result<Option<Completion>>,
     pub(crate) after: Option<Result<Option<String>>>,
 }
 
 impl CommitReply {
     /// The reply of a plain COMMIT.
-    pub(crate) fn of(commit: Result<Option<bytes::Bytes>>) -> CommitReply {
+    pub(crate) fn of(commit: Result<Option<Completion>>) -> CommitReply {
         CommitReply {
             before: None,
             commit,

@@ -18,6 +18,7 @@ use std::task::{Context, Poll, ready};
 use bytes::{Buf, BufMut, BytesMut};
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, ReadBuf};
 
+use super::response::Completion;
 use super::socket::{AskAgain, Socket};
 use crate::error::{Error, Result};
 use crate::protocol::{self, BackendMessage, DataRow, TransactionStatus};
@@ -328,17 +329,16 @@ impl MessageStream {
         Some(status)
     }
 
-    /// Takes a CommandComplete if it is next in the buffer and well formed, and returns the
-    /// row count of its tag. Anything unusual is left for the general read path and its
-    /// errors.
-    pub(crate) fn take_command_complete(&mut self) -> Option<u64> {
+    /// Takes a CommandComplete if it is next in the buffer and well formed, and returns what
+    /// matters of its tag. Anything unusual is left for the general read path and its errors.
+    pub(crate) fn take_command_complete(&mut self) -> Option<Completion> {
         let (len, tag) = command_complete(&self.read_buf, self.max_message_len)?;
-        let count = crate::row::rows_affected(tag);
+        let done = Completion::counted(tag);
         self.session_changed |=
             note_session_change(tag, &mut self.sql_prepared, &mut self.statements_dropped);
         self.read_buf.advance(1 + len);
         self.streaming = false;
-        Some(count)
+        Some(done)
     }
 
     /// Takes a CommandComplete if it is next in the buffer and well formed, and returns its
@@ -515,8 +515,18 @@ mod tests {
         );
 
         put(&mut stream, b"C\0\0\0\x10INSERT 0 12\0Z");
-        assert_eq!(stream.take_command_complete(), Some(12));
+        assert_eq!(stream.take_command_complete().map(|c| c.rows()), Some(12));
         assert_eq!(&stream.read_buf[..], b"Z");
+        // A COMMIT of a failed block is answered ROLLBACK: that much of the tag is kept.
+        for (tag, rolled_back) in [("ROLLBACK", true), ("COMMIT", false), ("ROLLBACKS", false)] {
+            let mut msg = vec![b'C', 0, 0, 0, 5 + tag.len() as u8];
+            msg.extend_from_slice(tag.as_bytes());
+            msg.push(0);
+            put(&mut stream, &msg);
+            let done = stream.take_command_complete().unwrap();
+            assert_eq!(done.rolled_back(), rolled_back, "{tag}");
+            assert_eq!(done.rows(), 0);
+        }
         for malformed in [
             &b"C\0\0\0\x10INSERT 0 12x"[..], // no NUL
             b"C\0\0\0\x10INSE\0T 0 12\0",    // a NUL inside
@@ -525,7 +535,7 @@ mod tests {
             b"C\x7f\0\0\0",                  // a length past the limit
         ] {
             put(&mut stream, malformed);
-            assert_eq!(stream.take_command_complete(), None, "{malformed:?}");
+            assert!(stream.take_command_complete().is_none(), "{malformed:?}");
             assert_eq!(&stream.read_buf[..], malformed, "left for the general path");
         }
     }

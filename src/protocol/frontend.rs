@@ -147,24 +147,24 @@ pub fn query(buf: &mut BytesMut, sql: &str) -> Result<()> {
 /// transaction and savepoint commands' path: the length is known before anything is written,
 /// so the message goes in with one reservation and no length patched in afterwards.
 pub(crate) fn query_parts(buf: &mut BytesMut, parts: &[&str]) -> Result<()> {
-    let mut text = 0usize;
-    for part in parts {
-        if part.as_bytes().contains(&0) {
-            return Err(Error::conversion("SQL text must not contain a NUL byte"));
-        }
-        text += part.len();
-    }
+    let text: usize = parts.iter().map(|part| part.len()).sum();
     // The length counts itself and the NUL, not the tag.
     let Ok(len) = i32::try_from(text + 5) else {
         return Err(Error::protocol(format!(
             "a query of {text} bytes is too large to send"
         )));
     };
+    let start = buf.len();
     buf.reserve(1 + len as usize);
     buf.put_u8(b'Q');
     buf.put_i32(len);
     for part in parts {
         buf.extend_from_slice(part.as_bytes());
+    }
+    // One look for a NUL over the whole text, not one per part.
+    if buf[start + 5..].contains(&0) {
+        buf.truncate(start);
+        return Err(Error::conversion("SQL text must not contain a NUL byte"));
     }
     buf.put_u8(0);
     Ok(())
