@@ -16,6 +16,11 @@
 //! | `pool` | 64 tasks, 100,000 point selects, 8 connections, 2 runtime workers | queries/s | pgbench |
 //! | `copy` | 1,000,000 rows (int8, text, float8) loaded into an empty UNLOGGED table: COPY text and binary, and batched INSERT | rows/s | libpq-copy |
 //!
+//! In `ping` and `savepoint`, `pgengine-busy-poll` is pgengine with the opt-in
+//! [`set_busy_poll`](pgengine::Connection::set_busy_poll) of [`BUSY_POLL`]: it asks the socket
+//! again before sleeping for each answer. It is reported beside pgengine, never in its place:
+//! the default sleeps at once, as every other contender does.
+//!
 //! A name on the command line picks the workload of that name, or the group of workloads
 //! named `<name>-…` (so `batch` picks the three batch sizes).
 //!
@@ -269,6 +274,11 @@ const RAW: &str = "raw";
 pub type RunFn = Box<dyn Fn(&Bench, u64) -> BenchResult<Measurement>>;
 
 /// One driver's way of doing a workload.
+/// The limit of the `pgengine-busy-poll` contenders ([`pgengine::Connection::set_busy_poll`],
+/// off by default): long enough for the answer to a point query or a savepoint, which the
+/// server gives in 10–20 µs.
+pub const BUSY_POLL: std::time::Duration = std::time::Duration::from_micros(50);
+
 pub struct Contender {
     /// Printed as `driver=<name>`.
     pub driver: &'static str,

@@ -56,6 +56,7 @@ struct Options {
     statement_cache_capacity: Option<usize>,
     query_timeout: Option<Duration>,
     drain_timeout: Option<Duration>,
+    busy_poll: Option<Duration>,
     keep_abandoned: bool,
     keep_session: bool,
     after_connect: Option<crate::pool::AfterConnect>,
@@ -185,6 +186,16 @@ impl EngineBuilder {
     /// (default [`DEFAULT_DRAIN_TIMEOUT`](crate::connection::DEFAULT_DRAIN_TIMEOUT)).
     pub fn drain_timeout(mut self, timeout: Duration) -> Self {
         self.options.drain_timeout = Some(timeout);
+        self
+    }
+
+    /// Makes every connection ask the socket for the server's answer again for up to `limit`
+    /// before it sleeps (default: it sleeps at once). Trades a busy core and a runtime worker
+    /// held for up to `limit` per answer for round trips about 3× as fast when client and
+    /// server are on different cores; see [`Connection::set_busy_poll`] for when it pays and
+    /// how it stops itself where it does not. 20–50 µs covers a point query's answer.
+    pub fn busy_poll(mut self, limit: Duration) -> Self {
+        self.options.busy_poll = Some(limit);
         self
     }
 
@@ -512,6 +523,7 @@ impl PostgresEngine {
         if let Some(limit) = options.drain_timeout {
             manager = manager.drain_timeout(limit);
         }
+        manager = manager.busy_poll(options.busy_poll);
         manager
             .log_queries(options.log_queries)
             .cancel_abandoned(!options.keep_abandoned)

@@ -602,3 +602,58 @@ async fn pipelined_mode_falls_back_for_queries_it_cannot_carry() {
     assert_eq!(row.get::<_, i32>(0), 2);
     assert_eq!(row.get::<_, &str>(1), "'$2");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn busy_poll_changes_how_answers_are_waited_for_not_what_they_are() {
+    let run = async {
+        let engine = PostgresEngine::builder(common::socket_config(TempCluster::SUPERUSER))
+            .busy_poll(Duration::from_micros(50))
+            .build();
+        engine
+            .start_connection_pool(PoolOptions::default().max_size(4))
+            .await
+            .unwrap();
+        for i in 0..300i32 {
+            let row = engine
+                .query_one(("SELECT $1::int4 * 2", (i,)))
+                .await
+                .unwrap();
+            assert_eq!(row.get::<_, i32>(0), i * 2);
+        }
+        // An answer far later than the limit: asked for, then slept for, then read.
+        let row = engine
+            .query_one("SELECT 7 FROM pg_sleep(0.05)")
+            .await
+            .unwrap();
+        assert_eq!(row.get::<_, i32>(0), 7);
+        // Transactions and savepoints, and tasks sharing the two runtime workers.
+        let tasks: Vec<_> = (0..8i32)
+            .map(|t| {
+                let engine = engine.clone();
+                tokio::spawn(async move {
+                    let tx = engine.begin().await?;
+                    let mut kept = 0i32;
+                    for i in 0..20i32 {
+                        let sp = tx.savepoint(None).await?;
+                        let row = tx.query_one(("SELECT $1::int4 + $2", (t, i))).await?;
+                        kept += row.get::<_, i32>(0);
+                        if i % 2 == 0 {
+                            sp.rollback_to().await?;
+                        }
+                    }
+                    tx.commit().await?;
+                    Ok::<_, pgengine::Error>(kept)
+                })
+            })
+            .collect();
+        for (t, task) in tasks.into_iter().enumerate() {
+            let t = t as i32;
+            let expected: i32 = (0..20).map(|i| t + i).sum();
+            assert_eq!(task.await.unwrap().unwrap(), expected);
+        }
+        engine.close_connection_pool().await.unwrap();
+    };
+    tokio::time::timeout(Duration::from_secs(120), run)
+        .await
+        .expect("busy-polling connections hung");
+}

@@ -28,7 +28,10 @@ const INT4_OID: u32 = 23;
 
 pub fn contenders() -> Vec<Contender> {
     vec![
-        Contender::new("pgengine", pgengine),
+        Contender::new("pgengine", |bench, n| pgengine(bench, n, None)),
+        Contender::new("pgengine-busy-poll", |bench, n| {
+            pgengine(bench, n, Some(crate::BUSY_POLL))
+        }),
         Contender::new("libpq-prepared", libpq_prepared),
         Contender::new("tokio-postgres", tokio_postgres),
         Contender::new("raw", raw),
@@ -42,10 +45,15 @@ fn value(i: u64) -> i32 {
 }
 
 /// `query_one` with a tuple of parameters; the connection's statement cache turns every call
-/// after the first into one Bind/Execute/Sync.
-fn pgengine(bench: &Bench, n: u64) -> BenchResult<Measurement> {
+/// after the first into one Bind/Execute/Sync. `busy_poll`: see [`crate::BUSY_POLL`].
+fn pgengine(
+    bench: &Bench,
+    n: u64,
+    busy_poll: Option<std::time::Duration>,
+) -> BenchResult<Measurement> {
     bench.runtime.block_on(async {
         let mut conn = pgengine::Connection::connect(&bench.config).await?;
+        conn.set_busy_poll(busy_poll);
         let row = conn.query_one((SQL, (0i32,))).await?;
         check_answer(0, row.get::<_, i32>(0))?;
 

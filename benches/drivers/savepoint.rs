@@ -29,7 +29,10 @@ pub fn contenders() -> Vec<Contender> {
     vec![
         Contender::new("libpq", libpq),
         Contender::new("tokio-postgres", tokio_postgres),
-        Contender::new("pgengine", pgengine),
+        Contender::new("pgengine", |bench, n| pgengine(bench, n, None)),
+        Contender::new("pgengine-busy-poll", |bench, n| {
+            pgengine(bench, n, Some(crate::BUSY_POLL))
+        }),
         Contender::new("raw", raw),
     ]
 }
@@ -67,9 +70,18 @@ fn tokio_postgres(bench: &Bench, n: u64) -> BenchResult<Measurement> {
     })
 }
 
-fn pgengine(bench: &Bench, n: u64) -> BenchResult<Measurement> {
+/// `busy_poll`: see [`crate::BUSY_POLL`].
+fn pgengine(
+    bench: &Bench,
+    n: u64,
+    busy_poll: Option<std::time::Duration>,
+) -> BenchResult<Measurement> {
     bench.runtime.block_on(async {
-        let engine = pgengine::PostgresEngine::new(bench.config.clone());
+        let mut builder = pgengine::PostgresEngine::builder(bench.config.clone());
+        if let Some(limit) = busy_poll {
+            builder = builder.busy_poll(limit);
+        }
+        let engine = builder.build();
         engine
             .start_connection_pool(PoolOptions::default().max_size(1))
             .await?;

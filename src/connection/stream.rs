@@ -19,7 +19,7 @@ use bytes::{Buf, BufMut, BytesMut};
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, ReadBuf};
 
 use super::response::Completion;
-use super::socket::{AskAgain, Socket};
+use super::socket::{AskAgain, STREAM_SPIN, Socket};
 use crate::error::{Error, Result};
 use crate::protocol::{self, BackendMessage, DataRow, TransactionStatus};
 
@@ -47,8 +47,12 @@ pub(crate) struct MessageStream {
     max_message_len: usize,
     /// The last message read was a DataRow: the server is most likely sending more rows.
     streaming: bool,
-    /// Whether a wait for rows asks the socket again before sleeping.
+    /// Whether a wait for rows (or, with `busy_poll`, for any answer) asks the socket again
+    /// before sleeping.
     ask_again: AskAgain,
+    /// How long a wait for an answer asks the socket again before sleeping, when the caller
+    /// chose to ([`Connection::set_busy_poll`](super::Connection::set_busy_poll)).
+    busy_poll: Option<std::time::Duration>,
     /// The last read filled all the room it was given: the next gets a full chunk.
     last_read_full: bool,
     /// Something that outlives its transaction in the session (a setting, a channel, a
@@ -121,12 +125,19 @@ impl MessageStream {
             max_message_len,
             streaming: false,
             ask_again: AskAgain::default(),
+            busy_poll: None,
             last_read_full: true,
             session_changed: false,
             sql_prepared: false,
             statements_dropped: false,
             read_buf_grown: false,
         }
+    }
+
+    /// How long a wait for an answer asks the socket again before it sleeps; `None` (the
+    /// default) sleeps at once, as every wait but one for streamed rows does.
+    pub(crate) fn set_busy_poll(&mut self, limit: Option<std::time::Duration>) {
+        self.busy_poll = limit.filter(|limit| !limit.is_zero());
     }
 
     /// Gives back what a large request made the buffers take: a read buffer that grew is
@@ -408,12 +419,23 @@ impl MessageStream {
         let dst = unsafe { dst.as_uninit_slice_mut() };
         let mut rb = ReadBuf::uninit(dst);
         let mut polled = Pin::new(&mut self.socket).poll_read(cx, &mut rb);
-        if polled.is_pending() && may_ask_again && self.streaming && self.ask_again.allowed() {
-            // Still registered for the next readiness edge: if nothing comes in time, the
-            // runtime wakes us as usual.
-            let fruitless;
-            (polled, fruitless) = self.socket.wait_for_rows(&mut rb);
-            self.ask_again.record(fruitless);
+        if polled.is_pending() && may_ask_again {
+            // Rows that stream in are asked for again (they come 8 KiB at a time); any other
+            // answer only if the caller chose to busy-poll.
+            let limit = if self.streaming {
+                Some(STREAM_SPIN)
+            } else {
+                self.busy_poll
+            };
+            if let Some(limit) = limit
+                && self.ask_again.allowed()
+            {
+                // Still registered for the next readiness edge: if nothing comes in time, the
+                // runtime wakes us as usual.
+                let fruitless;
+                (polled, fruitless) = self.socket.ask_again(&mut rb, limit);
+                self.ask_again.record(fruitless);
+            }
         }
         ready!(polled).map_err(|e| Error::io("could not read from the server", e))?;
         let n = rb.filled().len();
@@ -579,5 +601,49 @@ mod tests {
         });
         expect_rows(&mut stream, 1..200).await;
         drop(sender.join().unwrap());
+    }
+
+    /// Polls `stream` for more bytes once, with a waker that wakes nobody: `Pending` means the
+    /// reader went to sleep.
+    fn poll_more_once(stream: &mut MessageStream) -> Poll<Result<()>> {
+        let waker = futures::task::noop_waker();
+        stream.poll_more(&mut Context::from_waker(&waker))
+    }
+
+    #[tokio::test]
+    async fn with_busy_poll_an_answer_that_comes_while_the_reader_asks_needs_no_wake_up() {
+        let (mut stream, mut server) = pair();
+        // Far longer than the answer takes, so that asking again certainly finds it.
+        stream.set_busy_poll(Some(Duration::from_secs(30)));
+        let answer = std::thread::spawn(move || {
+            std::thread::sleep(Duration::from_millis(2));
+            server.write_all(b"Z\0\0\0\x05I").unwrap();
+            server
+        });
+        assert!(
+            matches!(poll_more_once(&mut stream), Poll::Ready(Ok(()))),
+            "the reader slept instead of asking again"
+        );
+        assert_eq!(stream.take_ready_for_query(), Some(TransactionStatus::Idle));
+        let _server = answer.join().unwrap();
+    }
+
+    #[tokio::test]
+    async fn without_busy_poll_or_with_nothing_coming_the_reader_sleeps() {
+        // The default: the reader sleeps at once, and the runtime wakes it.
+        let (mut stream, mut server) = pair();
+        assert!(poll_more_once(&mut stream).is_pending());
+        server.write_all(b"Z\0\0\0\x05I").unwrap();
+        assert!(matches!(
+            next(&mut stream).await,
+            BackendMessage::ReadyForQuery(_)
+        ));
+        // Asking again ends at its limit when nothing comes.
+        let (mut stream, _server) = pair();
+        stream.set_busy_poll(Some(Duration::from_millis(5)));
+        assert!(poll_more_once(&mut stream).is_pending());
+        // A zero limit is no busy-poll.
+        stream.set_busy_poll(Some(Duration::ZERO));
+        assert!(stream.busy_poll.is_none());
     }
 }

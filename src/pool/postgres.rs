@@ -15,6 +15,7 @@ pub struct ConnectionManager {
     query_timeout: Option<std::time::Duration>,
     drain_timeout: std::time::Duration,
     cancel_abandoned: bool,
+    busy_poll: Option<std::time::Duration>,
     reset_session: bool,
     /// Set once a connection found a transaction-mode pooler in front of the server; shared
     /// by every connection this manager (and its clones) opens.
@@ -70,6 +71,7 @@ impl ConnectionManager {
             query_timeout: None,
             drain_timeout: crate::connection::DEFAULT_DRAIN_TIMEOUT,
             cancel_abandoned: true,
+            busy_poll: None,
             reset_session: true,
             pooler_seen: Default::default(),
             after_connect: None,
@@ -137,6 +139,13 @@ impl ConnectionManager {
         self
     }
 
+    /// Sets how long every connection it opens asks the socket again for an answer before it
+    /// sleeps (see [`Connection::set_busy_poll`]).
+    pub fn busy_poll(mut self, limit: Option<std::time::Duration>) -> ConnectionManager {
+        self.busy_poll = limit;
+        self
+    }
+
     /// Sets the query timeout of every connection it opens (see
     /// [`Connection::set_query_timeout`]).
     pub fn query_timeout(mut self, timeout: Option<std::time::Duration>) -> ConnectionManager {
@@ -165,6 +174,7 @@ impl Manager for ConnectionManager {
         conn.set_query_timeout(self.query_timeout);
         conn.set_drain_timeout(self.drain_timeout);
         conn.set_cancel_abandoned(self.cancel_abandoned);
+        conn.set_busy_poll(self.busy_poll);
         conn.share_pooler_flag(self.pooler_seen.clone());
         conn.set_log_queries(self.log_queries);
         if let Some(hook) = &self.after_connect {
