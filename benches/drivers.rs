@@ -81,6 +81,8 @@
 //!   pipelines over in the pool workload (default 8, as many as its peers use), and
 //!   `PGENGINE_BENCH_PIPELINE_DEPTH` how many queries each carries before the next is brought
 //!   in (default: `PoolOptions`'s, 16).
+//! - `PGENGINE_BENCH_POOL_WORKERS`: the pool workload's runtime worker threads instead of 2
+//!   (with 1, no worker is woken to take tasks the other could run: see the README).
 //! - `PGENGINE_BENCH_DRIVERS`: a comma-separated list of the contenders to run, e.g. to profile
 //!   one of them under `valgrind --tool=callgrind`.
 //! - `PGENGINE_LIBPQ18`: the path of a libpq 18 `libpq.so.5`, loaded at run time for the
@@ -450,6 +452,15 @@ impl Settings {
     }
 }
 
+/// The pool workload's runtime worker threads: `PGENGINE_BENCH_POOL_WORKERS`, else 2.
+fn pool_workers() -> BenchResult<usize> {
+    match env_number("PGENGINE_BENCH_POOL_WORKERS")? {
+        None => Ok(2),
+        Some(0) => Err("PGENGINE_BENCH_POOL_WORKERS must be at least 1".into()),
+        Some(n) => Ok(n as usize),
+    }
+}
+
 fn env_number(name: &str) -> BenchResult<Option<u64>> {
     match env::var(name) {
         Err(_) => Ok(None),
@@ -522,7 +533,7 @@ fn run() -> BenchResult<()> {
             .enable_all()
             .build()?,
         multi_runtime: tokio::runtime::Builder::new_multi_thread()
-            .worker_threads(2)
+            .worker_threads(pool_workers()?)
             .enable_all()
             .build()?,
         pgbench: cluster
@@ -637,8 +648,9 @@ fn print_setup(bench: &Bench, machine: &str, placement: Placement) -> BenchResul
     println!("# placement: {}", placement.describe());
     println!(
         "# async contenders: one tokio current_thread runtime (the tokio-postgres connection \
-         task runs on it), except pool: a multi_thread runtime with 2 workers; libpq is \
-         synchronous, on the main thread"
+         task runs on it), except pool: a multi_thread runtime with {} worker(s); libpq is \
+         synchronous, on the main thread",
+        pool_workers()?
     );
     Ok(())
 }
