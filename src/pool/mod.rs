@@ -506,7 +506,11 @@ impl<M: Manager> Pool<M> {
             pooled.discard();
             return None;
         }
-        if !self.inner.manager.is_alive(pooled.resource_mut()) {
+        // A resource handed straight over by the task that returned it (no idle time) was in
+        // use a moment ago, and its return found it clean: asking whether the other side has
+        // closed it since could only catch a close in those microseconds, as it could after
+        // the checkout. One that sat idle is asked.
+        if pooled.idle_since.is_some() && !self.inner.manager.is_alive(pooled.resource_mut()) {
             pooled.discard();
             return None;
         }
