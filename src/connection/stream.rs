@@ -116,6 +116,15 @@ fn note_session_change(tag: &[u8], sql_prepared: &mut bool, statements_dropped: 
     true
 }
 
+/// Whether the poll is a wait: someone will be woken when more comes. The connection's looks
+/// at what has already arrived — an idle connection's check before the pool hands it out, a
+/// COPY's check for the server's error between two writes, the rest of an abandoned request —
+/// poll with a waker that wakes nobody, and must not wait by asking the socket again (nor
+/// count as a wait that asking did not pay for).
+fn someone_waits(cx: &Context<'_>) -> bool {
+    !cx.waker().will_wake(futures::task::noop_waker_ref())
+}
+
 impl MessageStream {
     pub(crate) fn new(socket: Socket, max_message_len: usize) -> MessageStream {
         MessageStream {
@@ -419,13 +428,12 @@ impl MessageStream {
         let dst = unsafe { dst.as_uninit_slice_mut() };
         let mut rb = ReadBuf::uninit(dst);
         let mut polled = Pin::new(&mut self.socket).poll_read(cx, &mut rb);
-        if polled.is_pending() && may_ask_again {
+        if polled.is_pending() && may_ask_again && someone_waits(cx) {
             // Rows that stream in are asked for again (they come 8 KiB at a time); any other
-            // answer only if the caller chose to busy-poll.
-            let limit = if self.streaming {
-                Some(STREAM_SPIN)
-            } else {
-                self.busy_poll
+            // answer only if the caller chose to busy-poll, and then for as long as it chose.
+            let limit = match (self.streaming, self.busy_poll) {
+                (true, busy) => Some(busy.map_or(STREAM_SPIN, |b| b.max(STREAM_SPIN))),
+                (false, busy) => busy,
             };
             if let Some(limit) = limit
                 && self.ask_again.allowed()
@@ -603,9 +611,27 @@ mod tests {
         drop(sender.join().unwrap());
     }
 
-    /// Polls `stream` for more bytes once, with a waker that wakes nobody: `Pending` means the
+    /// A waker that only counts its wakes.
+    struct Counted(std::sync::atomic::AtomicUsize);
+
+    impl futures::task::ArcWake for Counted {
+        fn wake_by_ref(arc_self: &std::sync::Arc<Self>) {
+            arc_self
+                .0
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        }
+    }
+
+    /// Polls `stream` for more bytes once, as a reader that waits would: `Pending` means the
     /// reader went to sleep.
     fn poll_more_once(stream: &mut MessageStream) -> Poll<Result<()>> {
+        let waker = futures::task::waker(std::sync::Arc::new(Counted(Default::default())));
+        stream.poll_more(&mut Context::from_waker(&waker))
+    }
+
+    /// Polls `stream` once as the connection's looks at what already arrived do, with a waker
+    /// that wakes nobody.
+    fn look_once(stream: &mut MessageStream) -> Poll<Result<()>> {
         let waker = futures::task::noop_waker();
         stream.poll_more(&mut Context::from_waker(&waker))
     }
@@ -645,5 +671,46 @@ mod tests {
         // A zero limit is no busy-poll.
         stream.set_busy_poll(Some(Duration::ZERO));
         assert!(stream.busy_poll.is_none());
+    }
+
+    #[tokio::test]
+    async fn a_look_at_what_arrived_never_asks_again() {
+        // An idle connection's check, a COPY's check for an error: with busy-poll on, and rows
+        // streaming, they still take only what is there.
+        let (mut stream, mut server) = pair();
+        stream.set_busy_poll(Some(Duration::from_secs(30)));
+        server.write_all(&data_row(0)).unwrap();
+        assert!(matches!(
+            next(&mut stream).await,
+            BackendMessage::DataRow(_)
+        ));
+        assert!(stream.streaming);
+        let later = std::thread::spawn(move || {
+            std::thread::sleep(Duration::from_millis(200));
+            server.write_all(&data_row(1)).unwrap();
+            server
+        });
+        assert!(
+            look_once(&mut stream).is_pending(),
+            "a look waited for what had not arrived"
+        );
+        let mut server = later.join().unwrap();
+        expect_rows(&mut stream, 1..2).await;
+        // Looks that found nothing are not waits in which asking did not pay: after many, a
+        // real wait still asks again.
+        for _ in 0..32 {
+            assert!(look_once(&mut stream).is_pending());
+        }
+        let answer = std::thread::spawn(move || {
+            std::thread::sleep(Duration::from_millis(2));
+            server.write_all(&data_row(2)).unwrap();
+            server
+        });
+        assert!(
+            matches!(poll_more_once(&mut stream), Poll::Ready(Ok(()))),
+            "looks paused asking again"
+        );
+        expect_rows(&mut stream, 2..3).await;
+        let _server = answer.join().unwrap();
     }
 }
