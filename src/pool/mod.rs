@@ -365,16 +365,18 @@ impl<M: Manager> Pool<M> {
         // handed over without one.
         let outcome = {
             let mut acquiring = std::pin::pin!(self.acquire_inner(&mut waited_on));
-            let mut timer: Option<std::pin::Pin<Box<tokio::time::Sleep>>> = None;
+            let mut timer = std::pin::pin!(None::<tokio::time::Sleep>);
             std::future::poll_fn(|cx| {
                 if let std::task::Poll::Ready(r) = acquiring.as_mut().poll(cx) {
                     return std::task::Poll::Ready(Ok(r));
                 }
-                timer
-                    .get_or_insert_with(|| Box::pin(tokio::time::sleep_until(deadline)))
-                    .as_mut()
-                    .poll(cx)
-                    .map(Err)
+                if timer.is_none() {
+                    timer.set(Some(tokio::time::sleep_until(deadline)));
+                }
+                match timer.as_mut().as_pin_mut() {
+                    Some(sleep) => sleep.poll(cx).map(Err),
+                    None => unreachable!("the timer was just set"),
+                }
             })
             .await
         };
