@@ -164,6 +164,79 @@ async fn a_pipelined_pool_carries_100000_queries_from_64_tasks() {
     engine.close_connection_pool().await.unwrap();
 }
 
+/// Answers read together are handed from task to task (each wakes the next): tasks that
+/// give up anywhere in that chain — their futures dropped before, while or after their answer
+/// comes, or their whole task aborted — must not keep an answer from the tasks behind them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pipelined_answers_reach_every_task_while_tasks_around_them_give_up() {
+    let engine = engine();
+    engine
+        .start_connection_pool(PoolOptions::default().max_size(4).pipeline(4))
+        .await
+        .unwrap();
+    const QUERIES: i64 = 2_000;
+    let tasks: Vec<_> = (0..48i64)
+        .map(|task| {
+            let engine = engine.clone();
+            tokio::spawn(async move {
+                let mut answered = 0;
+                for i in 0..QUERIES {
+                    let n = task * 100_000 + i;
+                    let query = engine.query_one(("SELECT $1::int8", (n,)));
+                    let row = if task % 3 == 0 {
+                        // Gives up after 0-2 ms: at every point of its wait.
+                        let limit = Duration::from_micros((n * 7_919 % 2_000) as u64);
+                        match tokio::time::timeout(limit, query).await {
+                            Ok(row) => row,
+                            Err(_) => continue,
+                        }
+                    } else {
+                        query.await
+                    };
+                    assert_eq!(row.unwrap().get::<_, i64>(0), n, "another query's answer");
+                    answered += 1;
+                }
+                answered
+            })
+        })
+        .collect();
+    // Tasks aborted at whatever point they have reached.
+    let doomed: Vec<_> = (0..8)
+        .map(|_| {
+            let engine = engine.clone();
+            tokio::spawn(async move {
+                for n in 0.. {
+                    let row = engine.query_one(("SELECT $1::int8", (n,))).await.unwrap();
+                    assert_eq!(row.get::<_, i64>(0), n);
+                }
+            })
+        })
+        .collect();
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    for (k, task) in doomed.into_iter().enumerate() {
+        task.abort();
+        if k % 2 == 0 {
+            tokio::time::sleep(Duration::from_micros(300)).await;
+        }
+    }
+    let mut gave_up = 0;
+    for (task, t) in tasks.into_iter().enumerate() {
+        let answered = bounded("a task of the pipelined pool", t).await.unwrap();
+        if task % 3 == 0 {
+            gave_up += QUERIES - answered;
+        } else {
+            assert_eq!(answered, QUERIES, "task {task} lost an answer");
+        }
+    }
+    assert!(gave_up > 0, "no task gave up: the test shows nothing");
+    // The connections are fine for the next queries.
+    let row = bounded("a query after", engine.query_one("SELECT 42::int4"))
+        .await
+        .unwrap();
+    assert_eq!(row.get::<_, i32>(0), 42);
+    engine.close_connection_pool().await.unwrap();
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_copy_whose_trigger_sends_a_notice_for_every_row_goes_through() {
     let mut conn = common::connect().await;

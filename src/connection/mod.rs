@@ -460,6 +460,12 @@ impl Connection {
         self.stream.has_whole_message()
     }
 
+    /// Whether the rest of the oldest pipelined request's answer, to its ReadyForQuery, has
+    /// arrived: reading it will not wait.
+    pub(crate) fn has_buffered_answer(&self) -> bool {
+        self.stream.has_whole_answer()
+    }
+
     /// Checks, without waiting, that an idle connection has not been closed by the server
     /// (restart, `pg_terminate_backend`, idle timeout): reads whatever already arrived — a
     /// notification is kept, a FATAL error or end of stream marks the connection broken.

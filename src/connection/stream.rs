@@ -382,6 +382,27 @@ impl MessageStream {
         )
     }
 
+    /// Whether the read buffer holds whole messages up to a ReadyForQuery, among its first 64:
+    /// the rest of the oldest request's answer can be read without the socket. (A malformed
+    /// header is left to the reader, which says what is wrong with it.)
+    pub(crate) fn has_whole_answer(&self) -> bool {
+        let mut rest = &self.read_buf[..];
+        for _ in 0..64 {
+            let [tag, a, b, c, d, ..] = *rest else {
+                return false;
+            };
+            let len = u32::from_be_bytes([a, b, c, d]) as usize;
+            if len < 4 || rest.len() <= len {
+                return false;
+            }
+            if tag == b'Z' {
+                return true;
+            }
+            rest = &rest[1 + len..];
+        }
+        false
+    }
+
     /// Reads one byte outside the message framing: the server's answer to SSLRequest.
     #[allow(dead_code)]
     pub(crate) async fn read_byte(&mut self) -> Result<u8> {
@@ -493,6 +514,33 @@ mod tests {
         (MessageStream::new(socket, 1 << 20), theirs)
     }
 
+    #[tokio::test]
+    async fn a_whole_answer_is_whole_messages_up_to_a_ready_for_query() {
+        let (mut stream, _theirs) = pair();
+        let bind_complete = [b'2', 0, 0, 0, 4];
+        let complete = [&b"C\0\0\0\x0dSELECT 1\0"[..], &b"Z\0\0\0\x05I"[..]].concat();
+        let mut answer = [&bind_complete[..], &data_row(7)].concat();
+        answer.extend_from_slice(&complete);
+        let whole = |stream: &mut MessageStream, bytes: &[u8]| {
+            stream.read_buf.clear();
+            stream.read_buf.extend_from_slice(bytes);
+            stream.has_whole_answer()
+        };
+        assert!(whole(&mut stream, &answer));
+        // Cut anywhere before its last byte, it is not.
+        for cut in 0..answer.len() {
+            assert!(!whole(&mut stream, &answer[..cut]), "cut at {cut}");
+        }
+        // Rows past the first 64 messages: not known to be whole (the driver hands over what
+        // it read, which is never wrong).
+        let mut long: Vec<u8> = (0..64).flat_map(data_row).collect();
+        long.extend_from_slice(&complete);
+        assert!(!whole(&mut stream, &long));
+        assert!(whole(&mut stream, &long[data_row(0).len() * 2..]));
+        // A malformed length is the reader's to report.
+        assert!(!whole(&mut stream, b"D\0\0\0\x02Z\0\0\0\x05I"));
+    }
+
     async fn next(stream: &mut MessageStream) -> BackendMessage {
         tokio::time::timeout(Duration::from_secs(60), stream.read_message())
             .await
@@ -500,7 +548,6 @@ mod tests {
             .unwrap()
     }
 
-    /// Puts `bytes` in the read buffer as if they had just been read.
     /// Reads the rows `data_row` made of each number in `numbers`, in order.
     async fn expect_rows(stream: &mut MessageStream, numbers: std::ops::Range<i32>) {
         for n in numbers {
