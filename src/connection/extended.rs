@@ -1388,16 +1388,16 @@ impl Connection {
     /// and each query's answer must be read with [`read_answer`](Self::read_answer), oldest
     /// first. The caller makes the connection ready (`finish_pending`) before the first. A
     /// query the pipeline cannot carry (its statement must be described by the server first)
-    /// is not sent; its answer is an error saying to run it on its own.
-    pub(crate) async fn send_each(
+    /// is not sent; its answer is an error saying to run it on its own. What reading each
+    /// answer needs is added to `sent`, in order.
+    pub(crate) async fn send_each<'q>(
         &mut self,
-        queries: &[&dyn ToQuery],
-        origins: &[QueryOrigin<'_>],
-    ) -> Result<Vec<SentQuery>> {
-        let mut sent = Vec::with_capacity(queries.len());
+        queries: impl Iterator<Item = (&'q dyn ToQuery, QueryOrigin<'q>)>,
+        sent: &mut Vec<SentQuery>,
+    ) -> Result<()> {
         let mut syncs = 0;
         let waited = self.waited_for_connection.take();
-        for (q, origin) in queries.iter().zip(origins) {
+        for (q, origin) in queries {
             let mark = self.stream.write_buf.len();
             match self.write_query(q.sql(), q.params(), 0) {
                 Ok(Written::Plan(plan)) => {
@@ -1423,7 +1423,7 @@ impl Connection {
         if syncs > 0 {
             self.send(syncs).await?;
         }
-        Ok(sent)
+        Ok(())
     }
 
     /// Reads the answer to the oldest query of [`send_each`](Self::send_each) not read yet

@@ -300,6 +300,9 @@ impl Pipeline {
 /// The most queries a driver keeps in flight on its connection.
 const MAX_IN_FLIGHT: usize = 256;
 
+/// How many queries' room a driver keeps in its buffers while its connection is given back.
+const KEEP: usize = 64;
+
 type Reply = oneshot::Sender<Delivery>;
 
 /// What a task receives: its answer, and the answers read with it that are still to be
@@ -369,6 +372,12 @@ async fn drive(
     // Queries taken from the queue but not sent yet (their turn comes after a failed
     // acquire, or after a connection that left the pipeline).
     let mut backlog: VecDeque<Request> = VecDeque::new();
+    // The queries of one write, what reading their answers needs, and the queries sent and
+    // not yet answered: kept from one write and one connection to the next (within
+    // `KEEP`), not allocated anew each time.
+    let mut batch: Vec<Request> = Vec::new();
+    let mut sent: Vec<SentQuery> = Vec::new();
+    let mut inflight: VecDeque<InFlight> = VecDeque::new();
     loop {
         let first = match backlog.pop_front() {
             Some(r) => r,
@@ -401,7 +410,6 @@ async fn drive(
             reply(first, Err(e));
             continue;
         }
-        let mut inflight: VecDeque<InFlight> = VecDeque::new();
         let mut first = Some(first);
         // When the last answer on this connection came (0: none yet).
         let mut last_answer = 0;
@@ -417,45 +425,41 @@ async fn drive(
             // Send what has arrived, while there is room in flight — once the answers already
             // received have been read: one write for all that arrived meanwhile, not
             // one per answer (measured: 2% more queries per second on one core and on two).
-            let mut requests: Vec<Request> = first.take().into_iter().collect();
+            batch.extend(first.take());
             let answers_waiting = !inflight.is_empty() && conn.has_buffered_message();
             while !answers_waiting
                 && !leaving
-                && requests.len() < MAX_BATCH
-                && inflight.len() + requests.len() < MAX_IN_FLIGHT
+                && batch.len() < MAX_BATCH
+                && inflight.len() + batch.len() < MAX_IN_FLIGHT
             {
                 match backlog
                     .pop_front()
                     .map(Ok)
                     .unwrap_or_else(|| queue.try_recv())
                 {
-                    Ok(r) => requests.push(r),
+                    Ok(r) => batch.push(r),
                     Err(_) => break,
                 }
             }
             // A request whose task gave up before it was sent need not run at all.
-            requests.retain(|r| !r.reply.is_closed());
-            if !requests.is_empty() {
-                let queries: Vec<&dyn ToQuery> =
-                    requests.iter().map(|r| r as &dyn ToQuery).collect();
-                let origins: Vec<QueryOrigin<'_>> = requests
-                    .iter()
-                    .map(|r| QueryOrigin {
+            batch.retain(|r| !r.reply.is_closed());
+            if !batch.is_empty() {
+                let queries = batch.iter().map(|r| {
+                    let origin = QueryOrigin {
                         span: &r.span,
                         queued: r.queued_at.map_or(Default::default(), |t| t.elapsed()),
-                    })
-                    .collect();
+                    };
+                    (r as &dyn ToQuery, origin)
+                });
                 // Sending may wait for the socket: the answers read go first.
                 std::mem::take(&mut ready).pass();
-                let sent = conn.send_each(&queries, &origins).await;
-                drop((queries, origins));
-                match sent {
-                    Ok(sent) => {
+                match conn.send_each(queries, &mut sent).await {
+                    Ok(()) => {
                         let sent_at = clock.now();
                         if inflight.is_empty() {
                             gauge.oldest_sent.store(sent_at, Ordering::Relaxed);
                         }
-                        for (request, sent) in requests.into_iter().zip(sent) {
+                        for (request, sent) in batch.drain(..).zip(sent.drain(..)) {
                             inflight.push_back(InFlight {
                                 request,
                                 sent,
@@ -464,7 +468,8 @@ async fn drive(
                         }
                     }
                     Err(e) => {
-                        fail_all(requests.into_iter().map(|r| r.reply), &e);
+                        sent.clear();
+                        fail_all(batch.drain(..).map(|r| r.reply), &e);
                         break Some(e);
                     }
                 }
@@ -545,6 +550,10 @@ async fn drive(
             fail_all(inflight.drain(..).map(|q| q.request.reply), &e);
             gauge.oldest_sent.store(0, Ordering::Relaxed);
         }
+        debug_assert!(batch.is_empty() && sent.is_empty() && inflight.is_empty());
+        batch.shrink_to(KEEP);
+        sent.shrink_to(KEEP);
+        inflight.shrink_to(KEEP);
         drop(conn);
     }
 }
