@@ -4,8 +4,6 @@
 //! A savepoint name is always a valid SQL identifier, checked before anything is sent and
 //! always sent quoted: a name is never pasted into SQL as it came.
 
-use std::sync::Arc;
-
 use crate::error::{Error, Result, TransactionError};
 use crate::transaction::PostgresTransaction;
 
@@ -29,17 +27,17 @@ const MAX_IDENTIFIER_LEN: usize = 63;
 #[derive(Debug, Clone)]
 pub struct Savepoint {
     tx: PostgresTransaction,
-    name: Arc<str>,
+    name: SavepointName,
 }
 
 impl Savepoint {
-    pub(crate) fn new(tx: PostgresTransaction, name: Arc<str>) -> Savepoint {
+    pub(crate) fn new(tx: PostgresTransaction, name: SavepointName) -> Savepoint {
         Savepoint { tx, name }
     }
 
     /// The savepoint's name.
     pub fn name(&self) -> &str {
-        &self.name
+        self.name.as_str()
     }
 
     /// The transaction the savepoint belongs to. Queries through the savepoint (it is a
@@ -52,12 +50,74 @@ impl Savepoint {
     /// failed transaction and makes it active again.
     pub async fn rollback_to(&self) -> Result<()> {
         // The name was checked when the savepoint was made.
-        self.tx.rollback_to_checked(&self.name).await
+        self.tx.rollback_to_checked(self.name.as_str()).await
     }
 
     /// Releases this savepoint (and later ones), keeping their work.
     pub async fn release(&self) -> Result<()> {
-        self.tx.release_checked(&self.name).await
+        self.tx.release_checked(self.name.as_str()).await
+    }
+}
+
+/// A checked savepoint name, held inline: a valid one is at most 63 bytes, so making a
+/// savepoint allocates nothing.
+#[derive(Clone, Copy)]
+pub(crate) struct SavepointName {
+    bytes: [u8; MAX_IDENTIFIER_LEN],
+    len: u8,
+}
+
+impl SavepointName {
+    /// `name`, if it is a valid identifier ([`check_savepoint_name`]).
+    pub(crate) fn given(name: &str) -> Result<SavepointName> {
+        check_savepoint_name(name)?;
+        let mut bytes = [0; MAX_IDENTIFIER_LEN];
+        bytes[..name.len()].copy_from_slice(name.as_bytes());
+        Ok(SavepointName {
+            bytes,
+            len: name.len() as u8,
+        })
+    }
+
+    /// The automatic name of savepoint `id`: `savepoint_<id>`, written without the formatting
+    /// machinery (this is every unnamed savepoint's path).
+    pub(crate) fn automatic(id: u32) -> SavepointName {
+        const PREFIX: &[u8] = b"savepoint_";
+        let mut bytes = [0; MAX_IDENTIFIER_LEN];
+        bytes[..PREFIX.len()].copy_from_slice(PREFIX);
+        let mut digits = [0u8; 10];
+        let mut n = id;
+        let mut start = digits.len();
+        loop {
+            start -= 1;
+            digits[start] = b'0' + (n % 10) as u8;
+            n /= 10;
+            if n == 0 {
+                break;
+            }
+        }
+        let len = PREFIX.len() + digits.len() - start;
+        bytes[PREFIX.len()..len].copy_from_slice(&digits[start..]);
+        SavepointName {
+            bytes,
+            len: len as u8,
+        }
+    }
+
+    pub(crate) fn as_str(&self) -> &str {
+        std::str::from_utf8(&self.bytes[..usize::from(self.len)])
+            .expect("made only from a whole `str` or from ASCII")
+    }
+
+    /// Whether this is the name `name` (compared as bytes, as the server compares them).
+    pub(crate) fn is(&self, name: &str) -> bool {
+        &self.bytes[..usize::from(self.len)] == name.as_bytes()
+    }
+}
+
+impl std::fmt::Debug for SavepointName {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        self.as_str().fmt(f)
     }
 }
 
@@ -92,28 +152,6 @@ pub(crate) fn check_savepoint_name(name: &str) -> Result<()> {
     }
 }
 
-/// The automatic name of savepoint `id`: `savepoint_<id>`, written without the formatting
-/// machinery (this is every unnamed savepoint's path) and allocated once.
-pub(crate) fn automatic_name(id: u32) -> Arc<str> {
-    const PREFIX: &[u8] = b"savepoint_";
-    let mut buf = [0u8; PREFIX.len() + 10];
-    buf[..PREFIX.len()].copy_from_slice(PREFIX);
-    let mut digits = [0u8; 10];
-    let mut n = id;
-    let mut start = digits.len();
-    loop {
-        start -= 1;
-        digits[start] = b'0' + (n % 10) as u8;
-        n /= 10;
-        if n == 0 {
-            break;
-        }
-    }
-    let len = PREFIX.len() + digits.len() - start;
-    buf[PREFIX.len()..len].copy_from_slice(&digits[start..]);
-    Arc::from(std::str::from_utf8(&buf[..len]).expect("ASCII digits"))
-}
-
 /// The SQL text `verb "name"`, in parts for `Connection::command`. A name that passed
 /// [`check_savepoint_name`] holds no double quote, so quoting it is putting it between two.
 pub(crate) fn savepoint_command<'a>(verb: &'a str, name: &'a str) -> [&'a str; 4] {
@@ -128,8 +166,30 @@ mod tests {
     #[test]
     fn automatic_names_are_the_id_in_decimal() {
         for id in [0, 1, 9, 10, 12345, u32::MAX] {
-            assert_eq!(&*automatic_name(id), format!("savepoint_{id}"));
+            let name = SavepointName::automatic(id);
+            assert_eq!(name.as_str(), format!("savepoint_{id}"));
+            assert!(name.is(&format!("savepoint_{id}")));
+            assert!(!name.is("savepoint_"));
+            assert!(check_savepoint_name(name.as_str()).is_ok());
         }
+    }
+
+    #[test]
+    fn given_names_are_kept_whole_up_to_the_longest_identifier() {
+        for ok in [
+            "a",
+            "Ünïcode",
+            &"x".repeat(MAX_IDENTIFIER_LEN),
+            &"é".repeat(31),
+        ] {
+            let name = SavepointName::given(ok).unwrap();
+            assert_eq!(name.as_str(), ok);
+            let shorter: String = ok.chars().skip(1).collect();
+            assert!(name.is(ok) && !name.is(&shorter));
+            assert_eq!(format!("{name:?}"), format!("{ok:?}"));
+        }
+        assert!(SavepointName::given(&"x".repeat(MAX_IDENTIFIER_LEN + 1)).is_err());
+        assert!(SavepointName::given("a b").is_err());
     }
 
     #[test]

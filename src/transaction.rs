@@ -57,7 +57,7 @@ use crate::freshness::POSITION_QUERY;
 use crate::outcome::{COMMIT_ID_QUERY, CommitId, resolve_lost_commit};
 use crate::query::ToQuery;
 use crate::row::{Row, SimpleQueryResult};
-use crate::savepoint::{Savepoint, check_savepoint_name, savepoint_command};
+use crate::savepoint::{Savepoint, SavepointName, check_savepoint_name, savepoint_command};
 
 tokio::task_local! {
     /// The transaction of the current task, set by [`TransactionBuilder::run`]
@@ -424,7 +424,7 @@ pub(crate) struct TxConn {
     stats_at_end: crate::connection::ConnectionStats,
     state: TxState,
     /// Live savepoints, oldest first.
-    savepoints: Vec<Arc<str>>,
+    savepoints: Vec<SavepointName>,
 }
 
 impl Drop for TxConn {
@@ -758,20 +758,17 @@ impl PostgresTransaction {
     /// valid SQL identifier (checked before anything is sent; it is always sent quoted).
     pub async fn savepoint(&self, name: Option<&str>) -> Result<Savepoint> {
         let name = match name {
-            Some(n) => {
-                check_savepoint_name(n)?;
-                Arc::from(n)
-            }
-            None => crate::savepoint::automatic_name(self.get_savepoint_id()),
+            Some(n) => SavepointName::given(n)?,
+            None => SavepointName::automatic(self.get_savepoint_id()),
         };
         let mut c = self.lock(false).await?;
         let result = c
             .conn()
-            .command(&savepoint_command("SAVEPOINT", &name))
+            .command(&savepoint_command("SAVEPOINT", name.as_str()))
             .await;
         c.after_reply();
         result?;
-        c.savepoints.push(name.clone());
+        c.savepoints.push(name);
         Ok(Savepoint::new(self.clone(), name))
     }
 
@@ -993,7 +990,7 @@ impl TxConn {
 
     /// The position of the live savepoint `name` (the latest of that name).
     fn live_savepoint(&self, name: &str) -> Result<usize> {
-        self.savepoints.iter().rposition(|s| **s == *name).ok_or_else(|| {
+        self.savepoints.iter().rposition(|s| s.is(name)).ok_or_else(|| {
             Error::transaction(
                 TransactionError::SavepointGone,
                 format!("no savepoint {name:?} is live in this transaction (released or rolled back past?)"),
