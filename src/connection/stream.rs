@@ -376,10 +376,7 @@ impl MessageStream {
 
     /// Whether a whole message is waiting in the read buffer (reading it needs no socket).
     pub(crate) fn has_whole_message(&self) -> bool {
-        matches!(
-            protocol::frame_len(&self.read_buf, self.max_message_len),
-            Ok(Some(len)) if self.read_buf.len() > len
-        )
+        protocol::whole_frame(&self.read_buf, self.max_message_len).is_some()
     }
 
     /// Whether the read buffer holds whole messages up to a ReadyForQuery, among its first 64:
@@ -388,17 +385,11 @@ impl MessageStream {
     pub(crate) fn has_whole_answer(&self) -> bool {
         let mut rest = &self.read_buf[..];
         for _ in 0..64 {
-            let [tag, a, b, c, d, ..] = *rest else {
-                return false;
-            };
-            let len = u32::from_be_bytes([a, b, c, d]) as usize;
-            if len < 4 || rest.len() <= len {
-                return false;
+            match protocol::whole_frame(rest, self.max_message_len) {
+                Some((b'Z', _)) => return true,
+                Some((_, len)) => rest = &rest[1 + len..],
+                None => return false,
             }
-            if tag == b'Z' {
-                return true;
-            }
-            rest = &rest[1 + len..];
         }
         false
     }

@@ -558,31 +558,41 @@ async fn drive(
     }
 }
 
+impl Request {
+    /// Where its answer goes, its share of the driver's load given back: the load drops
+    /// before the task learns its answer, so that the task's next query already sees it.
+    #[inline(always)]
+    fn into_reply(self) -> Reply {
+        let Request {
+            reply, _load: load, ..
+        } = self;
+        drop(load);
+        reply
+    }
+}
+
+impl Delivery {
+    /// An answer handed over on its own.
+    fn alone(answer: PipelinedAnswer) -> Delivery {
+        Delivery {
+            answer,
+            rest: Relay::default(),
+        }
+    }
+}
+
 fn reply(request: Request, result: PipelinedAnswer) {
-    let Request {
-        reply, _load: load, ..
-    } = request;
-    // The driver's load drops before the task learns its answer, so that the task's next
-    // query already sees it.
-    drop(load);
     // A task that gave up no longer listens; nothing to do.
-    let _ = reply.send(Delivery {
-        answer: result,
-        rest: Relay::default(),
-    });
+    let _ = request.into_reply().send(Delivery::alone(result));
 }
 
 /// Adds `request`'s answer to the ones read since the driver last waited, to be handed over
 /// together ([`Relay`]).
 fn reply_later(ready: &mut Relay, request: Request, answer: PipelinedAnswer) {
-    let Request {
-        reply, _load: load, ..
-    } = request;
-    drop(load);
     if ready.0.len() == RELAY_LEN {
         std::mem::take(ready).pass();
     }
-    ready.0.push_back((reply, answer));
+    ready.0.push_back((request.into_reply(), answer));
 }
 
 /// The most answers one [`Relay`] carries: the longer a relay, the longer its last task waits
@@ -634,10 +644,9 @@ fn outcome_unknown() -> Error {
 /// SQLSTATE kept: a backend ended by `pg_terminate_backend` is 57P01 for each of them).
 fn fail_all(replies: impl IntoIterator<Item = Reply>, e: &Error) {
     for tx in replies {
-        let _ = tx.send(Delivery {
-            answer: Err(e.duplicate().context("the pipelined connection failed")),
-            rest: Relay::default(),
-        });
+        let _ = tx.send(Delivery::alone(Err(e
+            .duplicate()
+            .context("the pipelined connection failed"))));
     }
 }
 

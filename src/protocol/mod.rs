@@ -56,24 +56,42 @@ pub fn split_frame(buf: &mut BytesMut, max_len: usize) -> Result<Option<(u8, Byt
 /// itself), or `Ok(None)` if the header is not complete. Callers use it to know how much more to
 /// read before a message is whole.
 pub fn frame_len(buf: &[u8], max_len: usize) -> Result<Option<usize>> {
-    if buf.len() < 5 {
+    let Some((tag, len)) = header(buf) else {
         return Ok(None);
-    }
-    let len = i32::from_be_bytes([buf[1], buf[2], buf[3], buf[4]]);
+    };
     if len < 4 {
         return Err(Error::protocol(format!(
             "message {:?} has an invalid length {len}",
-            buf[0] as char
+            tag as char
         )));
     }
     let len = len as usize;
     if len > max_len {
         return Err(Error::protocol(format!(
             "message {:?} of {len} bytes exceeds the limit of {max_len} bytes",
-            buf[0] as char
+            tag as char
         )));
     }
     Ok(Some(len))
+}
+
+/// The tag and length field of the message at the front of `buf` if the whole message has
+/// arrived and its length is one [`frame_len`] accepts; `None` otherwise (not all there yet,
+/// or malformed: `frame_len` says which).
+pub fn whole_frame(buf: &[u8], max_len: usize) -> Option<(u8, usize)> {
+    let (tag, len) = header(buf)?;
+    let len = usize::try_from(len)
+        .ok()
+        .filter(|&l| l >= 4 && l <= max_len)?;
+    (buf.len() > len).then_some((tag, len))
+}
+
+/// The tag and length field at the front of `buf`, once its 5 bytes have arrived.
+fn header(buf: &[u8]) -> Option<(u8, i32)> {
+    let [tag, a, b, c, d, ..] = *buf else {
+        return None;
+    };
+    Some((tag, i32::from_be_bytes([a, b, c, d])))
 }
 
 /// Frames and decodes one server message from the front of `buf`.
