@@ -105,8 +105,12 @@ impl SavepointName {
     }
 
     pub(crate) fn as_str(&self) -> &str {
-        std::str::from_utf8(&self.bytes[..usize::from(self.len)])
-            .expect("made only from a whole `str` or from ASCII")
+        let bytes = &self.bytes[..usize::from(self.len)];
+        debug_assert!(std::str::from_utf8(bytes).is_ok());
+        // SAFETY: the bytes are a whole `str` (`given`) or ASCII (`automatic`), never cut, and
+        // never changed after. Checking them again cost about 110 instructions per call, two
+        // calls per savepoint cycle (callgrind).
+        unsafe { std::str::from_utf8_unchecked(bytes) }
     }
 
     /// Whether this is the name `name` (compared as bytes, as the server compares them).

@@ -550,32 +550,28 @@ impl PostgresTransaction {
     pub async fn query(&self, query: impl ToQuery) -> Result<Vec<Row>> {
         let mut c = self.lock(false).await?;
         let result = c.conn().query(&query).await;
-        c.after_reply();
-        result
+        c.settle(result)
     }
 
     /// Runs a query that must return exactly one row.
     pub async fn query_one(&self, query: impl ToQuery) -> Result<Row> {
         let mut c = self.lock(false).await?;
         let result = c.conn().query_one(&query).await;
-        c.after_reply();
-        result
+        c.settle(result)
     }
 
     /// Runs a query that must return at most one row.
     pub async fn query_opt(&self, query: impl ToQuery) -> Result<Option<Row>> {
         let mut c = self.lock(false).await?;
         let result = c.conn().query_opt(&query).await;
-        c.after_reply();
-        result
+        c.settle(result)
     }
 
     /// Runs a statement and returns the number of rows it affected.
     pub async fn execute(&self, query: impl ToQuery) -> Result<u64> {
         let mut c = self.lock(false).await?;
         let result = c.conn().execute(&query).await;
-        c.after_reply();
-        result
+        c.settle(result)
     }
 
     /// The transaction's connection, for what its own methods do not offer: above all COPY
@@ -607,7 +603,9 @@ impl PostgresTransaction {
     /// # }
     /// ```
     pub async fn connection(&self) -> Result<TxConnection<'_>> {
-        let guard = self.lock(false).await?;
+        let mut guard = self.lock(false).await?;
+        // What it sends must come after the savepoints not sent yet.
+        guard.send_deferred().await?;
         self.shared.lent.store(true, Ordering::Release);
         Ok(TxConnection {
             guard,
@@ -619,8 +617,7 @@ impl PostgresTransaction {
     pub async fn simple_query(&self, sql: &str) -> Result<Vec<SimpleQueryResult>> {
         let mut c = self.lock(false).await?;
         let result = c.conn().simple_query(sql).await;
-        c.after_reply();
-        result
+        c.settle(result)
     }
 
     /// Commits. A failed transaction is rolled back instead and an error says nothing was
@@ -635,6 +632,8 @@ impl PostgresTransaction {
             drop(c);
             return Err(self.rollback_failed().await);
         }
+        // COMMIT releases every savepoint: one not sent yet need not be made first.
+        c.conn().drop_deferred();
         let track = self.shared.track_commit && c.conn().server_version_num() >= 130_000;
         let engine = &self.shared.engine;
         let ask = CommitAsk {
@@ -725,6 +724,8 @@ impl PostgresTransaction {
     /// Rolls back. On a nested handle this rolls back the whole (outer) transaction.
     pub async fn rollback(&self) -> Result<()> {
         let mut c = self.lock(true).await?;
+        // Savepoints not sent yet would be rolled back with the rest.
+        c.conn().drop_deferred();
         let result = c.conn().command(&["ROLLBACK"]).await;
         self.shared.span.record("pgengine.outcome", "rolled back");
         c.after_reply();
@@ -756,18 +757,24 @@ impl PostgresTransaction {
 
     /// Creates a savepoint. Without a name it is called `savepoint_N`; a given name must be a
     /// valid SQL identifier (checked before anything is sent; it is always sent quoted).
+    ///
+    /// It costs no round trip of its own: the `SAVEPOINT` goes out in front of whatever the
+    /// transaction sends next, in the same write (as Npgsql sends a savepoint). If the
+    /// server refuses it (it can only for want of resources), that request returns the
+    /// savepoint's error, with its SQLSTATE, and the transaction has failed. One made right
+    /// before `commit` or `rollback` is not sent at all: the transaction's end ends it.
     pub async fn savepoint(&self, name: Option<&str>) -> Result<Savepoint> {
         let name = match name {
             Some(n) => SavepointName::given(n)?,
             None => SavepointName::automatic(self.get_savepoint_id()),
         };
         let mut c = self.lock(false).await?;
-        let result = c
-            .conn()
-            .command(&savepoint_command("SAVEPOINT", name.as_str()))
-            .await;
-        c.after_reply();
-        result?;
+        let command = savepoint_command("SAVEPOINT", name.as_str());
+        // It goes out with the next statement (see `Connection::defer_command`).
+        if !c.conn().defer_command(&command) {
+            c.send_deferred().await?;
+            c.conn().defer_command(&command);
+        }
         c.savepoints.push(name);
         Ok(Savepoint::new(self.clone(), name))
     }
@@ -787,8 +794,7 @@ impl PostgresTransaction {
             .conn()
             .command(&savepoint_command("ROLLBACK TO SAVEPOINT", name))
             .await;
-        c.after_reply();
-        result?;
+        c.settle(result)?;
         c.savepoints.truncate(at + 1);
         Ok(())
     }
@@ -807,8 +813,7 @@ impl PostgresTransaction {
             .conn()
             .command(&savepoint_command("RELEASE SAVEPOINT", name))
             .await;
-        c.after_reply();
-        result?;
+        c.settle(result)?;
         c.savepoints.truncate(at);
         Ok(())
     }
@@ -868,7 +873,10 @@ impl PostgresTransaction {
         let mut c = self.lock(false).await.map_err(|e| (None, e))?;
         let result = c.conn().pipeline(queries).await;
         c.after_reply();
-        result
+        match c.conn().take_deferred_error() {
+            Some(e) => Err((None, deferred_failed(e))),
+            None => result,
+        }
     }
 
     /// Refuses while a [`TxConnection`], a row stream or a batch holds the connection,
@@ -921,6 +929,10 @@ impl PostgresTransaction {
         self.refuse_if_lent()?;
         let mut guard = self.shared.conn.clone().lock_owned().await;
         guard.after_abandoned();
+        if guard.state == TxState::Active {
+            // What borrows the connection sends requests of its own: savepoints go first.
+            guard.send_deferred().await?;
+        }
         match guard.state {
             TxState::Active => Ok(guard),
             TxState::Failed => Err(Error::transaction(
@@ -936,6 +948,23 @@ impl PostgresTransaction {
 }
 
 impl TxConn {
+    /// [`after_reply`](Self::after_reply), then the request's outcome: the error of a
+    /// deferred SAVEPOINT it carried, if the server refused that, comes first (it is the
+    /// cause; the server refuses the rest of the block after it).
+    pub(crate) fn settle<T>(&mut self, result: Result<T>) -> Result<T> {
+        self.after_reply();
+        match self.held.as_mut().and_then(|c| c.take_deferred_error()) {
+            Some(e) => Err(deferred_failed(e)),
+            None => result,
+        }
+    }
+
+    /// Sends the savepoints not sent yet on their own, now.
+    async fn send_deferred(&mut self) -> Result<()> {
+        let result = self.conn().send_deferred().await;
+        self.settle(result)
+    }
+
     /// Updates the state from the ReadyForQuery of the reply just read.
     pub(crate) fn after_reply(&mut self) {
         let Some(conn) = &self.held else { return };
@@ -975,6 +1004,7 @@ impl TxConn {
     fn release(&mut self) {
         if let Some(mut conn) = self.held.take() {
             self.stats_at_end = conn.stats();
+            conn.drop_deferred();
             // Its next user's statements are not ours.
             conn.set_trace_parent(None);
         }
@@ -997,6 +1027,11 @@ impl TxConn {
             )
         })
     }
+}
+
+/// The error of a SAVEPOINT that went out in front of a later request.
+fn deferred_failed(e: Error) -> Error {
+    e.context("a savepoint made before this request could not be made (it went out with it)")
 }
 
 #[cfg(test)]

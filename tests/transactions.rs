@@ -3,6 +3,7 @@
 //! dropped transactions roll back, errors are typed) and a model-based property test.
 
 mod common;
+mod mock;
 
 use std::time::Duration;
 
@@ -263,12 +264,254 @@ async fn a_bad_savepoint_name_is_refused_before_anything_is_sent() {
         "nothing reached the server"
     );
     assert_eq!(tx.state().await, TxState::Active);
-    // A valid savepoint and its rollback cost one round trip each.
+    // A valid savepoint goes out with the next statement: with its rollback, one round trip.
     let sp = tx.savepoint(Some("ok_name")).await.unwrap();
-    assert_eq!(tx.stats().await.round_trips, before + 1);
+    assert_eq!(tx.stats().await.round_trips, before);
     sp.rollback_to().await.unwrap();
-    assert_eq!(tx.stats().await.round_trips, before + 2);
+    assert_eq!(tx.stats().await.round_trips, before + 1);
     tx.rollback().await.unwrap();
+}
+
+#[tokio::test]
+async fn a_savepoint_goes_out_with_whatever_the_transaction_sends_next() {
+    let engine = engine();
+    engine
+        .start_connection_pool(PoolOptions::default().max_size(1))
+        .await
+        .unwrap();
+    let t = table(&engine, "savepoint_carried").await;
+    let tx = engine.begin().await.unwrap();
+    tx.execute(format!("INSERT INTO {t} VALUES (1)"))
+        .await
+        .unwrap();
+    let trips = tx.stats().await.round_trips;
+
+    // With a statement: the savepoint was made before it, and it costs no trip of its own.
+    let sp = tx.savepoint(None).await.unwrap();
+    tx.execute(format!("INSERT INTO {t} VALUES (2)"))
+        .await
+        .unwrap();
+    assert_eq!(tx.stats().await.round_trips, trips + 1);
+    let err = tx
+        .execute(format!("INSERT INTO {t} VALUES ('x')"))
+        .await
+        .unwrap_err();
+    assert_eq!(
+        err.code(),
+        Some(&SqlState::INVALID_TEXT_REPRESENTATION),
+        "{err}"
+    );
+    assert_eq!(tx.state().await, TxState::Failed);
+    sp.rollback_to().await.unwrap();
+    assert_eq!(tx.state().await, TxState::Active);
+    let rows = tx
+        .query(format!("SELECT v FROM {t} ORDER BY v"))
+        .await
+        .unwrap();
+    assert_eq!(
+        rows.len(),
+        1,
+        "the row inserted after the savepoint is undone"
+    );
+
+    // With a simple query, a row stream, a batch and a lent connection: each finds the
+    // savepoint made before what it sends.
+    let sp = tx.savepoint(None).await.unwrap();
+    tx.simple_query(&format!("INSERT INTO {t} VALUES (3)"))
+        .await
+        .unwrap();
+    sp.rollback_to().await.unwrap();
+    let sp = tx.savepoint(None).await.unwrap();
+    {
+        let stream = tx
+            .query_stream(format!("INSERT INTO {t} VALUES (4) RETURNING v"))
+            .await
+            .unwrap();
+        let rows: Vec<_> = stream.try_collect().await.unwrap();
+        assert_eq!(rows[0].get::<_, i32>(0), 4);
+    }
+    sp.rollback_to().await.unwrap();
+    let sp = tx.savepoint(None).await.unwrap();
+    {
+        let mut batch = tx
+            .batch(format!("INSERT INTO {t} VALUES (5) RETURNING v"), 10)
+            .await
+            .unwrap();
+        while batch.next_batch().await.unwrap().is_some() {}
+    }
+    sp.rollback_to().await.unwrap();
+    let sp = tx.savepoint(None).await.unwrap();
+    {
+        let mut conn = tx.connection().await.unwrap();
+        conn.simple_query(&format!("INSERT INTO {t} VALUES (6)"))
+            .await
+            .unwrap();
+    }
+    sp.rollback_to().await.unwrap();
+    let rows = tx
+        .query(format!("SELECT v FROM {t} ORDER BY v"))
+        .await
+        .unwrap();
+    assert_eq!(
+        rows.len(),
+        1,
+        "every row after a savepoint was undone: {rows:?}"
+    );
+
+    // More savepoints in a row than wait to be sent at once: all are made, in order.
+    let first = tx.savepoint(None).await.unwrap();
+    let mut last = None;
+    for _ in 0..100 {
+        last = Some(tx.savepoint(None).await.unwrap());
+    }
+    tx.execute(format!("INSERT INTO {t} VALUES (7)"))
+        .await
+        .unwrap();
+    last.unwrap().rollback_to().await.unwrap();
+    assert_eq!(
+        tx.query_one(format!("SELECT count(*) FROM {t}"))
+            .await
+            .unwrap()
+            .get::<_, i64>(0),
+        1
+    );
+    first.release().await.unwrap();
+
+    // A savepoint right before COMMIT or ROLLBACK ends with the transaction.
+    tx.savepoint(None).await.unwrap();
+    tx.commit().await.unwrap();
+    assert_eq!(values(&engine, &t).await, vec![1]);
+    let tx = engine.begin().await.unwrap();
+    tx.execute(format!("INSERT INTO {t} VALUES (8)"))
+        .await
+        .unwrap();
+    tx.savepoint(None).await.unwrap();
+    tx.rollback().await.unwrap();
+    assert_eq!(values(&engine, &t).await, vec![1]);
+    // Dropped with a savepoint not sent: rolled back, and nothing of it rides with the
+    // connection's next user.
+    let tx = engine.begin().await.unwrap();
+    tx.execute(format!("INSERT INTO {t} VALUES (9)"))
+        .await
+        .unwrap();
+    tx.savepoint(None).await.unwrap();
+    drop(tx);
+    assert_eq!(values(&engine, &t).await, vec![1]);
+    let conn = engine.acquire().await.unwrap();
+    assert!(conn.is_idle());
+    drop(conn);
+    let tx = engine.begin().await.unwrap();
+    tx.execute(format!("INSERT INTO {t} VALUES (10)"))
+        .await
+        .unwrap();
+    tx.commit().await.unwrap();
+    assert_eq!(values(&engine, &t).await, vec![1, 10]);
+}
+
+/// What no real server does on demand — refuse a valid SAVEPOINT (it would for want of
+/// shared memory) — from the scripted server: the statement the savepoint went out with
+/// reports the savepoint's error, with its SQLSTATE; the block has failed and is never
+/// committed.
+#[tokio::test]
+async fn a_refused_savepoint_is_the_error_of_the_statement_it_went_out_with() {
+    use TransactionStatus::{Failed, Idle, InTransaction};
+    use mock::{Kind, MockServer, Step, command_complete, error_response, ready, script};
+    use pgengine::protocol::FrontendMessage;
+    let server = MockServer::start(script([
+        mock::trust_login(),
+        vec![
+            Step::Expect(Kind::Query),
+            Step::Send(command_complete("BEGIN")),
+            Step::Send(ready(InTransaction)),
+        ],
+        // The savepoint and the statement, one after the other.
+        vec![
+            Step::Expect(Kind::Query),
+            Step::Expect(Kind::Query),
+            Step::Send(error_response("ERROR", "53200", "out of shared memory")),
+            Step::Send(ready(Failed)),
+            Step::Send(error_response(
+                "ERROR",
+                "25P02",
+                "current transaction is aborted, commands ignored until end of transaction block",
+            )),
+            Step::Send(ready(Failed)),
+        ],
+        vec![
+            Step::Expect(Kind::Query),
+            Step::Send(command_complete("ROLLBACK")),
+            Step::Send(ready(Idle)),
+        ],
+        // The next transaction: a savepoint and its release, in one Query message.
+        vec![
+            Step::Expect(Kind::Query),
+            Step::Send(command_complete("BEGIN")),
+            Step::Send(ready(InTransaction)),
+        ],
+        vec![
+            Step::Expect(Kind::Query),
+            Step::Send(error_response("ERROR", "53200", "out of shared memory")),
+            Step::Send(ready(Failed)),
+        ],
+        vec![
+            Step::Expect(Kind::Query),
+            Step::Send(command_complete("ROLLBACK")),
+            Step::Send(ready(Idle)),
+        ],
+    ]))
+    .await;
+    let engine = PostgresEngine::new(server.config());
+    engine
+        .start_connection_pool(PoolOptions::default().max_size(1))
+        .await
+        .unwrap();
+    let hang = Duration::from_secs(60);
+    let run = async {
+        let tx = engine.begin().await.unwrap();
+        tx.savepoint(Some("sp")).await.unwrap();
+        let err = tx.simple_query("SELECT 1").await.unwrap_err();
+        assert_eq!(err.code(), Some(&SqlState::OUT_OF_MEMORY), "{err}");
+        assert!(err.to_string().contains("savepoint"), "{err}");
+        assert_eq!(tx.state().await, TxState::Failed);
+        let err = tx.commit().await.unwrap_err();
+        assert_eq!(
+            err.transaction_error(),
+            Some(TransactionError::NotCommitted),
+            "{err}"
+        );
+
+        let tx = engine.begin().await.unwrap();
+        let sp = tx.savepoint(Some("b")).await.unwrap();
+        let err = sp.release().await.unwrap_err();
+        assert_eq!(err.code(), Some(&SqlState::OUT_OF_MEMORY), "{err}");
+        assert!(err.to_string().contains("savepoint"), "{err}");
+        assert_eq!(tx.state().await, TxState::Failed);
+        tx.rollback().await.unwrap();
+        engine.close_connection_pool().await.unwrap();
+    };
+    tokio::time::timeout(hang, run).await.expect("no hang");
+    let transcript = server.finish().await;
+    assert!(transcript.failure.is_none(), "{:?}", transcript.failure);
+    let queries: Vec<&str> = transcript
+        .messages
+        .iter()
+        .filter_map(|m| match m {
+            FrontendMessage::Query(sql) => Some(sql.as_str()),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(
+        queries,
+        [
+            "BEGIN",
+            "SAVEPOINT \"sp\"",
+            "SELECT 1",
+            "ROLLBACK",
+            "BEGIN",
+            "SAVEPOINT \"b\"; RELEASE SAVEPOINT \"b\"",
+            "ROLLBACK"
+        ]
+    );
 }
 
 #[tokio::test]

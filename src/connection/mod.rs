@@ -185,6 +185,9 @@ pub struct Connection {
     /// Statements evicted from the cache whose Close has not been confirmed by the server yet;
     /// they go out in front of the next request.
     closes_due: Vec<std::sync::Arc<str>>,
+    /// Commands that go out in front of the next request, in its write (a transaction's
+    /// `SAVEPOINT`: see [`Connection::defer_command`]).
+    deferred: simple::Deferred,
     stats: ConnectionStats,
     /// Types looked up in the catalogs (enums, composites, …), by OID.
     types: HashMap<u32, postgres_types::Type>,
@@ -365,6 +368,7 @@ impl Connection {
             waited_for_connection: None,
             trace_parent: None,
             closes_due: Vec::new(),
+            deferred: simple::Deferred::default(),
             types: HashMap::new(),
             watch: Watch {
                 query_timeout: None,
@@ -633,6 +637,8 @@ impl Connection {
     /// transaction. A pool calls this before handing a returned connection to someone else.
     /// If the rest does not arrive within the drain timeout the connection is broken.
     pub async fn reset(&mut self) -> Result<()> {
+        // A savepoint of a transaction that is being rolled back is moot.
+        self.drop_deferred();
         self.prepare_request().await?;
         if self.status != TransactionStatus::Idle {
             self.command(&["ROLLBACK"]).await?;
@@ -730,6 +736,8 @@ impl Connection {
         if let Some(reason) = &self.broken {
             return Err(Error::closed(format!("the connection is broken: {reason}")).retry_safe());
         }
+        // A deferred command's error belongs to the request that carried it, and to no later.
+        self.deferred.failed = None;
         if self.copy_in {
             // A CopyInSink was dropped half way: the server still waits for its data.
             self.abandon_copy_in().await?;
@@ -845,15 +853,29 @@ impl Connection {
     }
 
     /// Sends what is in the write buffer; `syncs` is how many ReadyForQuery it will earn.
+    /// Deferred commands go first, in the same write, when nothing else is owed; their
+    /// answers, which come first, are read before this returns (see
+    /// [`defer_command`](Self::defer_command)).
     async fn send(&mut self, syncs: usize) -> Result<()> {
         let limit = self.watch.next_timeout.take().or(self.watch.query_timeout);
         if let Some(limit) = limit {
             self.arm_deadline(limit);
         }
         self.watch.limit = limit;
-        self.pending += syncs;
+        let carried = self.deferred.count > 0 && self.pending == 0;
+        if carried {
+            let message = &mut self.deferred.message;
+            message.clear();
+            frontend::query(message, &self.deferred.sql)?;
+            self.stream.prepend_write(message);
+        }
+        self.pending += syncs + usize::from(carried);
         self.stats.round_trips += syncs as u64;
-        self.flush().await
+        self.flush().await?;
+        if carried {
+            self.read_deferred().await?;
+        }
+        Ok(())
     }
 
     fn arm_deadline(&mut self, limit: Duration) {

@@ -14,9 +14,10 @@
 //! - [`Shape::Simple`]: a simple Query (§55.2.2): any number of statements, each with a
 //!   RowDescription, rows and CommandComplete, an EmptyQueryResponse, an error, or a COPY's
 //!   messages.
-//! - [`Shape::Command`]: a simple Query of one command that returns no rows (`BEGIN`,
-//!   `SAVEPOINT`, `COMMIT`, …), read as [`Shape::Simple`] is, except that its tag is read in
-//!   place and not kept: only its row count and whether it says `ROLLBACK` are.
+//! - [`Shape::Command`]: a simple Query of commands that return no rows (`BEGIN`,
+//!   `SAVEPOINT`, `COMMIT`, …; one, or deferred savepoints and then one), read as
+//!   [`Shape::Simple`] is, except that tags are read in place and not kept: only a row count
+//!   and whether it says `ROLLBACK` are.
 //! - [`Shape::Drain`]: the rest of a request nobody waits for any more: anything up to its
 //!   ReadyForQuery is skipped.
 //!

@@ -129,7 +129,153 @@ impl Connection {
         result
     }
 
+    /// Defers a command (`SAVEPOINT "s"`) whose text is `parts` one after the other: it goes
+    /// out in front of the next request, in the same write, and its answer is read before
+    /// that request's (as Npgsql sends a savepoint). Commands deferred together go as one
+    /// Query message (`SAVEPOINT "a"; SAVEPOINT "b"`), and before another command they join
+    /// its own Query: the server then answers them all with one ReadyForQuery. A savepoint
+    /// costs no round trip of its own. If the server refuses one, the rest of the block is
+    /// refused too (it has failed), and the error is the carrying request's to report
+    /// ([`take_deferred_error`](Self::take_deferred_error)).
+    ///
+    /// `false` when [`MAX_DEFERRED`] are waiting already: nothing was deferred, and the
+    /// caller sends the ones waiting first ([`send_deferred`](Self::send_deferred)).
+    pub(crate) fn defer_command(&mut self, parts: &[&str]) -> bool {
+        if self.deferred.count >= MAX_DEFERRED {
+            return false;
+        }
+        // The callers' texts are a savepoint's checked name and fixed words: no NUL (which
+        // would make the carrying request's encoding fail).
+        debug_assert!(!parts.iter().any(|part| part.contains('\0')));
+        if self.deferred.count > 0 {
+            self.deferred.sql.push_str("; ");
+        }
+        for part in parts {
+            self.deferred.sql.push_str(part);
+        }
+        self.deferred.count += 1;
+        true
+    }
+
+    /// Sends the deferred commands on their own, now, and reads their answer; `Ok` even if
+    /// one failed (see [`take_deferred_error`](Self::take_deferred_error)).
+    pub(crate) async fn send_deferred(&mut self) -> Result<()> {
+        if self.deferred.count == 0 {
+            return Ok(());
+        }
+        self.prepare_request().await?;
+        self.send(0).await
+    }
+
+    /// Forgets the deferred commands (a transaction ends, and its savepoints with it).
+    pub(crate) fn drop_deferred(&mut self) {
+        self.deferred.sql.clear();
+        self.deferred.count = 0;
+    }
+
+    /// The error of a deferred command that the last request carried, if the server refused
+    /// it.
+    pub(crate) fn take_deferred_error(&mut self) -> Option<Error> {
+        self.deferred.failed.take()
+    }
+
+    /// Reads the answer to the deferred commands that [`send`](Self::send) put in front of a
+    /// request. A server error is kept for the request's caller; any other (the connection
+    /// lost, a time limit) is returned.
+    pub(super) async fn read_deferred(&mut self) -> Result<()> {
+        let sql = std::mem::take(&mut self.deferred.sql);
+        self.deferred.count = 0;
+        let traced = if self.instrument.watching() {
+            self.trace(&sql)
+        } else {
+            self.untraced()
+        };
+        // The buffer is kept for the next ones.
+        self.deferred.sql = sql;
+        self.deferred.sql.clear();
+        match self.read_command_reply().await {
+            Ok(_) => {
+                traced.succeeded(0);
+                Ok(())
+            }
+            Err(e) => {
+                traced.failed(&e);
+                if e.as_db_error().is_none() || self.is_broken() {
+                    return Err(e);
+                }
+                self.deferred.failed = Some(e);
+                Ok(())
+            }
+        }
+    }
+
+    /// A command with the deferred commands in front of it, all in one Query message (see
+    /// [`defer_command`](Self::defer_command)): one ReadyForQuery for all. An error before
+    /// the command's own completion is a deferred command's.
+    async fn run_command_after_deferred(&mut self, parts: &[&str]) -> Result<Option<Completion>> {
+        let deferred = std::mem::take(&mut self.deferred.count);
+        let mut sql = std::mem::take(&mut self.deferred.sql);
+        let prelude = sql.len();
+        sql.push_str("; ");
+        for part in parts {
+            sql.push_str(part);
+        }
+        let written = frontend::query(&mut self.stream.write_buf, &sql);
+        sql.truncate(prelude);
+        if let Err(e) = written {
+            // Not sent: they wait for the next request.
+            self.deferred.sql = sql;
+            self.deferred.count = deferred;
+            return Err(e);
+        }
+        let traced = if self.instrument.watching() {
+            self.trace(&sql)
+        } else {
+            self.untraced()
+        };
+        sql.clear();
+        self.deferred.sql = sql;
+        self.send(1).await?;
+        let mut response = Response::new(Shape::Command);
+        let mut tag = None;
+        let mut completed = 0;
+        let mut failed_at = None;
+        poll_fn(|cx| {
+            loop {
+                match ready!(self.poll_step(&mut response, cx))? {
+                    Step::Complete(done) => {
+                        completed += 1;
+                        tag = Some(done);
+                    }
+                    Step::Failed => {
+                        failed_at.get_or_insert(completed);
+                    }
+                    Step::Message(BackendMessage::EmptyQueryResponse) => {}
+                    Step::Over => return Poll::Ready(Ok(())),
+                    other => return Poll::Ready(Err(self.unexpected_step(other, "a command"))),
+                }
+            }
+        })
+        .await?;
+        match response.finish() {
+            Ok(()) => {
+                traced.succeeded(0);
+                Ok(tag)
+            }
+            Err(e) => {
+                traced.failed(&e);
+                if failed_at.is_some_and(|at| at < deferred) {
+                    self.deferred.failed = Some(e.duplicate());
+                }
+                Err(e)
+            }
+        }
+    }
+
     pub(super) async fn run_command(&mut self, parts: &[&str]) -> Result<Option<Completion>> {
+        if self.deferred.count > 0 && self.pending == 0 {
+            return self.run_command_after_deferred(parts).await;
+        }
         frontend::query_parts(&mut self.stream.write_buf, parts)?;
         self.send(1).await?;
         self.read_command_reply().await
@@ -239,6 +385,22 @@ impl Connection {
         response.finish().map(|()| tag)
     }
 }
+
+/// Commands deferred to go out in front of the next request, and their error once read (see
+/// [`Connection::defer_command`]).
+#[derive(Default)]
+pub(super) struct Deferred {
+    /// Their SQL texts, joined by `; `.
+    pub(super) sql: String,
+    pub(super) count: usize,
+    /// The Query message that carries them, written by `send` (a buffer kept for reuse).
+    pub(super) message: bytes::BytesMut,
+    pub(super) failed: Option<Error>,
+}
+
+/// The most commands deferred at once: past it, [`Connection::defer_command`] says to send
+/// them on their own first.
+const MAX_DEFERRED: usize = 64;
 
 /// What [`Connection::commit_between`] asks around a COMMIT.
 #[derive(Debug, Clone, Copy, Default)]

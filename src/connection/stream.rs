@@ -172,6 +172,14 @@ impl MessageStream {
         }
     }
 
+    /// Puts `messages` in front of what `write_buf` holds, to go out in the same write.
+    pub(crate) fn prepend_write(&mut self, messages: &[u8]) {
+        let held = self.write_buf.len();
+        self.write_buf.extend_from_slice(messages);
+        self.write_buf.copy_within(..held, messages.len());
+        self.write_buf[..messages.len()].copy_from_slice(messages);
+    }
+
     /// Takes back what was written into `write_buf` from `mark` on (a message that could not
     /// be finished, a value that was refused).
     pub(crate) fn undo_write(&mut self, mark: usize) {
