@@ -263,9 +263,12 @@ impl Connection {
                 Ok(tag)
             }
             Err(e) => {
-                traced.failed(&e);
                 if failed_at.is_some_and(|at| at < deferred) {
+                    traced.failed(&e);
                     self.deferred.failed = Some(e.duplicate());
+                } else {
+                    // The savepoints were made; the command's own error is its trace's.
+                    traced.succeeded(0);
                 }
                 Err(e)
             }
