@@ -22,7 +22,7 @@
 //! client and server run on two cores. It never holds a runtime worker for longer than that,
 //! and stops itself where it does not pay ([`AskAgain`]). Any other answer is asked for again
 //! only when the caller chose to (`Connection::set_busy_poll`), for as long as it chose: on two
-//! cores that makes a point query's round trip about 3× as fast (the wake-up of the idle core
+//! cores that makes a point query's round trip 1.6–3× as fast (the wake-up of the idle core
 //! is most of it), at the cost of a busy core and a runtime worker held while it asks.
 
 use std::io::{self, Read, Write};
