@@ -453,6 +453,27 @@ async fn a_refused_savepoint_is_the_error_of_the_statement_it_went_out_with() {
             Step::Send(command_complete("ROLLBACK")),
             Step::Send(ready(Idle)),
         ],
+        // A third: the savepoint is made, and the command after it in the same Query fails.
+        vec![
+            Step::Expect(Kind::Query),
+            Step::Send(command_complete("BEGIN")),
+            Step::Send(ready(InTransaction)),
+        ],
+        vec![
+            Step::Expect(Kind::Query),
+            Step::Send(command_complete("SAVEPOINT")),
+            Step::Send(error_response(
+                "ERROR",
+                "3B001",
+                "savepoint \"c\" does not exist",
+            )),
+            Step::Send(ready(Failed)),
+        ],
+        vec![
+            Step::Expect(Kind::Query),
+            Step::Send(command_complete("ROLLBACK")),
+            Step::Send(ready(Idle)),
+        ],
     ]))
     .await;
     let engine = PostgresEngine::new(server.config());
@@ -482,6 +503,19 @@ async fn a_refused_savepoint_is_the_error_of_the_statement_it_went_out_with() {
         assert!(err.to_string().contains("savepoint"), "{err}");
         assert_eq!(tx.state().await, TxState::Failed);
         tx.rollback().await.unwrap();
+
+        // The command's own error is its own, not the savepoint's.
+        let tx = engine.begin().await.unwrap();
+        let sp = tx.savepoint(Some("c")).await.unwrap();
+        let err = sp.release().await.unwrap_err();
+        assert_eq!(
+            err.code(),
+            Some(&SqlState::S_E_INVALID_SPECIFICATION),
+            "{err}"
+        );
+        assert!(!err.to_string().contains("savepoint made before"), "{err}");
+        assert_eq!(tx.state().await, TxState::Failed);
+        tx.rollback().await.unwrap();
         engine.close_connection_pool().await.unwrap();
     };
     tokio::time::timeout(hang, run).await.expect("no hang");
@@ -504,6 +538,9 @@ async fn a_refused_savepoint_is_the_error_of_the_statement_it_went_out_with() {
             "ROLLBACK",
             "BEGIN",
             "SAVEPOINT \"b\"; RELEASE SAVEPOINT \"b\"",
+            "ROLLBACK",
+            "BEGIN",
+            "SAVEPOINT \"c\"; RELEASE SAVEPOINT \"c\"",
             "ROLLBACK"
         ]
     );
