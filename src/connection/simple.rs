@@ -236,40 +236,24 @@ impl Connection {
         sql.clear();
         self.deferred.sql = sql;
         self.send(1).await?;
-        let mut response = Response::new(Shape::Command);
-        let mut tag = None;
-        let mut completed = 0;
-        let mut failed_at = None;
-        poll_fn(|cx| {
-            loop {
-                match ready!(self.poll_step(&mut response, cx))? {
-                    Step::Complete(done) => {
-                        completed += 1;
-                        tag = Some(done);
-                    }
-                    Step::Failed => {
-                        failed_at.get_or_insert(completed);
-                    }
-                    Step::Message(BackendMessage::EmptyQueryResponse) => {}
-                    Step::Over => return Poll::Ready(Ok(())),
-                    other => return Poll::Ready(Err(self.unexpected_step(other, "a command"))),
-                }
-            }
-        })
-        .await?;
-        match response.finish() {
-            Ok(()) => {
+        match self.read_commands_reply().await {
+            Ok(tag) => {
                 traced.succeeded(0);
                 Ok(tag)
             }
-            Err(e) => {
-                if failed_at.is_some_and(|at| at < deferred) {
-                    traced.failed(&e);
-                    self.deferred.failed = Some(e.duplicate());
-                } else {
-                    // The savepoints were made; the command's own error is its trace's.
-                    traced.succeeded(0);
-                }
+            Err((e, Some(completed))) if completed < deferred => {
+                traced.failed(&e);
+                self.deferred.failed = Some(e.duplicate());
+                Err(e)
+            }
+            Err((e, Some(_))) => {
+                // The savepoints were made: the command's error is its own.
+                traced.succeeded(0);
+                Err(e)
+            }
+            Err((e, None)) => {
+                // The connection's (lost, a time limit): the request's own error, as for any.
+                traced.failed(&e);
                 Err(e)
             }
         }
@@ -370,22 +354,40 @@ impl Connection {
     /// Reads the reply to a command: what its tag said, or the server's error once the
     /// connection is ready again.
     async fn read_command_reply(&mut self) -> Result<Option<Completion>> {
+        self.read_commands_reply().await.map_err(|(e, _)| e)
+    }
+
+    /// Reads the reply to a Query of one or more commands: what the last tag said, or the
+    /// first error once the connection is ready again, with how many commands had completed
+    /// before it if the server sent it (`None` for the connection's own errors).
+    async fn read_commands_reply(
+        &mut self,
+    ) -> std::result::Result<Option<Completion>, (Error, Option<usize>)> {
         let mut response = Response::new(Shape::Command);
         let mut tag = None;
+        let mut completed = 0;
+        let mut failed_at = None;
         // One future for the whole reply, not one per message: this is every savepoint's
         // and transaction command's wait.
         poll_fn(|cx| {
             loop {
                 match ready!(self.poll_step(&mut response, cx))? {
-                    Step::Complete(done) => tag = Some(done),
-                    Step::Message(BackendMessage::EmptyQueryResponse) | Step::Failed => {}
+                    Step::Complete(done) => {
+                        completed += 1;
+                        tag = Some(done);
+                    }
+                    Step::Failed => {
+                        failed_at.get_or_insert(completed);
+                    }
+                    Step::Message(BackendMessage::EmptyQueryResponse) => {}
                     Step::Over => return Poll::Ready(Ok(())),
                     other => return Poll::Ready(Err(self.unexpected_step(other, "a command"))),
                 }
             }
         })
-        .await?;
-        response.finish().map(|()| tag)
+        .await
+        .map_err(|e| (e, None))?;
+        response.finish().map(|()| tag).map_err(|e| (e, failed_at))
     }
 }
 
