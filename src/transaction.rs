@@ -872,11 +872,8 @@ impl PostgresTransaction {
     ) -> std::result::Result<Vec<(Vec<Row>, u64)>, (Option<usize>, Error)> {
         let mut c = self.lock(false).await.map_err(|e| (None, e))?;
         let result = c.conn().pipeline(queries).await;
-        c.after_reply();
-        match c.conn().take_deferred_error() {
-            Some(e) => Err((None, deferred_failed(e))),
-            None => result,
-        }
+        c.settle(Ok(())).map_err(|e| (None, e))?;
+        result
     }
 
     /// Refuses while a [`TxConnection`], a row stream or a batch holds the connection,

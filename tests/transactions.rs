@@ -410,15 +410,19 @@ async fn a_savepoint_goes_out_with_whatever_the_transaction_sends_next() {
 #[tokio::test]
 async fn a_refused_savepoint_is_the_error_of_the_statement_it_went_out_with() {
     use TransactionStatus::{Failed, Idle, InTransaction};
+    // A Query answered by a command's tag, as BEGIN and ROLLBACK are.
+    let answered = |tag: &str, status| {
+        vec![
+            Step::Expect(Kind::Query),
+            Step::Send(command_complete(tag)),
+            Step::Send(ready(status)),
+        ]
+    };
     use mock::{Kind, MockServer, Step, command_complete, error_response, ready, script};
     use pgengine::protocol::FrontendMessage;
     let server = MockServer::start(script([
         mock::trust_login(),
-        vec![
-            Step::Expect(Kind::Query),
-            Step::Send(command_complete("BEGIN")),
-            Step::Send(ready(InTransaction)),
-        ],
+        answered("BEGIN", InTransaction),
         // The savepoint and the statement, one after the other.
         vec![
             Step::Expect(Kind::Query),
@@ -432,33 +436,17 @@ async fn a_refused_savepoint_is_the_error_of_the_statement_it_went_out_with() {
             )),
             Step::Send(ready(Failed)),
         ],
-        vec![
-            Step::Expect(Kind::Query),
-            Step::Send(command_complete("ROLLBACK")),
-            Step::Send(ready(Idle)),
-        ],
+        answered("ROLLBACK", Idle),
         // The next transaction: a savepoint and its release, in one Query message.
-        vec![
-            Step::Expect(Kind::Query),
-            Step::Send(command_complete("BEGIN")),
-            Step::Send(ready(InTransaction)),
-        ],
+        answered("BEGIN", InTransaction),
         vec![
             Step::Expect(Kind::Query),
             Step::Send(error_response("ERROR", "53200", "out of shared memory")),
             Step::Send(ready(Failed)),
         ],
-        vec![
-            Step::Expect(Kind::Query),
-            Step::Send(command_complete("ROLLBACK")),
-            Step::Send(ready(Idle)),
-        ],
+        answered("ROLLBACK", Idle),
         // A third: the savepoint is made, and the command after it in the same Query fails.
-        vec![
-            Step::Expect(Kind::Query),
-            Step::Send(command_complete("BEGIN")),
-            Step::Send(ready(InTransaction)),
-        ],
+        answered("BEGIN", InTransaction),
         vec![
             Step::Expect(Kind::Query),
             Step::Send(command_complete("SAVEPOINT")),
@@ -469,11 +457,7 @@ async fn a_refused_savepoint_is_the_error_of_the_statement_it_went_out_with() {
             )),
             Step::Send(ready(Failed)),
         ],
-        vec![
-            Step::Expect(Kind::Query),
-            Step::Send(command_complete("ROLLBACK")),
-            Step::Send(ready(Idle)),
-        ],
+        answered("ROLLBACK", Idle),
     ]))
     .await;
     let engine = PostgresEngine::new(server.config());

@@ -183,24 +183,20 @@ impl Connection {
     /// request. A server error is kept for the request's caller; any other (the connection
     /// lost, a time limit) is returned.
     pub(super) async fn read_deferred(&mut self) -> Result<()> {
-        let sql = std::mem::take(&mut self.deferred.sql);
+        let mut sql = std::mem::take(&mut self.deferred.sql);
         self.deferred.count = 0;
-        let traced = if self.instrument.watching() {
-            self.trace(&sql)
-        } else {
-            self.untraced()
-        };
+        let traced = self.trace(&sql);
         // The buffer is kept for the next ones.
+        sql.clear();
         self.deferred.sql = sql;
-        self.deferred.sql.clear();
-        match self.read_command_reply().await {
+        match self.read_commands_reply().await {
             Ok(_) => {
                 traced.succeeded(0);
                 Ok(())
             }
-            Err(e) => {
+            Err((e, server)) => {
                 traced.failed(&e);
-                if e.as_db_error().is_none() || self.is_broken() {
+                if server.is_none() {
                     return Err(e);
                 }
                 self.deferred.failed = Some(e);
@@ -228,11 +224,7 @@ impl Connection {
             self.deferred.count = deferred;
             return Err(e);
         }
-        let traced = if self.instrument.watching() {
-            self.trace(&sql)
-        } else {
-            self.untraced()
-        };
+        let traced = self.trace(&sql);
         sql.clear();
         self.deferred.sql = sql;
         self.send(1).await?;
@@ -303,11 +295,7 @@ impl Connection {
 
     /// Reads the replies to what [`write_commit`](Self::write_commit) wrote.
     pub(crate) async fn read_commit(&mut self, ask: CommitAsk<'_>) -> CommitReply {
-        let traced = if self.instrument.watching() {
-            self.trace("COMMIT")
-        } else {
-            self.untraced()
-        };
+        let traced = self.trace("COMMIT");
         let before = match ask.before {
             Some(_) => Some(self.read_one_value().await),
             None => None,
