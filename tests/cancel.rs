@@ -152,6 +152,34 @@ async fn a_query_of_its_own_time_limit() {
     }
 }
 
+/// A cached statement's answer is read whole from its start; when its time limit passes
+/// before the answer begins (the server sends BindComplete only with the result), the
+/// statement is cancelled and the rest of its answer read before the error returns, as for a
+/// statement run the first time: the connection is idle, and its next answer is its own.
+#[tokio::test]
+async fn a_cached_statement_out_of_time_before_its_answer_began() {
+    let mut conn = connect().await;
+    let sleep = |seconds: f64| {
+        Query::new("SELECT pg_sleep($1), $2::int4")
+            .bind(seconds)
+            .bind(7i32)
+            .timeout(Duration::from_millis(200))
+    };
+    conn.query_one(&sleep(0.0)).await.unwrap();
+    let hits = conn.stats().cache_hits;
+    let err = conn.query_one(&sleep(30.0)).await.unwrap_err();
+    assert_eq!(err.kind(), ErrorKind::Timeout, "{err}");
+    assert_eq!(
+        conn.stats().cache_hits,
+        hits + 1,
+        "the cached statement ran"
+    );
+    assert!(conn.is_idle(), "its answer was read to the end");
+    assert!(!conn.is_broken());
+    let row = conn.query_one(&sleep(0.0)).await.unwrap();
+    assert_eq!(row.get::<_, i32>(1), 7);
+}
+
 #[tokio::test]
 async fn engine_query_timeout_through_the_pool_reuses_the_connection() {
     let engine = pooled_engine(builder().query_timeout(Duration::from_millis(300)), 1).await;

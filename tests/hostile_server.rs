@@ -1033,6 +1033,55 @@ async fn stray_ready_for_query_before_an_extended_query_answer() {
     server.finish().await;
 }
 
+/// A cached statement's second run, whose answer the server sends as `answer`: the first run
+/// prepared and cached it, so the second goes out as Bind, Execute, Sync alone.
+fn second_run_answered_with(answer: Vec<Step>) -> Vec<Vec<Step>> {
+    vec![
+        trust_login(),
+        extended_query_start(int4_columns(&["n"])),
+        vec![
+            Step::Send(int4_row(&[1])),
+            Step::Send(command_complete("SELECT 1")),
+            Step::Send(ready(TransactionStatus::Idle)),
+            Step::Expect(Kind::Bind),
+            Step::Expect(Kind::Execute),
+            Step::Expect(Kind::Sync),
+        ],
+        answer,
+    ]
+}
+
+/// A cached statement's answer is read whole from its start (BindComplete, rows,
+/// CommandComplete): rows without the BindComplete before them are no answer to the Bind,
+/// nor is a ReadyForQuery alone; either breaks the connection rather than count as a result.
+#[tokio::test]
+async fn a_cached_statements_answer_without_bind_complete_is_refused() {
+    let no_bind = vec![
+        Step::Send(int4_row(&[2])),
+        Step::Send(command_complete("SELECT 1")),
+        Step::Send(ready(TransactionStatus::Idle)),
+    ];
+    let nothing = vec![Step::Send(ready(TransactionStatus::Idle))];
+    for (answer, fragment) in [
+        (no_bind, "unexpected message 'D' during Bind"),
+        (nothing, "unexpected message 'Z'"),
+    ] {
+        let server = MockServer::start(script(second_run_answered_with(answer))).await;
+        let mut conn = connect(&server.config()).await;
+        let first = guard("first run", conn.query_one("SELECT n"))
+            .await
+            .unwrap();
+        assert_eq!(first.get::<_, i32>(0), 1);
+        let err = guard("second run", conn.query("SELECT n"))
+            .await
+            .expect_err("the answer did not start with BindComplete");
+        assert_error(&err, ErrorKind::Protocol, fragment);
+        assert_broken(&mut conn).await;
+        drop(conn);
+        server.finish().await;
+    }
+}
+
 #[tokio::test]
 async fn ready_for_query_in_the_middle_of_rows_is_refused_extended() {
     let server = MockServer::start(script([

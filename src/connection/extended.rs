@@ -20,6 +20,7 @@
 //! transaction, where the failed attempt cannot have changed anything.
 
 use std::collections::HashMap;
+use std::future::poll_fn;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll, ready};
@@ -119,14 +120,11 @@ impl Connection {
     /// Runs a query and returns all its rows and the row count from CommandComplete (which
     /// differs from the number of rows for `INSERT … RETURNING` and the like).
     pub(crate) async fn query_counted(&mut self, query: impl ToQuery) -> Result<(Vec<Row>, u64)> {
-        // The rows are read here, not through a RowStream: the hot path has no stream to
-        // build.
-        let mut reader = self.open_rows(&query).await?;
         let mut rows = Vec::new();
-        while let Some(row) = std::future::poll_fn(|cx| reader.poll_next_row(self, cx)).await {
-            rows.push(row?);
-        }
-        Ok((rows, reader.rows_affected.unwrap_or(0)))
+        let read = self
+            .run_extended(&query, Some(&mut |row| rows.push(row)))
+            .await?;
+        Ok((rows, read.rows_affected.unwrap_or(0)))
     }
 
     /// Runs a query that must return exactly one row.
@@ -151,26 +149,25 @@ impl Connection {
 
     /// The first row (if any) and how many rows there were, without collecting them.
     async fn query_opt_counted(&mut self, query: impl ToQuery) -> Result<(Option<Row>, u64)> {
-        let mut reader = self.open_rows(&query).await?;
         let mut first = None;
         let mut count = 0;
-        while let Some(row) = std::future::poll_fn(|cx| reader.poll_next_row(self, cx)).await {
-            let row = row?;
-            if first.is_none() {
-                first = Some(row);
-            }
-            count += 1;
-        }
+        self.run_extended(
+            &query,
+            Some(&mut |row| {
+                if first.is_none() {
+                    first = Some(row);
+                }
+                count += 1;
+            }),
+        )
+        .await?;
         Ok((first, count))
     }
 
     /// Runs a statement and returns the number of rows it affected (or returned).
     pub async fn execute(&mut self, query: impl ToQuery) -> Result<u64> {
-        let mut reader = self.open_rows(&query).await?;
-        while let Some(row) = std::future::poll_fn(|cx| reader.poll_next_row(self, cx)).await {
-            row?;
-        }
-        Ok(reader.rows_affected.unwrap_or(0))
+        let read = self.run_extended(&query, Some(&mut drop)).await?;
+        Ok(read.rows_affected.unwrap_or(0))
     }
 
     /// Runs a query and returns a stream of its rows, read from the socket as the stream is
@@ -194,25 +191,124 @@ impl Connection {
         RowStream::start(Lease::Borrowed(self), &query).await
     }
 
-    /// Sends `query` and reads up to its first row: what a [`RowStream`] reads on from.
-    async fn open_rows(&mut self, query: &dyn ToQuery) -> Result<RowReader> {
+    /// Sends `query` and reads its answer: up to its first row, what a [`RowStream`] reads on
+    /// from; or, given `each`, all of its rows, each handed to `each` as it is read (the
+    /// reader is then over, with the row count). Retries once after a cached statement turned
+    /// out to be stale.
+    ///
+    /// The usual answer of a cached statement (BindComplete, the rows, CommandComplete), when
+    /// all the rows are wanted, is read whole by the row reader, from BindComplete on, in one
+    /// future: the wait for the server resumes there, not through a reader of the answer's
+    /// start nested under a reader of its rows (callgrind, client instructions: a prepared
+    /// point query 5,340 → 5,069, a pooled one 8,603 → 8,357).
+    async fn run_extended(
+        &mut self,
+        query: &dyn ToQuery,
+        mut each: Option<&mut (dyn FnMut(Row) + Send)>,
+    ) -> Result<RowReader> {
         let sql = query.sql();
-        let (columns, mut response, traced) = self
-            .start_extended(sql, query.params(), query.time_limit())
-            .await?;
-        if !self.needs_lookup(columns.iter().map(Column::type_oid)) {
-            return Ok(RowReader {
-                columns,
-                response,
-                traced: Some(traced),
-                state: StreamState::Rows,
-                rows_affected: None,
-            });
+        self.prepare_request().await?;
+        // Ended here, unless the reader takes it.
+        let mut traced = Some(self.trace(sql));
+        let mut retried = false;
+        let error = loop {
+            let plan = match self.write_query_or_describe(sql, query.params(), 0).await {
+                Ok(plan) => plan,
+                Err(e) => break e,
+            };
+            frontend::sync(&mut self.stream.write_buf);
+            self.limit_next_request(query.time_limit());
+            if let Err(e) = self.send(1).await {
+                break e;
+            }
+            let mut response = Response::new(Shape::Extended);
+            // The statement of an answer read whole from its start.
+            let mut whole = None;
+            let mut reader = match each.is_some().then(|| self.bound_columns(&plan)) {
+                Some(Some(columns)) => {
+                    whole = Some(plan.kind);
+                    RowReader::new(columns, response, None, false)
+                }
+                _ => {
+                    let columns = match self.read_query_start(&mut response, sql, plan).await {
+                        Ok(Ok(columns)) => columns,
+                        Ok(Err(stale)) => {
+                            let error = self.fail_request(response).await;
+                            if stale && !retried && self.status == TransactionStatus::Idle {
+                                retried = true;
+                                continue;
+                            }
+                            break error;
+                        }
+                        Err(e) => break e,
+                    };
+                    let reader = RowReader::new(columns, response, traced.take(), true);
+                    if self.needs_lookup(reader.columns.iter().map(Column::type_oid)) {
+                        self.read_for_lookup(sql, reader).await?
+                    } else {
+                        reader
+                    }
+                }
+            };
+            let Some(each) = each.as_mut() else {
+                return Ok(reader);
+            };
+            let read = poll_fn(|cx| reader.poll_rows(self, cx, each)).await;
+            match (read, whole) {
+                (Ok(_), _) => {
+                    if let Some(traced) = traced {
+                        traced.succeeded(reader.rows_affected.unwrap_or(0));
+                    }
+                    return Ok(reader);
+                }
+                // Refused before it ran, or out of time before BindComplete (the rest of its
+                // answer was read).
+                (Err(e), Some(kind)) if !reader.bound && !self.is_broken() => {
+                    let stale = self.refused(sql, &kind, &e);
+                    if stale && !retried && self.status == TransactionStatus::Idle {
+                        retried = true;
+                        continue;
+                    }
+                    break explain_pooler(e);
+                }
+                (Err(e), _) => break e,
+            }
+        };
+        if let Some(traced) = traced {
+            traced.failed(&error);
         }
-        // The result has types the server defined at run time (an enum, a composite, …) that
-        // this connection has not looked up yet: rows cannot be decoded without them, and the
-        // lookup needs the connection, so this one result is read whole first. Later runs of
-        // the statement find the types known.
+        Err(error)
+    }
+
+    /// The result columns of a query whose answer starts with BindComplete, with types all
+    /// known: one the row reader can read from its start. That is a cached statement's Bind
+    /// with nothing in front of it: no Closes, and no Parse (an unnamed statement described
+    /// first is parsed again in front of its Bind, see `write_query_or_describe`).
+    fn bound_columns(&self, plan: &Plan) -> Option<Arc<[Column]>> {
+        match &plan.kind {
+            PlanKind::Cached { statement }
+                if plan.closes.is_empty()
+                    && !statement.name.is_empty()
+                    && !self.needs_lookup(statement.columns.iter().map(Column::type_oid)) =>
+            {
+                Some(statement.columns.clone())
+            }
+            _ => None,
+        }
+    }
+
+    /// Reads the rest of a result whose columns have types the server defined at run time
+    /// (an enum, a composite, …) that this connection has not looked up yet: rows cannot be
+    /// decoded without them, and the lookup needs the connection, so this one result is read
+    /// whole first. Later runs of the statement find the types known.
+    async fn read_for_lookup(&mut self, sql: &str, reader: RowReader) -> Result<RowReader> {
+        let RowReader {
+            columns,
+            mut response,
+            traced,
+            ..
+        } = reader;
+        let traced = traced.unwrap_or_else(Traced::none);
         let mut rows = std::collections::VecDeque::new();
         let mut rows_affected = None;
         loop {
@@ -250,47 +346,8 @@ impl Connection {
             traced: None,
             state: StreamState::Buffered { rows, error },
             rows_affected,
+            bound: true,
         })
-    }
-
-    /// Sends the pipeline for `sql` and reads the responses up to BindComplete; what follows
-    /// is rows, read through the returned response. Retries once after a cached statement
-    /// turned out to be stale.
-    async fn start_extended(
-        &mut self,
-        sql: &str,
-        params: &dyn Params,
-        timeout: Option<std::time::Duration>,
-    ) -> Result<(Arc<[Column]>, Response, Traced)> {
-        self.prepare_request().await?;
-        let traced = self.trace(sql);
-        let mut retried = false;
-        let error = loop {
-            let plan = match self.write_query_or_describe(sql, params, 0).await {
-                Ok(plan) => plan,
-                Err(e) => break e,
-            };
-            frontend::sync(&mut self.stream.write_buf);
-            self.limit_next_request(timeout);
-            if let Err(e) = self.send(1).await {
-                break e;
-            }
-            let mut response = Response::new(Shape::Extended);
-            match self.read_query_start(&mut response, sql, plan).await {
-                Ok(Ok(columns)) => return Ok((columns, response, traced)),
-                Ok(Err(stale)) => {
-                    let error = self.fail_request(response).await;
-                    if stale && !retried && self.status == TransactionStatus::Idle {
-                        retried = true;
-                        continue;
-                    }
-                    break error;
-                }
-                Err(e) => break e,
-            }
-        };
-        traced.failed(&error);
-        Err(error)
     }
 
     /// Writes one query's messages (without Sync), first asking the server for the
@@ -813,23 +870,32 @@ impl Connection {
                 })?,
             }));
         }
-        let stale = if response.error().is_some_and(is_ours_elsewhere) {
-            // A transaction-mode pooler: nothing ran, and unnamed statements will work.
-            self.note_pooler();
-            true
-        } else {
-            match (&kind, response.error().and_then(Error::code)) {
-                // The plan no longer fits the tables: drop this statement.
-                (PlanKind::Cached { statement }, Some(&crate::SqlState::FEATURE_NOT_SUPPORTED)) => {
-                    self.statements.remove(sql);
-                    self.closes_due.push(statement.name.clone());
-                    true
-                }
-                _ => false,
-            }
-        };
+        let stale = response
+            .error()
+            .is_some_and(|e| self.refused(sql, &kind, e));
         response.map_error(explain_pooler);
         Ok(Err(stale))
+    }
+
+    /// The server refused a query before it ran with `error`: whether its statement was
+    /// stale, so that the query may run again. A statement whose plan no longer fits the
+    /// tables is dropped; our statements missing from the server session mean a
+    /// transaction-mode pooler, and from now on unnamed statements.
+    fn refused(&mut self, sql: &str, kind: &PlanKind, error: &Error) -> bool {
+        if is_ours_elsewhere(error) {
+            // A transaction-mode pooler: nothing ran, and unnamed statements will work.
+            self.note_pooler();
+            return true;
+        }
+        match (kind, error.code()) {
+            // The plan no longer fits the tables: drop this statement.
+            (PlanKind::Cached { statement }, Some(&crate::SqlState::FEATURE_NOT_SUPPORTED)) => {
+                self.statements.remove(sql);
+                self.closes_due.push(statement.name.clone());
+                true
+            }
+            _ => false,
+        }
     }
 }
 
@@ -1162,6 +1228,15 @@ pub struct RowStream<'a> {
     reader: RowReader,
 }
 
+/// What a step of an answer means for its rows ([`RowReader::take_step`]).
+enum Flow {
+    Row(Row),
+    /// Nothing for the caller: read on.
+    Next,
+    /// The rows are over, with the answer's error if it had one (the reader's trace ended).
+    End(Option<Error>),
+}
+
 /// What a row stream knows besides its connection.
 struct RowReader {
     columns: Arc<[Column]>,
@@ -1171,12 +1246,15 @@ struct RowReader {
     traced: Option<Traced>,
     state: StreamState,
     rows_affected: Option<u64>,
+    /// Whether BindComplete has been read: false only while a cached statement's answer is
+    /// read from its start (see [`Connection::run_extended`]).
+    bound: bool,
 }
 
 impl<'a> RowStream<'a> {
     /// Sends `query` on `conn`, and reads its rows as the stream is polled.
     pub(crate) async fn start(mut conn: Lease<'a>, query: &dyn ToQuery) -> Result<RowStream<'a>> {
-        let reader = conn.open_rows(query).await?;
+        let reader = conn.run_extended(query, None).await?;
         Ok(RowStream { conn, reader })
     }
 
@@ -1197,6 +1275,22 @@ impl<'a> RowStream<'a> {
 }
 
 impl RowReader {
+    fn new(
+        columns: Arc<[Column]>,
+        response: Response,
+        traced: Option<Traced>,
+        bound: bool,
+    ) -> RowReader {
+        RowReader {
+            columns,
+            response,
+            traced,
+            state: StreamState::Rows,
+            rows_affected: None,
+            bound,
+        }
+    }
+
     fn poll_next_row(
         &mut self,
         conn: &mut Connection,
@@ -1217,42 +1311,93 @@ impl RowReader {
                 }
                 StreamState::Rows => {}
             }
-            let step = match ready!(conn.poll_step(&mut self.response, cx)) {
-                Ok(step) => step,
-                Err(e) => return Poll::Ready(Some(Err(self.end_with(e)))),
-            };
-            match step {
-                Step::Row(data) => match Row::new(self.columns.clone(), data) {
-                    Ok(row) => return Poll::Ready(Some(Ok(row))),
-                    Err(e) => {
-                        let e = conn.fail(e);
-                        return Poll::Ready(Some(Err(self.end_with(e))));
-                    }
-                },
-                Step::Complete(done) => self.rows_affected = Some(done.rows()),
-                // An error: read on to ReadyForQuery, and end with it there.
-                Step::Message(
-                    BackendMessage::EmptyQueryResponse | BackendMessage::PortalSuspended,
-                )
-                | Step::Failed => {}
-                Step::Over => {
-                    self.state = StreamState::Done;
-                    return Poll::Ready(match self.response.take_error() {
-                        Some(e) => Some(Err(self.end_with(e))),
-                        None => {
-                            if let Some(traced) = self.traced.take() {
-                                traced.succeeded(self.rows_affected.unwrap_or(0));
-                            }
-                            None
-                        }
-                    });
-                }
-                other => {
-                    let e = conn.unexpected_step(other, "a row stream");
-                    return Poll::Ready(Some(Err(self.end_with(e))));
-                }
+            let step = ready!(conn.poll_step(&mut self.response, cx));
+            match self.take_step(conn, step) {
+                Flow::Row(row) => return Poll::Ready(Some(Ok(row))),
+                Flow::Next => {}
+                Flow::End(error) => return Poll::Ready(error.map(Err)),
             }
         }
+    }
+
+    /// Reads the rest of the rows, handing each to `each`: what a caller that wants them all
+    /// polls, without a return from the reader per row.
+    fn poll_rows(
+        &mut self,
+        conn: &mut Connection,
+        cx: &mut Context<'_>,
+        each: &mut (dyn FnMut(Row) + Send),
+    ) -> Poll<Result<()>> {
+        loop {
+            if !matches!(self.state, StreamState::Rows) {
+                // Read already (or over): one at a time.
+                while let Some(row) = ready!(self.poll_next_row(conn, cx)) {
+                    each(row?);
+                }
+                return Poll::Ready(Ok(()));
+            }
+            let step = ready!(conn.poll_step(&mut self.response, cx));
+            match self.take_step(conn, step) {
+                Flow::Row(row) => each(row),
+                Flow::Next => {}
+                Flow::End(error) => return Poll::Ready(error.map_or(Ok(()), Err)),
+            }
+        }
+    }
+
+    /// What one step read from the socket means for the rows. Always inlined into the two
+    /// loops above: called, it cost 143 more instructions per point query and 34 more per
+    /// streamed row (callgrind).
+    #[inline(always)]
+    fn take_step(&mut self, conn: &mut Connection, step: Result<Step>) -> Flow {
+        let step = match step {
+            Ok(step) => step,
+            // Before BindComplete, our own error (the time limit passed) fails the query,
+            // and the rest of its answer is read like a refusal's.
+            Err(e) if !self.bound && !conn.is_broken() => {
+                self.response.fail_with(e);
+                return Flow::Next;
+            }
+            Err(e) => return Flow::End(Some(self.end_with(e))),
+        };
+        match step {
+            Step::Message(BackendMessage::BindComplete) if !self.bound => self.bound = true,
+            // Before BindComplete, only the server's refusal and ReadyForQuery.
+            other @ (Step::Row(_) | Step::Complete(_) | Step::Message(_)) if !self.bound => {
+                let e = conn.unexpected_step(other, "Bind");
+                return Flow::End(Some(self.end_with(e)));
+            }
+            Step::Row(data) => {
+                return match Row::new(self.columns.clone(), data) {
+                    Ok(row) => Flow::Row(row),
+                    Err(e) => {
+                        let e = conn.fail(e);
+                        Flow::End(Some(self.end_with(e)))
+                    }
+                };
+            }
+            Step::Complete(done) => self.rows_affected = Some(done.rows()),
+            // An error: read on to ReadyForQuery, and end with it there.
+            Step::Message(BackendMessage::EmptyQueryResponse | BackendMessage::PortalSuspended)
+            | Step::Failed => {}
+            Step::Over => {
+                self.state = StreamState::Done;
+                return Flow::End(match self.response.take_error() {
+                    Some(e) => Some(self.end_with(e)),
+                    None => {
+                        if let Some(traced) = self.traced.take() {
+                            traced.succeeded(self.rows_affected.unwrap_or(0));
+                        }
+                        None
+                    }
+                });
+            }
+            other => {
+                let e = conn.unexpected_step(other, "a row stream");
+                return Flow::End(Some(self.end_with(e)));
+            }
+        }
+        Flow::Next
     }
 
     /// Ends the stream with `e`, and its trace.
