@@ -200,7 +200,7 @@ impl Connection {
     /// all the rows are wanted, is read whole by the row reader, from BindComplete on, in one
     /// future: the wait for the server resumes there, not through a reader of the answer's
     /// start nested under a reader of its rows (callgrind, client instructions: a prepared
-    /// point query 5,340 → 5,069, a pooled one 8,603 → 8,357).
+    /// point query 5,340 → 5,067, a pooled one 8,603 → 8,357).
     async fn run_extended(
         &mut self,
         query: &dyn ToQuery,
