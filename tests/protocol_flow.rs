@@ -295,6 +295,34 @@ async fn terminated_backend_breaks_the_connection() {
     assert_eq!(err.kind(), ErrorKind::Closed);
 }
 
+/// The same for a cached statement, whose answer the row reader reads from its start: the
+/// session's FATAL (or the closed socket) is the error, with its SQLSTATE, not a result.
+#[tokio::test]
+async fn terminated_backend_breaks_a_cached_statements_connection() {
+    let mut victim = connect().await;
+    let mut admin = connect().await;
+    let ask = ("SELECT $1::int4 + 1", (1i32,));
+    assert_eq!(victim.query_one(ask).await.unwrap().get::<_, i32>(0), 2);
+    admin
+        .query(("SELECT pg_terminate_backend($1)", (victim.process_id(),)))
+        .await
+        .unwrap();
+    let hits = victim.stats().cache_hits;
+    let err = victim.query_one(ask).await.unwrap_err();
+    assert!(
+        err.is_closed() || err.code() == Some(&SqlState::ADMIN_SHUTDOWN),
+        "{err}"
+    );
+    assert_eq!(
+        victim.stats().cache_hits,
+        hits + 1,
+        "the cached statement ran"
+    );
+    assert!(victim.is_broken());
+    let err = victim.query_one(ask).await.unwrap_err();
+    assert_eq!(err.kind(), ErrorKind::Closed);
+}
+
 #[tokio::test]
 async fn dropped_query_future_is_drained_before_the_next_query() {
     let mut conn = connect().await;
