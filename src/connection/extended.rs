@@ -222,57 +222,54 @@ impl Connection {
                 break e;
             }
             let mut response = Response::new(Shape::Extended);
-            // The statement of an answer read whole from its start.
-            let mut whole = None;
-            let mut reader = match each.is_some().then(|| self.bound_columns(&plan)) {
-                Some(Some(columns)) => {
-                    whole = Some(plan.kind);
-                    RowReader::new(columns, response, None, false)
-                }
-                _ => {
-                    let columns = match self.read_query_start(&mut response, sql, plan).await {
-                        Ok(Ok(columns)) => columns,
-                        Ok(Err(stale)) => {
-                            let error = self.fail_request(response).await;
-                            if stale && !retried && self.status == TransactionStatus::Idle {
-                                retried = true;
-                                continue;
+            // The attempt's error, and whether it was a refusal of a stale statement before it
+            // ran, which is tried once more.
+            let (error, stale) = 'attempt: {
+                // The statement of an answer read whole from its start.
+                let mut whole = None;
+                let mut reader = match each.is_some().then(|| self.bound_columns(&plan)) {
+                    Some(Some(columns)) => {
+                        whole = Some(plan.kind);
+                        RowReader::new(columns, response, None, false)
+                    }
+                    _ => {
+                        let columns = match self.read_query_start(&mut response, sql, plan).await {
+                            Ok(Ok(columns)) => columns,
+                            Ok(Err(stale)) => {
+                                break 'attempt (self.fail_request(response).await, stale);
                             }
-                            break error;
+                            Err(e) => break 'attempt (e, false),
+                        };
+                        let reader = RowReader::new(columns, response, traced.take(), true);
+                        if self.needs_lookup(reader.columns.iter().map(Column::type_oid)) {
+                            self.read_for_lookup(sql, reader).await?
+                        } else {
+                            reader
                         }
-                        Err(e) => break e,
-                    };
-                    let reader = RowReader::new(columns, response, traced.take(), true);
-                    if self.needs_lookup(reader.columns.iter().map(Column::type_oid)) {
-                        self.read_for_lookup(sql, reader).await?
-                    } else {
-                        reader
                     }
-                }
-            };
-            let Some(each) = each.as_mut() else {
-                return Ok(reader);
-            };
-            let read = poll_fn(|cx| reader.poll_rows(self, cx, each)).await;
-            match (read, whole) {
-                (Ok(_), _) => {
-                    if let Some(traced) = traced {
-                        traced.succeeded(reader.rows_affected.unwrap_or(0));
-                    }
+                };
+                let Some(each) = each.as_mut() else {
                     return Ok(reader);
-                }
-                // Refused before it ran, or out of time before BindComplete (the rest of its
-                // answer was read).
-                (Err(e), Some(kind)) if !reader.bound && !self.is_broken() => {
-                    let stale = self.refused(sql, &kind, &e);
-                    if stale && !retried && self.status == TransactionStatus::Idle {
-                        retried = true;
-                        continue;
+                };
+                match (poll_fn(|cx| reader.poll_rows(self, cx, each)).await, whole) {
+                    (Ok(_), _) => {
+                        if let Some(traced) = traced {
+                            traced.succeeded(reader.rows_affected.unwrap_or(0));
+                        }
+                        return Ok(reader);
                     }
-                    break explain_pooler(e);
+                    (Err(e), Some(kind)) if !reader.bound && !self.is_broken() => {
+                        let stale = self.refused(sql, &kind, &e);
+                        break 'attempt (explain_pooler(e), stale);
+                    }
+                    (Err(e), _) => break 'attempt (e, false),
                 }
-                (Err(e), _) => break e,
+            };
+            if stale && !retried && self.status == TransactionStatus::Idle {
+                retried = true;
+                continue;
             }
+            break error;
         };
         if let Some(traced) = traced {
             traced.failed(&error);
