@@ -351,15 +351,26 @@ impl<M: Manager> Pool<M> {
     /// Takes a resource: an idle one, a new one if there is room, or the first one returned
     /// to the waiters' queue — within `acquire_timeout`.
     pub async fn acquire(&self) -> Result<Pooled<M>> {
-        self.acquire_by(tokio::time::Instant::now() + self.inner.options.acquire_timeout)
+        let started = tokio::time::Instant::now();
+        self.acquire_within(started, started + self.inner.options.acquire_timeout)
             .await
     }
 
     /// [`acquire`](Self::acquire) within a deadline of the caller's (a pipelined query's
-    /// counts from when it was queued). The timeout error says what the time went on: every
-    /// resource in use, opening one, or the other side refusing new ones while none came back.
+    /// counts from when it was queued).
     pub(crate) async fn acquire_by(&self, deadline: tokio::time::Instant) -> Result<Pooled<M>> {
-        let started = tokio::time::Instant::now();
+        self.acquire_within(tokio::time::Instant::now(), deadline)
+            .await
+    }
+
+    /// An acquire that began at `started` (one clock reading serves the deadline and the
+    /// wait's measure). The timeout error says what the time went on: every resource in use,
+    /// opening one, or the other side refusing new ones while none came back.
+    async fn acquire_within(
+        &self,
+        started: tokio::time::Instant,
+        deadline: tokio::time::Instant,
+    ) -> Result<Pooled<M>> {
         let mut waited_on = WaitedOn::Others;
         // The deadline's timer is made only if the acquire has to wait: an idle connection is
         // handed over without one.
@@ -500,25 +511,25 @@ impl<M: Manager> Pool<M> {
     /// Checks an idle resource before handing it out: too old → close; idle long → health
     /// check. Returns `None` if it was discarded (the caller tries again).
     async fn check_out(&self, mut pooled: Pooled<M>) -> Option<Pooled<M>> {
+        // A resource handed straight over by the task that returned it (no idle time) was in
+        // use a moment ago, and its return found it clean and young enough: asking again
+        // whether the other side has closed it, or whether it has outlived `max_lifetime`,
+        // could only catch what happened in those microseconds, as it could after the
+        // checkout. One that sat idle is asked both.
+        let Some(idle_since) = pooled.idle_since.take() else {
+            return Some(pooled);
+        };
         let opts = &self.inner.options;
         if opts
             .max_lifetime
             .is_some_and(|max| pooled.created.elapsed() >= max)
+            || !self.inner.manager.is_alive(pooled.resource_mut())
         {
             pooled.discard();
             return None;
         }
-        // A resource handed straight over by the task that returned it (no idle time) was in
-        // use a moment ago, and its return found it clean: asking whether the other side has
-        // closed it since could only catch a close in those microseconds, as it could after
-        // the checkout. One that sat idle is asked.
-        if pooled.idle_since.is_some() && !self.inner.manager.is_alive(pooled.resource_mut()) {
-            pooled.discard();
-            return None;
-        }
-        let idle_for = pooled.idle_since.take().map(|t| t.elapsed());
-        if let (Some(idle_for), Some(after)) = (idle_for, opts.health_check_after)
-            && idle_for >= after
+        if let Some(after) = opts.health_check_after
+            && idle_since.elapsed() >= after
         {
             let ok = self
                 .inner

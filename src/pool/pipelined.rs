@@ -160,7 +160,12 @@ struct Clock(Instant);
 
 impl Clock {
     fn now(&self) -> u64 {
-        u64::try_from(self.0.elapsed().as_nanos()).unwrap_or(u64::MAX) | 1
+        self.at(Instant::now())
+    }
+
+    /// `instant` on this clock.
+    fn at(&self, instant: Instant) -> u64 {
+        u64::try_from(instant.saturating_duration_since(self.0).as_nanos()).unwrap_or(u64::MAX) | 1
     }
 }
 
@@ -230,13 +235,15 @@ impl Pipeline {
         };
         let (reply, answer) = oneshot::channel();
         let watched = tracing::span_enabled!(target: "pgengine::query", tracing::Level::INFO);
-        let driver = self.driver_for_next();
-        let deadline = tokio::time::Instant::now() + self.acquire_timeout;
+        // One clock reading for the choice of driver, the deadline and the trace.
+        let queued = Instant::now();
+        let driver = self.driver_for_next(self.clock.at(queued));
+        let deadline = tokio::time::Instant::from_std(queued) + self.acquire_timeout;
         let request = Request {
             sql: Arc::from(query.sql()),
             params,
             deadline,
-            queued_at: watched.then(Instant::now),
+            queued_at: watched.then_some(queued),
             span: if watched {
                 tracing::Span::current()
             } else {
@@ -279,8 +286,7 @@ impl Pipeline {
     /// The driver that takes the next query: the first that [takes more](Gauge::takes_more),
     /// else the one with the fewest queries waiting or in flight, equally loaded ones taking
     /// turns.
-    fn driver_for_next(&self) -> &Driver {
-        let now = self.clock.now();
+    fn driver_for_next(&self, now: u64) -> &Driver {
         if let Some(d) = self
             .drivers
             .iter()
@@ -487,12 +493,18 @@ async fn drive(
                 }
                 break None;
             };
-            if !conn.has_buffered_answer() {
+            let buffered = conn.has_buffered_answer();
+            if !buffered {
                 // Reading it will wait for the socket: the answers read go first.
                 std::mem::take(&mut ready).pass();
             }
             let answer = conn.read_answer(&request, sent).await;
-            let now = clock.now();
+            // An answer that was whole in the buffer came with the one before it.
+            let now = if buffered && last_answer != 0 {
+                last_answer
+            } else {
+                clock.now()
+            };
             if sent_at <= last_answer {
                 // Queued while the previous answer was coming: the time between the two is
                 // what the server took for this one. (An answer to a query sent to an idle
@@ -699,7 +711,7 @@ mod tests {
 
     /// Picks a driver and counts a query on it, as `run` does.
     fn take(p: &Pipeline, held: &mut Vec<LoadTicket>) -> usize {
-        let i = index(p, p.driver_for_next());
+        let i = index(p, p.driver_for_next(p.clock.now()));
         held.push(LoadTicket::take(&p.drivers[i].gauge));
         i
     }
@@ -708,7 +720,9 @@ mod tests {
     fn with_depth_one_queries_go_to_an_idle_driver_else_the_least_loaded_in_turns() {
         let (p, _queues) = pipeline(3, 1, FAST);
         // All idle: the first.
-        let picks: Vec<usize> = (0..3).map(|_| index(&p, p.driver_for_next())).collect();
+        let picks: Vec<usize> = (0..3)
+            .map(|_| index(&p, p.driver_for_next(p.clock.now())))
+            .collect();
         assert_eq!(picks, [0, 0, 0]);
         // Driver 0 carries two queries, driver 1 one: driver 2 is the idle one.
         let held = [
@@ -717,11 +731,13 @@ mod tests {
             LoadTicket::take(&p.drivers[1].gauge),
         ];
         for _ in 0..3 {
-            assert_eq!(index(&p, p.driver_for_next()), 2);
+            assert_eq!(index(&p, p.driver_for_next(p.clock.now())), 2);
         }
         let third = LoadTicket::take(&p.drivers[2].gauge);
         // Now 2, 1, 1: never driver 0.
-        let picks: Vec<usize> = (0..4).map(|_| index(&p, p.driver_for_next())).collect();
+        let picks: Vec<usize> = (0..4)
+            .map(|_| index(&p, p.driver_for_next(p.clock.now())))
+            .collect();
         assert!(picks.iter().all(|&i| i != 0), "{picks:?}");
         assert!(picks.contains(&1) && picks.contains(&2), "{picks:?}");
         // Answered queries give their share back.
@@ -746,7 +762,7 @@ mod tests {
         assert_eq!(picks, [0, 1, 2]);
         // The first driver's queries are answered: it is the first to take more again.
         held.retain(|t| !Arc::ptr_eq(&t.0, &p.drivers[0].gauge));
-        assert_eq!(index(&p, p.driver_for_next()), 0);
+        assert_eq!(index(&p, p.driver_for_next(p.clock.now())), 0);
     }
 
     #[test]

@@ -105,6 +105,46 @@ async fn reuses_and_respects_max_size() {
 }
 
 #[tokio::test]
+async fn a_resource_past_its_max_lifetime_is_closed_not_handed_out() {
+    let counts = Arc::new(Counts::default());
+    let options = PoolOptions::default()
+        .max_size(1)
+        .acquire_timeout(Duration::from_secs(5))
+        .idle_timeout(None)
+        .max_lifetime(Some(Duration::from_millis(100)));
+    let pool = Pool::new(FakeManager(counts.clone()), options);
+    let closed = || counts.closed.load(Ordering::SeqCst);
+    // Young when it comes back: reused.
+    let a = pool.acquire().await.unwrap();
+    let first = a.id;
+    drop(a);
+    let a = pool.acquire().await.unwrap();
+    assert_eq!(a.id, first);
+    // Past its lifetime when it comes back with a task waiting: closed, and the waiter gets a
+    // new one.
+    let waiter = tokio::spawn({
+        let pool = pool.clone();
+        async move { pool.acquire().await.map(|r| r.id) }
+    });
+    settle().await;
+    assert_eq!(pool.stats().waiters, 1);
+    tokio::time::sleep(Duration::from_millis(150)).await;
+    drop(a);
+    let second = waiter.await.unwrap().unwrap();
+    assert_ne!(second, first);
+    settle().await;
+    assert_eq!(closed(), 1);
+    // Past its lifetime while idle: closed, whether by the checkout or by the pool's upkeep,
+    // and never handed out.
+    tokio::time::sleep(Duration::from_millis(150)).await;
+    let third = pool.acquire().await.unwrap();
+    assert_ne!(third.id, second);
+    settle().await;
+    assert_eq!(closed(), 2);
+    assert_eq!(counts.opened.load(Ordering::SeqCst), 3);
+}
+
+#[tokio::test]
 async fn waiters_are_served_first_come_first_served() {
     let (pool, _) = pool(1, 5_000);
     let held = pool.acquire().await.unwrap();
