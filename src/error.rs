@@ -153,6 +153,7 @@ struct Inner {
 }
 
 impl Error {
+    #[cold]
     fn new(kind: ErrorKind, message: impl Into<String>) -> Error {
         Error(Box::new(Inner {
             kind,
@@ -166,36 +167,43 @@ impl Error {
     }
 
     /// A malformed or unknown connection setting.
+    #[cold]
     pub(crate) fn config(message: impl Into<String>) -> Error {
         Error::new(ErrorKind::Config, message)
     }
 
     /// The peer broke the wire protocol.
+    #[cold]
     pub(crate) fn protocol(message: impl Into<String>) -> Error {
         Error::new(ErrorKind::Protocol, message)
     }
 
     /// Authentication could not proceed.
+    #[cold]
     pub(crate) fn auth(message: impl Into<String>) -> Error {
         Error::new(ErrorKind::Auth, message)
     }
 
     /// TLS could not be set up.
+    #[cold]
     pub(crate) fn tls(message: impl Into<String>) -> Error {
         Error::new(ErrorKind::Tls, message)
     }
 
     /// An operation ran out of time.
+    #[cold]
     pub(crate) fn timeout(message: impl Into<String>) -> Error {
         Error::new(ErrorKind::Timeout, message)
     }
 
     /// The connection cannot be used any more.
+    #[cold]
     pub(crate) fn closed(message: impl Into<String>) -> Error {
         Error::new(ErrorKind::Closed, message)
     }
 
     /// A transaction state rule was broken.
+    #[cold]
     pub(crate) fn transaction(why: TransactionError, message: impl Into<String>) -> Error {
         let mut e = Error::new(ErrorKind::Transaction, message);
         e.0.transaction = Some(why);
@@ -258,48 +266,57 @@ impl Error {
 
     /// The pool could not serve a request.
     #[allow(dead_code)]
+    #[cold]
     pub(crate) fn pool(message: impl Into<String>) -> Error {
         Error::new(ErrorKind::Pool, message)
     }
 
     /// A value could not be converted between Rust and PostgreSQL.
+    #[cold]
     pub(crate) fn conversion(message: impl Into<String>) -> Error {
         Error::new(ErrorKind::Conversion, message)
     }
 
     /// A column could not be decoded: `cause` is the `FromSql` implementation's error (or
     /// postgres-types' `WrongType`, `WasNull`), kept as the source.
+    #[cold]
     pub(crate) fn from_sql(column: &str, cause: Box<dyn StdError + Send + Sync>) -> Error {
         Error::conversion(format!("could not decode column {column:?}: {cause}")).with_source(cause)
     }
 
     /// A value could not be encoded: `cause` is the `ToSql` implementation's error, kept as
     /// the source. `what` names the value (`parameter $2`, `COPY column 3 (int4)`).
+    #[cold]
     pub(crate) fn to_sql(what: impl fmt::Display, cause: Box<dyn StdError + Send + Sync>) -> Error {
         Error::conversion(format!("{what}: {cause}")).with_source(cause)
     }
 
     /// The connection is not in a state that allows the operation; nothing was sent.
+    #[cold]
     pub(crate) fn busy(message: impl Into<String>) -> Error {
         Error::new(ErrorKind::Busy, message).retry_safe()
     }
 
     /// A query returned the wrong number of rows.
+    #[cold]
     pub(crate) fn row_count(message: impl Into<String>) -> Error {
         Error::new(ErrorKind::RowCount, message)
     }
 
     /// A socket error, with what we were doing when it happened.
+    #[cold]
     pub(crate) fn io(context: &str, err: std::io::Error) -> Error {
         Error::new(ErrorKind::Io, format!("{context}: {err}")).with_source(err)
     }
 
     /// An `ErrorResponse` from the server.
+    #[cold]
     pub(crate) fn db(db: impl Into<Box<DbError>>) -> Error {
         Error::with_db(ErrorKind::Db, db)
     }
 
     /// An `ErrorResponse` that belongs to another kind (e.g. a failed login is `Auth`).
+    #[cold]
     pub(crate) fn with_db(kind: ErrorKind, db: impl Into<Box<DbError>>) -> Error {
         let mut e = Error::new(kind, String::new());
         e.0.db = Some(db.into());

@@ -878,6 +878,7 @@ impl Connection {
     /// stale, so that the query may run again. A statement whose plan no longer fits the
     /// tables is dropped; our statements missing from the server session mean a
     /// transaction-mode pooler, and from now on unnamed statements.
+    #[cold]
     fn refused(&mut self, sql: &str, kind: &PlanKind, error: &Error) -> bool {
         if is_ours_elsewhere(error) {
             // A transaction-mode pooler: nothing ran, and unnamed statements will work.
@@ -1398,6 +1399,7 @@ impl RowReader {
     }
 
     /// Ends the stream with `e`, and its trace.
+    #[cold]
     fn end_with(&mut self, e: Error) -> Error {
         self.state = StreamState::Done;
         if let Some(traced) = self.traced.take() {

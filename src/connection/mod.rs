@@ -890,6 +890,7 @@ impl Connection {
     /// The request in flight took too long. The first time, cancel it on the server and give
     /// the rest of its response the drain timeout to arrive; the second time (the server
     /// answers neither the statement nor the cancel), give the connection up.
+    #[cold]
     fn time_out(&mut self) -> Error {
         let limit = self.watch.limit.unwrap_or_default();
         if self.watch.cancelled {
@@ -974,6 +975,7 @@ impl Connection {
     /// The connection failed with `e` while sending. If the server said why before it went
     /// — a FATAL such as 57P01 when an administrator ended the session — that is the error
     /// worth reporting, with its SQLSTATE; it may still be in the socket or the read buffer.
+    #[cold]
     fn reason_for_loss(&mut self, e: Error) -> Error {
         if !matches!(e.kind(), crate::ErrorKind::Io | crate::ErrorKind::Closed) {
             return e;
@@ -1204,6 +1206,7 @@ impl Connection {
     }
 
     /// A step that has no place where it came: the byte stream cannot be trusted.
+    #[cold]
     pub(super) fn unexpected_step(&mut self, step: Step, during: &str) -> Error {
         let tag = match step {
             Step::Row(_) => 'D',
@@ -1216,6 +1219,7 @@ impl Connection {
     }
 
     /// The one place `broken` is set: the first reason is kept, and it is never cleared.
+    #[cold]
     fn mark_broken(&mut self, reason: String) {
         if self.broken.is_none() {
             self.broken = Some(reason);
@@ -1223,15 +1227,18 @@ impl Connection {
     }
 
     /// Marks the connection broken because of `e`, and returns `e`.
+    #[cold]
     fn fail(&mut self, e: Error) -> Error {
         self.mark_broken(e.to_string());
         e
     }
 
+    #[cold]
     fn protocol_error(&mut self, what: &str) -> Error {
         self.fail(Error::protocol(what.to_owned()))
     }
 
+    #[cold]
     fn unexpected(&mut self, msg: &BackendMessage, during: &str) -> Error {
         self.protocol_error(&format!(
             "unexpected message {:?} during {during}",

@@ -172,6 +172,7 @@ impl Response {
     /// Records an error of the caller's for the request (a value that could not be decoded),
     /// unless the server's came first; the rest of the response is read, and it is the
     /// request's outcome.
+    #[cold]
     pub(crate) fn fail_with(&mut self, error: Error) {
         self.error.get_or_insert(error);
         self.answered = true;
@@ -270,6 +271,7 @@ impl Response {
     /// server's own error for the request wins over the connection's (the server refused the
     /// request, then the session ended); an error of ours (a timeout) gives way to the
     /// connection's fuller story.
+    #[cold]
     pub(crate) fn lost(&mut self, e: Error) -> Error {
         match self.error.take() {
             Some(first) if first.kind() == crate::ErrorKind::Db => first,

@@ -59,20 +59,28 @@ pub fn frame_len(buf: &[u8], max_len: usize) -> Result<Option<usize>> {
     let Some((tag, len)) = header(buf) else {
         return Ok(None);
     };
+    match usize::try_from(len) {
+        Ok(n) if n >= 4 && n <= max_len => Ok(Some(n)),
+        _ => Err(bad_length(tag, len, max_len)),
+    }
+}
+
+/// The error for a length [`frame_len`] refuses: out of line, so that the check every message
+/// passes stays a few instructions long.
+#[cold]
+#[inline(never)]
+fn bad_length(tag: u8, len: i32, max_len: usize) -> Error {
     if len < 4 {
-        return Err(Error::protocol(format!(
+        Error::protocol(format!(
             "message {:?} has an invalid length {len}",
             tag as char
-        )));
-    }
-    let len = len as usize;
-    if len > max_len {
-        return Err(Error::protocol(format!(
+        ))
+    } else {
+        Error::protocol(format!(
             "message {:?} of {len} bytes exceeds the limit of {max_len} bytes",
             tag as char
-        )));
+        ))
     }
-    Ok(Some(len))
 }
 
 /// The tag and length field of the message at the front of `buf` if the whole message has
