@@ -101,11 +101,51 @@ pub struct FieldDescription {
 /// ```
 ///
 /// The layout is checked once at decode time, so walking it later cannot fail.
-#[derive(Clone, PartialEq, Eq)]
+#[derive(Clone)]
 pub struct DataRow {
     /// The body after the column count.
     body: Bytes,
     columns: u16,
+    /// Where the length words of columns 1 to [`NOTED`] begin in `body` (column 0's is at 0),
+    /// noted as the layout is checked, so that reading a column does not hop over every one
+    /// before it; 0 where not noted (past 64 KiB into the body).
+    starts: [u16; NOTED],
+}
+
+/// How many columns after the first have their place noted in a [`DataRow`]: 6 fit beside
+/// the column count in the padding of the struct, and cover most rows.
+const NOTED: usize = 6;
+
+impl PartialEq for DataRow {
+    fn eq(&self, other: &DataRow) -> bool {
+        // `starts` follows from the body.
+        self.columns == other.columns && self.body == other.body
+    }
+}
+
+impl Eq for DataRow {}
+
+/// The places of a row's columns as its layout is walked: column k's goes to slot k, those
+/// past the noted ones all to the last slot — a store per column, with no branch.
+struct Places([u16; NOTED + 2]);
+
+impl Places {
+    fn new() -> Places {
+        Places([0; NOTED + 2])
+    }
+
+    /// Column `k`'s length word begins `at` bytes into the body (0 if that does not fit).
+    #[inline(always)]
+    fn note(&mut self, k: usize, at: usize) {
+        self.0[k.min(NOTED + 1)] = u16::try_from(at).unwrap_or(0);
+    }
+
+    /// What a [`DataRow`] keeps: the places of columns 1 to [`NOTED`].
+    fn starts(&self) -> [u16; NOTED] {
+        let mut starts = [0; NOTED];
+        starts.copy_from_slice(&self.0[1..=NOTED]);
+        starts
+    }
 }
 
 impl DataRow {
@@ -122,7 +162,9 @@ impl DataRow {
             Error::protocol(format!("DataRow has a negative column count: {count}"))
         })?;
         let mut pos = 2;
-        for _ in 0..columns {
+        let mut places = Places::new();
+        for k in 0..usize::from(columns) {
+            places.note(k, pos - 2);
             let Some(word) = b.get(pos..pos + 4) else {
                 return Err(truncated());
             };
@@ -146,7 +188,11 @@ impl DataRow {
             )));
         }
         body.advance(2); // the column count; advancing an owned Bytes touches no counter
-        Ok(DataRow { body, columns })
+        Ok(DataRow {
+            body,
+            columns,
+            starts: places.starts(),
+        })
     }
 
     /// The number of columns.
@@ -178,10 +224,18 @@ impl DataRow {
         if idx >= usize::from(self.columns) {
             return None;
         }
-        // Hop over the columns before it by their length words alone. The layout was checked
-        // in DataRow::decode; the checked splits keep even a broken one in bounds.
-        let mut rest: &[u8] = &self.body;
-        for _ in 0..idx {
+        // From the nearest column whose place was noted, hop over the ones before it by their
+        // length words alone. The layout was checked in DataRow::decode; the checked splits
+        // keep even a broken one in bounds.
+        let (from, at) = match idx.min(NOTED) {
+            0 => (0, 0),
+            k => match self.starts[k - 1] {
+                0 => (0, 0),
+                at => (k, usize::from(at)),
+            },
+        };
+        let mut rest: &[u8] = self.body.get(at..)?;
+        for _ in from..idx {
             let (word, tail) = rest.split_first_chunk::<4>()?;
             rest = match usize::try_from(i32::from_be_bytes(*word)) {
                 Ok(len) => tail.get(len..)?,
@@ -593,7 +647,9 @@ impl FromIterator<Option<Bytes>> for DataRow {
     fn from_iter<I: IntoIterator<Item = Option<Bytes>>>(iter: I) -> DataRow {
         let mut body = BytesMut::new();
         let mut columns: u16 = 0;
+        let mut places = Places::new();
         for v in iter {
+            places.note(usize::from(columns), body.len());
             columns = columns.saturating_add(1);
             match v {
                 Some(v) => {
@@ -606,6 +662,7 @@ impl FromIterator<Option<Bytes>> for DataRow {
         DataRow {
             body: body.freeze(),
             columns,
+            starts: places.starts(),
         }
     }
 }
@@ -781,6 +838,38 @@ mod tests {
         assert_eq!(row.len(), 2);
         assert_eq!(row.value(0), Some(&b"abc"[..]));
         assert_eq!(row.value(1), None);
+    }
+
+    #[test]
+    fn data_row_values_far_into_a_long_row() {
+        // Columns whose places lie past 64 KiB into the body are found by walking: a long
+        // value first, then values of every kind, read in every order.
+        let long = Bytes::from(vec![7u8; 70_000]);
+        let mut cols: Vec<Option<Bytes>> = vec![Some(Bytes::from_static(b"a")), Some(long)];
+        for i in 0..9u8 {
+            cols.push(match i % 3 {
+                0 => None,
+                1 => Some(Bytes::new()),
+                _ => Some(Bytes::from(vec![i; usize::from(i)])),
+            });
+        }
+        let built: DataRow = cols.iter().cloned().collect();
+        let mut wire = BytesMut::new();
+        BackendMessage::DataRow(built.clone())
+            .encode(&mut wire)
+            .unwrap();
+        let Some(BackendMessage::DataRow(row)) =
+            super::super::read_message(&mut wire, usize::MAX).unwrap()
+        else {
+            panic!("not a DataRow")
+        };
+        assert_eq!(row, built);
+        for r in [&row, &built] {
+            for i in (0..cols.len()).rev().chain(0..cols.len()) {
+                assert_eq!(r.value(i), cols[i].as_deref(), "column {i}");
+            }
+            assert_eq!(r.value(cols.len()), None);
+        }
     }
 
     #[test]

@@ -258,7 +258,7 @@ proptest! {
     /// the whole input.
     #[test]
     fn a_data_rows_values_are_the_same_in_any_order_of_reading(
-        cols in proptest::collection::vec(proptest::option::of(bytes()), 0..8),
+        cols in proptest::collection::vec(proptest::option::of(bytes()), 0..12),
         order in proptest::collection::vec(0usize..10, 0..24),
     ) {
         // Decoded from the wire, as a connection gets it.
