@@ -154,17 +154,18 @@ impl Gauge {
     }
 }
 
-/// Nanoseconds since the pipeline started, never 0 (0 stands for "no time").
+/// Nanoseconds since the pipeline started, never 0 (0 stands for "no time"), on the runtime's
+/// clock (which a test may have paused), as the deadlines are.
 #[derive(Clone, Copy)]
-struct Clock(Instant);
+struct Clock(tokio::time::Instant);
 
 impl Clock {
     fn now(&self) -> u64 {
-        self.at(Instant::now())
+        self.at(tokio::time::Instant::now())
     }
 
     /// `instant` on this clock.
-    fn at(&self, instant: Instant) -> u64 {
+    fn at(&self, instant: tokio::time::Instant) -> u64 {
         u64::try_from(instant.saturating_duration_since(self.0).as_nanos()).unwrap_or(u64::MAX) | 1
     }
 }
@@ -201,7 +202,7 @@ impl Pipeline {
     /// Starts `drivers` driver tasks over `pool` (needs a tokio runtime), each carrying up to
     /// `depth` queries before the next is used. They end when the pipeline is dropped.
     pub(crate) fn start(pool: Pool<ConnectionManager>, drivers: usize, depth: usize) -> Pipeline {
-        let clock = Clock(Instant::now());
+        let clock = Clock(tokio::time::Instant::now());
         let acquire_timeout = pool.options().acquire_timeout;
         let drivers = (0..drivers.max(1))
             .map(|_| {
@@ -235,15 +236,16 @@ impl Pipeline {
         };
         let (reply, answer) = oneshot::channel();
         let watched = tracing::span_enabled!(target: "pgengine::query", tracing::Level::INFO);
-        // One clock reading for the choice of driver, the deadline and the trace.
-        let queued = Instant::now();
+        // One clock reading for the choice of driver and the deadline (the runtime's clock,
+        // which a test may have paused).
+        let queued = tokio::time::Instant::now();
         let driver = self.driver_for_next(self.clock.at(queued));
-        let deadline = tokio::time::Instant::from_std(queued) + self.acquire_timeout;
+        let deadline = queued + self.acquire_timeout;
         let request = Request {
             sql: Arc::from(query.sql()),
             params,
             deadline,
-            queued_at: watched.then_some(queued),
+            queued_at: watched.then(Instant::now),
             span: if watched {
                 tracing::Span::current()
             } else {
@@ -686,7 +688,7 @@ mod tests {
                 (Driver { queue, gauge }, rx)
             })
             .unzip();
-        let started = Instant::now().checked_sub(age).unwrap();
+        let started = tokio::time::Instant::now().checked_sub(age).unwrap();
         let pipeline = Pipeline {
             drivers,
             next: AtomicUsize::new(0),
