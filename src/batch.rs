@@ -280,14 +280,12 @@ impl<'a> AsyncBatch<'a> {
             rows: 0,
         };
         let columns = inner.columns.clone();
-        if inner
-            .conn()
-            .needs_lookup(columns.iter().map(Column::type_oid))
-        {
+        if crate::Connection::needs_lookup(&columns) {
             // Types the server defined at run time: look them up while the connection is free,
-            // after the first batch and before any other Execute goes out.
+            // after the first batch and before any other Execute goes out (through a portal
+            // of their own: see `Connection::resolve_type`).
             let first = inner.next_answer().await?;
-            inner.columns = inner.conn().resolve_columns(&columns).await?.into();
+            inner.columns = inner.conn().resolve_columns(query.sql(), &columns).await?;
             let columns = inner.columns.clone();
             inner.first = first.map(|rows| {
                 rows.into_iter()

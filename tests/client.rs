@@ -480,3 +480,156 @@ async fn atomic_and_batch_take_every_query_form() {
     })
     .await;
 }
+
+/// The rows of `ROWS_SQL`, as a test expects them: (g, 'name-g', g as float8 or NULL every 7th).
+const ROWS: i32 = 20_000;
+const ROWS_SQL: &str = "SELECT g, 'name-' || g AS name, CASE WHEN g % 7 = 0 THEN NULL \
+                        ELSE g::float8 END AS x FROM generate_series(1, 20000) g";
+
+fn check_row(row: &pgengine::Row, g: i32) {
+    assert_eq!(row.len(), 3);
+    assert_eq!(row.columns()[1].name(), "name");
+    assert_eq!(row.get::<_, i32>(0), g);
+    assert_eq!(row.get::<_, &str>("name"), format!("name-{g}"));
+    let x: Option<f64> = row.get(2);
+    assert_eq!(x, (g % 7 != 0).then_some(g as f64));
+}
+
+#[tokio::test]
+async fn rows_read_together_are_whole_and_outlive_their_query_and_engine() {
+    // Many rows arrive in each read and are taken together, sharing one piece of the read
+    // buffer: every path that reads rows must give each its own values, in order, and the
+    // rows must stay whole after the stream, the batch and the engine are gone, wherever
+    // they are moved and dropped.
+    let rows = bounded("rows read together", async {
+        let engine = engine();
+        engine
+            .start_connection_pool(PoolOptions::default().max_size(2))
+            .await
+            .unwrap();
+        let queried = engine.query(ROWS_SQL).await.unwrap();
+        let streamed: Vec<_> = engine
+            .query_stream(ROWS_SQL)
+            .await
+            .unwrap()
+            .try_collect()
+            .await
+            .unwrap();
+        let mut batched = Vec::new();
+        let mut batches = engine.batch(ROWS_SQL, 1000).await.unwrap();
+        while let Some(batch) = batches.next_batch().await.unwrap() {
+            assert!(batch.len() <= 1000);
+            batched.extend(batch);
+        }
+        drop(batches);
+        let mut atomic = engine.atomic();
+        atomic.add(ROWS_SQL);
+        let (atomic_rows, _) = atomic.run().await.unwrap().pop().unwrap();
+        engine.close_connection_pool().await.unwrap();
+
+        let pipelined = engine_with(PoolOptions::default().max_size(2).pipeline(2)).await;
+        let piped = pipelined.query(ROWS_SQL).await.unwrap();
+        pipelined.close_connection_pool().await.unwrap();
+        [queried, streamed, batched, atomic_rows, piped]
+    })
+    .await;
+    for rows in &rows {
+        assert_eq!(rows.len(), ROWS as usize);
+        for (row, g) in rows.iter().zip(1..) {
+            check_row(row, g);
+        }
+    }
+    // Clones read the same; rows of one read moved to other threads and dropped there, in
+    // any order, leave the others whole.
+    let [queried, streamed, ..] = rows;
+    let clones: Vec<_> = queried.iter().step_by(3).cloned().collect();
+    let threads: Vec<_> = [queried, streamed]
+        .into_iter()
+        .flat_map(|rows| {
+            let mut rows = rows.into_iter().zip(1..).collect::<Vec<_>>();
+            let odd: Vec<_> = rows.iter().filter(|(_, g)| g % 2 == 1).cloned().collect();
+            rows.retain(|(_, g)| g % 2 == 0);
+            [odd, rows]
+        })
+        .map(|rows| {
+            std::thread::spawn(move || {
+                for (row, g) in rows.iter().rev() {
+                    check_row(row, *g);
+                }
+            })
+        })
+        .collect();
+    for thread in threads {
+        thread.join().unwrap();
+    }
+    for (row, g) in clones.iter().zip((1..).step_by(3)) {
+        check_row(row, g);
+    }
+}
+
+#[tokio::test]
+async fn rows_read_together_keep_their_values_when_their_types_are_looked_up() {
+    // A type defined at run time makes the first rows be read before their types are known,
+    // then given the looked-up columns.
+    bounded("rows retyped", async {
+        let engine = engine_with(PoolOptions::default().max_size(1)).await;
+        engine
+            .run_ddl(
+                "DROP TYPE IF EXISTS rows_mood CASCADE; \
+                 CREATE TYPE rows_mood AS ENUM ('sad', 'ok', 'happy')",
+            )
+            .await
+            .unwrap();
+        let sql = "SELECT g, (ARRAY['sad', 'ok', 'happy']::rows_mood[])[g % 3 + 1] AS mood \
+                   FROM generate_series(1, 5000) g";
+        let mood = |g: i32| ["sad", "ok", "happy"][(g % 3) as usize].as_bytes();
+        let check = |rows: &[pgengine::Row], from: i32| {
+            for (row, g) in rows.iter().zip(from..) {
+                assert_eq!(row.get::<_, i32>(0), g);
+                assert_eq!(row.columns()[1].type_().name(), "rows_mood");
+                assert_eq!(row.raw(1), Some(mood(g)));
+            }
+        };
+        // Without a statement cache too: the batch's statement is then the unnamed one.
+        let uncached = PostgresEngine::builder(common::tcp_config(TempCluster::SUPERUSER))
+            .statement_cache_capacity(0)
+            .build();
+        uncached
+            .start_connection_pool(PoolOptions::default().max_size(1))
+            .await
+            .unwrap();
+        for engine in [&engine, &uncached] {
+            // Every batch, not only the first: the lookup runs between two of them.
+            let mut batches = engine.batch(sql, 1000).await.unwrap();
+            let mut from = 1;
+            while let Some(batch) = batches.next_batch().await.unwrap() {
+                check(&batch, from);
+                from += batch.len() as i32;
+            }
+            assert_eq!(from, 5001);
+            drop(batches);
+            // The statement the batch cached is run again with the types looked up.
+            let rows = engine.query(sql).await.unwrap();
+            assert_eq!(rows.len(), 5000);
+            check(&rows, 1);
+            let streamed: Vec<_> = engine
+                .query_stream(sql)
+                .await
+                .unwrap()
+                .try_collect()
+                .await
+                .unwrap();
+            check(&streamed, 1);
+        }
+        uncached.close_connection_pool().await.unwrap();
+        engine.run_ddl("DROP TYPE rows_mood").await.unwrap();
+        engine.close_connection_pool().await.unwrap();
+    })
+    .await;
+}
+
+async fn engine_with(options: PoolOptions) -> PostgresEngine {
+    let engine = engine();
+    engine.start_connection_pool(options).await.unwrap();
+    engine
+}

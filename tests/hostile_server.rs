@@ -442,6 +442,89 @@ async fn data_row_with_more_columns_than_row_description_extended() {
     server.finish().await;
 }
 
+/// Rows that arrive in one read are taken together; a bad one among them must still fail the
+/// query only after the good rows before it, and break the connection.
+fn rows_then(bad: Vec<u8>) -> Vec<u8> {
+    let mut raw = Vec::new();
+    for n in 1..=3 {
+        raw.extend(encode(&int4_row(&[n])));
+    }
+    raw.extend(bad);
+    raw.extend(encode(&command_complete("SELECT 4")));
+    raw.extend(encode(&ready(TransactionStatus::Idle)));
+    raw
+}
+
+/// The bad rows for [`rows_then`]: one with a column too many, one whose value runs past its
+/// end; and the error each must give.
+fn bad_rows() -> [(Vec<u8>, &'static str); 2] {
+    [
+        (
+            encode(&int4_row(&[4, 5])),
+            "DataRow has 2 columns but RowDescription has 1",
+        ),
+        (framed(b'D', &[0, 1, 0, 0, 0, 9, 1, 2]), "truncated"),
+    ]
+}
+
+#[tokio::test]
+async fn a_bad_row_among_rows_read_together_streamed_ends_the_rows_after_those_before_it() {
+    for (bad, expected) in bad_rows() {
+        let server = MockServer::start(script([
+            trust_login(),
+            extended_query_start(int4_columns(&["n"])),
+            vec![Step::SendRaw(rows_then(bad))],
+        ]))
+        .await;
+        let mut conn = connect(&server.config()).await;
+        {
+            let mut rows = guard("query_stream", conn.query_stream("SELECT n"))
+                .await
+                .expect("the query starts");
+            for n in 1..=3 {
+                let row = guard("a good row", rows.try_next())
+                    .await
+                    .expect("the rows before the bad one are fine")
+                    .expect("a row");
+                assert_eq!(row.get::<_, i32>(0), n);
+            }
+            let err = guard("the bad row", rows.try_next())
+                .await
+                .expect_err("the fourth row is bad");
+            assert_error(&err, ErrorKind::Protocol, expected);
+            assert!(
+                guard("after the error", rows.try_next())
+                    .await
+                    .expect("the stream is over")
+                    .is_none()
+            );
+        }
+        assert_broken(&mut conn).await;
+        drop(conn);
+        server.finish().await;
+    }
+}
+
+#[tokio::test]
+async fn a_bad_row_among_rows_read_together_fails_the_query() {
+    for (bad, expected) in bad_rows() {
+        let server = MockServer::start(script([
+            trust_login(),
+            extended_query_start(int4_columns(&["n"])),
+            vec![Step::SendRaw(rows_then(bad))],
+        ]))
+        .await;
+        let mut conn = connect(&server.config()).await;
+        let err = guard("query", conn.query("SELECT n"))
+            .await
+            .expect_err("the fourth row is bad");
+        assert_error(&err, ErrorKind::Protocol, expected);
+        assert_broken(&mut conn).await;
+        drop(conn);
+        server.finish().await;
+    }
+}
+
 #[tokio::test]
 async fn column_length_of_minus_2() {
     // One column whose length is -2: only -1 (NULL) is a valid negative length.

@@ -20,6 +20,7 @@
 //! transaction, where the failed attempt cannot have changed anything.
 
 use std::collections::HashMap;
+use std::collections::VecDeque;
 use std::future::poll_fn;
 use std::pin::Pin;
 use std::sync::Arc;
@@ -240,12 +241,18 @@ impl Connection {
                             }
                             Err(e) => break 'attempt (e, false),
                         };
-                        let reader = RowReader::new(columns, response, traced.take(), true);
-                        if self.needs_lookup(reader.columns.iter().map(Column::type_oid)) {
-                            self.read_for_lookup(sql, reader).await?
-                        } else {
-                            reader
+                        let mut reader = RowReader::new(columns, response, traced.take(), true);
+                        if Connection::needs_lookup(&reader.columns) {
+                            match self.known_columns(&reader.columns) {
+                                // Looked up since the statement was described.
+                                Some(columns) => {
+                                    self.remember_columns(sql, &columns);
+                                    reader.columns = columns;
+                                }
+                                None => reader = self.read_for_lookup(sql, reader).await?,
+                            }
                         }
+                        reader
                     }
                 };
                 let Some(each) = each.as_mut() else {
@@ -286,7 +293,7 @@ impl Connection {
             PlanKind::Cached { statement }
                 if plan.closes.is_empty()
                     && !statement.name.is_empty()
-                    && !self.needs_lookup(statement.columns.iter().map(Column::type_oid)) =>
+                    && !Connection::needs_lookup(&statement.columns) =>
             {
                 Some(statement.columns.clone())
             }
@@ -332,11 +339,7 @@ impl Connection {
             Some(e) => traced.failed(e),
             None => traced.succeeded(rows_affected.unwrap_or(rows.len() as u64)),
         }
-        let columns: Arc<[Column]> = self.resolve_columns(&columns).await?.into();
-        if let Some(statement) = self.statements.get(sql).cloned() {
-            self.statements
-                .insert(sql, statement.with_columns(columns.clone()));
-        }
+        let columns = self.resolve_columns(sql, &columns).await?;
         Ok(RowReader {
             columns,
             response: Response::new(Shape::Drain),
@@ -763,8 +766,8 @@ impl Connection {
         for ty in param_types.iter().flat_map(|t| t.iter()) {
             types.push(self.resolve_type(ty.oid()).await?);
         }
-        let columns = self.resolve_columns(&columns).await?;
-        Ok(self.remember(sql, &name, Some(types.into()), columns.into()))
+        let columns = self.resolve_columns(sql, &columns).await?;
+        Ok(self.remember(sql, &name, Some(types.into()), columns))
     }
 
     /// Caches a statement the server has described (a no-op when caching is off) and returns
@@ -1033,14 +1036,13 @@ impl Connection {
         }
         // Result types the server defined at run time are looked up now that the connection
         // is free (see query_stream).
-        for (rows, _) in &mut results {
+        for (query, (rows, _)) in queries.iter().zip(&mut results) {
             let Some(first) = rows.first() else { continue };
-            if self.needs_lookup(first.columns().iter().map(Column::type_oid)) {
-                let columns: Arc<[Column]> = self
-                    .resolve_columns(first.columns())
+            if Connection::needs_lookup(first.columns()) {
+                let columns = self
+                    .resolve_columns(query.sql(), first.columns())
                     .await
-                    .map_err(|e| (None, e))?
-                    .into();
+                    .map_err(|e| (None, e))?;
                 *rows = std::mem::take(rows)
                     .into_iter()
                     .map(|r| r.retyped(columns.clone()))
@@ -1113,22 +1115,24 @@ impl Connection {
         }
     }
 
-    /// Adds to `rows` every DataRow already whole in the read buffer (see
-    /// [`MessageStream::take_data_row`](super::stream::MessageStream::take_data_row)); a
+    /// Hands to `each` every DataRow already whole in the read buffer (see
+    /// [`MessageStream::take_data_rows`](super::stream::MessageStream::take_data_rows)); a
     /// malformed one breaks the connection, as on the general read path.
     pub(super) fn take_buffered_rows(
         &mut self,
         columns: &Arc<[Column]>,
-        rows: &mut Vec<Row>,
+        mut each: impl FnMut(Row),
     ) -> Result<()> {
-        loop {
-            let data = match self.stream.take_data_row() {
-                Ok(Some(data)) => data,
-                Ok(None) => return Ok(()),
-                Err(e) => return Err(self.fail(e)),
-            };
-            rows.push(Row::new(columns.clone(), data).map_err(|e| self.fail(e))?);
-        }
+        while self.take_row_block(columns, &mut each)? {}
+        Ok(())
+    }
+
+    /// Like [`take_buffered_rows`](Self::take_buffered_rows), but one block of them at most:
+    /// false if there was none.
+    fn take_row_block(&mut self, columns: &Arc<[Column]>, each: impl FnMut(Row)) -> Result<bool> {
+        self.stream
+            .take_data_rows(columns, each)
+            .map_err(|e| self.fail(e))
     }
 
     /// Reads one query's rows up to its CommandComplete (or EmptyQueryResponse). `None` if the
@@ -1140,7 +1144,7 @@ impl Connection {
     ) -> Result<Option<(Vec<Row>, u64)>> {
         let mut rows = Vec::new();
         loop {
-            self.take_buffered_rows(&columns, &mut rows)?;
+            self.take_buffered_rows(&columns, |row| rows.push(row))?;
             // The usual end, whole in the buffer already, taken in place.
             if response.takes_counts()
                 && let Some(done) = self.stream.take_command_complete()
@@ -1224,6 +1228,9 @@ enum StreamState {
 pub struct RowStream<'a> {
     conn: Lease<'a>,
     reader: RowReader,
+    /// The rows that were whole in the read buffer behind the last one handed out, taken
+    /// together (one block at most) and handed out next.
+    queued: VecDeque<Row>,
 }
 
 /// What a step of an answer means for its rows ([`RowReader::take_step`]).
@@ -1253,7 +1260,11 @@ impl<'a> RowStream<'a> {
     /// Sends `query` on `conn`, and reads its rows as the stream is polled.
     pub(crate) async fn start(mut conn: Lease<'a>, query: &dyn ToQuery) -> Result<RowStream<'a>> {
         let reader = conn.run_extended(query, None).await?;
-        Ok(RowStream { conn, reader })
+        Ok(RowStream {
+            conn,
+            reader,
+            queued: VecDeque::new(),
+        })
     }
 
     /// The result's columns.
@@ -1268,7 +1279,15 @@ impl<'a> RowStream<'a> {
 
     /// Polls for the next row.
     pub fn poll_next_row(&mut self, cx: &mut Context<'_>) -> Poll<Option<Result<Row>>> {
-        self.reader.poll_next_row(&mut self.conn, cx)
+        if let Some(row) = self.queued.pop_front() {
+            return Poll::Ready(Some(Ok(row)));
+        }
+        let row = ready!(self.reader.poll_next_row(&mut self.conn, cx));
+        if let Some(Ok(_)) = &row {
+            self.reader
+                .queue_buffered_rows(&mut self.conn, &mut self.queued);
+        }
+        Poll::Ready(row)
     }
 }
 
@@ -1336,10 +1355,34 @@ impl RowReader {
             }
             let step = ready!(conn.poll_step(&mut self.response, cx));
             match self.take_step(conn, step) {
-                Flow::Row(row) => each(row),
+                Flow::Row(row) => {
+                    each(row);
+                    // The rows behind it, already here, are taken together.
+                    if conn.stream.next_tag() == Some(b'D')
+                        && !conn.is_broken()
+                        && let Err(e) = conn.take_buffered_rows(&self.columns, &mut *each)
+                    {
+                        return Poll::Ready(Err(self.end_with(e)));
+                    }
+                }
                 Flow::Next => {}
                 Flow::End(error) => return Poll::Ready(error.map_or(Ok(()), Err)),
             }
+        }
+    }
+
+    /// After a row, queues the rows whole in the read buffer behind it (one block at most). A
+    /// malformed one ends the rows: its error comes next.
+    fn queue_buffered_rows(&mut self, conn: &mut Connection, queued: &mut VecDeque<Row>) {
+        if !matches!(self.state, StreamState::Rows) || conn.is_broken() {
+            return;
+        }
+        if let Err(e) = conn.take_row_block(&self.columns, |row| queued.push_back(row)) {
+            let error = Some(self.end_with(e));
+            self.state = StreamState::Buffered {
+                rows: VecDeque::new(),
+                error,
+            };
         }
     }
 
@@ -1481,7 +1524,7 @@ impl Connection {
         let mut response = Response::new(Shape::Extended);
         let mut more = None;
         loop {
-            self.take_buffered_rows(columns, &mut rows)?;
+            self.take_buffered_rows(columns, |row| rows.push(row))?;
             match self.next_step(&mut response).await? {
                 Step::Row(data) => {
                     rows.push(Row::new(columns.clone(), data).map_err(|e| self.fail(e))?);

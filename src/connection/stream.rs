@@ -18,10 +18,13 @@ use std::task::{Context, Poll, ready};
 use bytes::{Buf, BufMut, BytesMut};
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, ReadBuf};
 
+use std::sync::Arc;
+
 use super::response::Completion;
 use super::socket::{AskAgain, STREAM_SPIN, Socket};
 use crate::error::{Error, Result};
-use crate::protocol::{self, BackendMessage, DataRow, TransactionStatus};
+use crate::protocol::{self, BackendMessage, DataRow, RowLayout, TransactionStatus};
+use crate::row::{Block, Column, Row, RowPlace, column_count_mismatch};
 
 /// How much free room the read buffer has before a read that follows a read which filled
 /// all the room it had (the server is sending a lot).
@@ -33,6 +36,9 @@ const MIN_READ_ROOM: usize = 8 * 1024;
 /// The most a single read reserves for a long message; the rest is reserved as it arrives, so a
 /// length prefix alone (up to the configured limit) never makes us allocate.
 const MAX_RESERVE: usize = 1 << 20;
+/// The most rows [`MessageStream::take_data_rows`] takes at once: enough to make a block's
+/// own cost small against its rows', few enough that noting their places takes little memory.
+const BLOCK_ROWS: usize = 128;
 /// What the write buffer starts with, and the most it keeps between requests: a request that
 /// needed more (a large parameter) gives the rest back once it is sent or refused.
 const WRITE_KEEP: usize = 8 * 1024;
@@ -66,6 +72,8 @@ pub(crate) struct MessageStream {
     /// The read buffer grew past [`READ_CHUNK`] for a long message or a backlog: it is
     /// replaced by a fresh one once it is empty (see [`MessageStream::release_memory`]).
     read_buf_grown: bool,
+    /// Where [`MessageStream::take_data_rows`] notes the rows it found.
+    row_places: Vec<RowPlace>,
 }
 
 /// Whether a command with this tag changes the session for whoever uses the connection next:
@@ -136,6 +144,7 @@ impl MessageStream {
             ask_again: AskAgain::default(),
             busy_poll: None,
             last_read_full: true,
+            row_places: Vec::new(),
             session_changed: false,
             sql_prepared: false,
             statements_dropped: false,
@@ -333,6 +342,65 @@ impl MessageStream {
         }
     }
 
+    /// Takes every DataRow whole at the front of the buffer (up to [`BLOCK_ROWS`] of them),
+    /// handing each row to `each`: a single one alone, several as one [`Block`]. False if the
+    /// next message is not a whole DataRow. Each row's layout is checked, and its column count
+    /// against `columns`: a bad row fails the call that finds it first.
+    pub(crate) fn take_data_rows(
+        &mut self,
+        columns: &Arc<[Column]>,
+        mut each: impl FnMut(Row),
+    ) -> Result<bool> {
+        let buf = &self.read_buf[..];
+        if buf.first() != Some(&b'D') {
+            return Ok(false);
+        }
+        let Some(len) = protocol::frame_len(buf, self.max_message_len)? else {
+            return Ok(false);
+        };
+        if buf.len() < 1 + len {
+            return Ok(false);
+        }
+        if buf.get(1 + len) != Some(&b'D') {
+            // One row (a point query's): alone, as the general path makes it.
+            let mut body = self.read_buf.split_to(1 + len).freeze();
+            body.advance(5); // advancing an owned Bytes touches no counter
+            self.streaming = true;
+            each(Row::new(columns.clone(), DataRow::decode(body)?)?);
+            return Ok(true);
+        }
+        self.row_places.clear();
+        let mut pos = 0;
+        while buf.get(pos) == Some(&b'D') && self.row_places.len() < BLOCK_ROWS {
+            // The rows before a bad one are handed out first, as one at a time they would be;
+            // the next call finds it first, and fails.
+            let Ok(Some(len)) = protocol::frame_len(&buf[pos..], self.max_message_len) else {
+                break;
+            };
+            let end = pos + 1 + len;
+            let Some(body) = buf.get(pos + 5..end) else {
+                break;
+            };
+            let layout = match RowLayout::check(body) {
+                Ok(layout) if layout.len() == columns.len() => layout,
+                _ if pos > 0 => break,
+                Ok(layout) => return Err(column_count_mismatch(layout.len(), columns.len())),
+                Err(e) => return Err(e),
+            };
+            // The body's places are after the column count.
+            self.row_places.push(RowPlace {
+                start: pos + 7,
+                end,
+                layout,
+            });
+            pos = end;
+        }
+        self.streaming = true;
+        let bytes = self.read_buf.split_to(pos).freeze();
+        Block::rows(columns, bytes, &self.row_places, each);
+        Ok(true)
+    }
+
     /// Takes a BindComplete if it is next in the buffer (a cached statement's answer starts
     /// with one).
     pub(crate) fn take_bind_complete(&mut self) -> bool {
@@ -511,6 +579,91 @@ mod tests {
         ours.set_nonblocking(true).unwrap();
         let socket = Socket::Unix(super::super::socket::ReadWatchedSocket::new(ours).unwrap());
         (MessageStream::new(socket, 1 << 20), theirs)
+    }
+
+    /// One int4 column, as a RowDescription would give it.
+    fn int4_column() -> Arc<[Column]> {
+        let field = protocol::FieldDescription {
+            name: "n".into(),
+            table_oid: 0,
+            column_id: 0,
+            type_oid: 23,
+            type_size: 4,
+            type_modifier: -1,
+            format: 1,
+        };
+        Arc::from([Column::from_field(&field)])
+    }
+
+    #[tokio::test]
+    async fn rows_whole_in_the_buffer_are_taken_together_in_order_and_stay_whole() {
+        let (mut stream, _theirs) = pair();
+        let columns = int4_column();
+        // 300 rows (more than a block takes), then half a row.
+        for n in 0..300 {
+            stream.read_buf.extend_from_slice(&data_row(n));
+        }
+        stream.read_buf.extend_from_slice(&data_row(300)[..9]);
+        let mut rows = Vec::new();
+        let mut calls = 0;
+        while stream
+            .take_data_rows(&columns, |row| rows.push(row))
+            .unwrap()
+        {
+            calls += 1;
+        }
+        assert_eq!(calls, 300_usize.div_ceil(BLOCK_ROWS));
+        assert_eq!(
+            stream.read_buf.len(),
+            9,
+            "the half row is left for the next read"
+        );
+        // The buffer's memory is used again for what comes next; the rows keep their own.
+        stream.read_buf.clear();
+        stream.read_buf.extend_from_slice(&[0xee; 4096]);
+        for (row, n) in rows.iter().zip(0..) {
+            assert_eq!(row.get::<_, i32>(0), n);
+            assert_eq!(row.clone().raw(0), Some(&n.to_be_bytes()[..]));
+        }
+        drop(stream);
+        let late: Vec<_> = rows.split_off(150);
+        let thread =
+            std::thread::spawn(move || late.iter().map(|r| r.get::<_, i32>(0)).sum::<i32>());
+        drop(rows);
+        assert_eq!(thread.join().unwrap(), (150..300).sum::<i32>());
+    }
+
+    #[tokio::test]
+    async fn rows_taken_together_stop_before_a_bad_one_which_fails_the_next_take() {
+        let columns = int4_column();
+        let two_columns = [&b"D\0\0\0\x0e\0\x02\0\0\0\0\xff\xff\xff\xff"[..]].concat();
+        let truncated = b"D\0\0\0\x0c\0\x01\0\0\0\x09\x01\x02".to_vec();
+        for (bad, expected) in [
+            (
+                two_columns,
+                "DataRow has 2 columns but RowDescription has 1",
+            ),
+            (truncated, "truncated"),
+        ] {
+            let (mut stream, _theirs) = pair();
+            for n in 0..3 {
+                stream.read_buf.extend_from_slice(&data_row(n));
+            }
+            stream.read_buf.extend_from_slice(&bad);
+            stream.read_buf.extend_from_slice(&data_row(3));
+            let mut rows = Vec::new();
+            assert!(
+                stream
+                    .take_data_rows(&columns, |row| rows.push(row))
+                    .unwrap()
+            );
+            let values: Vec<i32> = rows.iter().map(|r| r.get(0)).collect();
+            assert_eq!(values, [0, 1, 2]);
+            let e = stream
+                .take_data_rows(&columns, |_| panic!("no row"))
+                .unwrap_err();
+            assert!(e.to_string().contains(expected), "{e}");
+        }
     }
 
     #[tokio::test]

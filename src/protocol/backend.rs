@@ -105,21 +105,27 @@ pub struct FieldDescription {
 pub struct DataRow {
     /// The body after the column count.
     body: Bytes,
+    layout: RowLayout,
+}
+
+/// How many columns after the first have their place noted in a [`RowLayout`]: 6, which with
+/// the column count take 14 bytes, and cover most rows.
+const NOTED: usize = 6;
+
+/// What walking a DataRow's length words once finds: how many columns it has, and where the
+/// length words of columns 1 to [`NOTED`] begin in the body after the column count (column
+/// 0's is at 0), so that reading a column does not hop over every one before it; 0 where not
+/// noted (past 64 KiB into the body).
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct RowLayout {
     columns: u16,
-    /// Where the length words of columns 1 to [`NOTED`] begin in `body` (column 0's is at 0),
-    /// noted as the layout is checked, so that reading a column does not hop over every one
-    /// before it; 0 where not noted (past 64 KiB into the body).
     starts: [u16; NOTED],
 }
 
-/// How many columns after the first have their place noted in a [`DataRow`]: 6, which with
-/// the column count take 14 bytes (the struct grows from 40 to 48), and cover most rows.
-const NOTED: usize = 6;
-
 impl PartialEq for DataRow {
     fn eq(&self, other: &DataRow) -> bool {
-        // `starts` follows from the body.
-        self.columns == other.columns && self.body == other.body
+        // The layout follows from the body.
+        self.layout.columns == other.layout.columns && self.body == other.body
     }
 }
 
@@ -148,12 +154,14 @@ impl Places {
     }
 }
 
-impl DataRow {
-    pub(crate) fn decode(mut body: Bytes) -> Result<DataRow> {
+impl RowLayout {
+    /// Checks the layout of a DataRow's body (from its column count on): that each value is
+    /// there and nothing follows.
+    #[inline(always)]
+    pub(crate) fn check(b: &[u8]) -> Result<RowLayout> {
         // Every value of every row passes here: the length words are walked by hand rather
-        // than through `Reader`, checking that each value is there and nothing follows.
+        // than through `Reader`.
         let truncated = || Error::protocol("DataRow message is truncated");
-        let b: &[u8] = &body;
         let count = match b {
             [hi, lo, ..] => i16::from_be_bytes([*hi, *lo]),
             _ => return Err(truncated()),
@@ -187,22 +195,69 @@ impl DataRow {
                 b.len() - pos
             )));
         }
-        body.advance(2); // the column count; advancing an owned Bytes touches no counter
-        Ok(DataRow {
-            body,
+        Ok(RowLayout {
             columns,
             starts: places.starts(),
         })
     }
 
     /// The number of columns.
+    #[inline]
+    pub(crate) fn len(&self) -> usize {
+        usize::from(self.columns)
+    }
+
+    /// The value of column `idx` in `body`, the body (after the column count) this layout
+    /// was found in; `None` for NULL or out of range.
+    #[inline]
+    pub(crate) fn value<'a>(&self, body: &'a [u8], idx: usize) -> Option<&'a [u8]> {
+        if idx >= usize::from(self.columns) {
+            return None;
+        }
+        // From the place of column min(idx, NOTED), or from the start when that place lies
+        // past 64 KiB (not noted), hop over the columns before it by their length words
+        // alone. The layout was checked; the checked splits keep even a broken one in bounds.
+        let (from, at) = match idx.min(NOTED) {
+            0 => (0, 0),
+            k => match self.starts[k - 1] {
+                0 => (0, 0),
+                at => (k, usize::from(at)),
+            },
+        };
+        let mut rest: &[u8] = body.get(at..)?;
+        for _ in from..idx {
+            let (word, tail) = rest.split_first_chunk::<4>()?;
+            rest = match usize::try_from(i32::from_be_bytes(*word)) {
+                Ok(len) => tail.get(len..)?,
+                Err(_) => tail,
+            };
+        }
+        let (word, tail) = rest.split_first_chunk::<4>()?;
+        let len = usize::try_from(i32::from_be_bytes(*word)).ok()?;
+        tail.get(..len)
+    }
+}
+
+impl DataRow {
+    pub(crate) fn decode(mut body: Bytes) -> Result<DataRow> {
+        let layout = RowLayout::check(&body)?;
+        body.advance(2); // the column count; advancing an owned Bytes touches no counter
+        Ok(DataRow { body, layout })
+    }
+
+    /// The body after the column count, and its layout.
+    pub(crate) fn into_parts(self) -> (Bytes, RowLayout) {
+        (self.body, self.layout)
+    }
+
+    /// The number of columns.
     pub fn len(&self) -> usize {
-        self.columns as usize
+        self.layout.len()
     }
 
     /// True if the row has no columns.
     pub fn is_empty(&self) -> bool {
-        self.columns == 0
+        self.layout.columns == 0
     }
 
     /// The whole buffer the ranges of [`DataRow::ranges`] index into.
@@ -215,37 +270,13 @@ impl DataRow {
         DataRowRanges {
             buf: &self.body,
             pos: 0,
-            left: self.columns,
+            left: self.layout.columns,
         }
     }
 
     /// The value of column `idx` (`None` for NULL or out of range).
     pub fn value(&self, idx: usize) -> Option<&[u8]> {
-        if idx >= usize::from(self.columns) {
-            return None;
-        }
-        // From the place of column min(idx, NOTED), or from the start when that place lies
-        // past 64 KiB (not noted), hop over the columns before it by their length words
-        // alone. The layout was checked in DataRow::decode; the checked splits keep even a
-        // broken one in bounds.
-        let (from, at) = match idx.min(NOTED) {
-            0 => (0, 0),
-            k => match self.starts[k - 1] {
-                0 => (0, 0),
-                at => (k, usize::from(at)),
-            },
-        };
-        let mut rest: &[u8] = self.body.get(at..)?;
-        for _ in from..idx {
-            let (word, tail) = rest.split_first_chunk::<4>()?;
-            rest = match usize::try_from(i32::from_be_bytes(*word)) {
-                Ok(len) => tail.get(len..)?,
-                Err(_) => tail,
-            };
-        }
-        let (word, tail) = rest.split_first_chunk::<4>()?;
-        let len = usize::try_from(i32::from_be_bytes(*word)).ok()?;
-        tail.get(..len)
+        self.layout.value(&self.body, idx)
     }
 }
 
@@ -550,7 +581,7 @@ impl BackendMessage {
                     }
                 }
                 BackendMessage::DataRow(row) => {
-                    buf.put_u16(row.columns);
+                    buf.put_u16(row.layout.columns);
                     buf.put_slice(&row.body);
                 }
                 BackendMessage::ErrorResponse(db) | BackendMessage::NoticeResponse(db) => {
@@ -662,8 +693,10 @@ impl FromIterator<Option<Bytes>> for DataRow {
         }
         DataRow {
             body: body.freeze(),
-            columns,
-            starts: places.starts(),
+            layout: RowLayout {
+                columns,
+                starts: places.starts(),
+            },
         }
     }
 }

@@ -18,10 +18,10 @@ pub mod scram;
 
 use bytes::{Buf, Bytes, BytesMut};
 
-pub(crate) use backend::command_tag;
 pub use backend::{
     Authentication, BackendMessage, CopyFormat, DataRow, FieldDescription, TransactionStatus,
 };
+pub(crate) use backend::{RowLayout, command_tag};
 pub use frontend::{FrontendMessage, Target};
 
 use crate::error::{Error, Result};
