@@ -3,7 +3,7 @@
 //! A [`Row`] keeps the server's DataRow as it came and decodes a column only when it is asked
 //! for, through `postgres_types::FromSql`: there is no allocation per column. The rows that
 //! arrive together in one read share one piece of the read buffer and one reference to their
-//! columns ([`Block`]), so that each costs one reference count, not two.
+//! columns, so that each costs one reference count, not two (see `Block`).
 
 use std::fmt;
 use std::sync::Arc;
