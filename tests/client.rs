@@ -622,6 +622,21 @@ async fn rows_read_together_keep_their_values_when_their_types_are_looked_up() {
             check(&streamed, 1);
         }
         uncached.close_connection_pool().await.unwrap();
+        // Inside a transaction of the caller's (the batch opens none, and the lookup runs in
+        // it); the second time the types are known.
+        let in_tx = engine_with(PoolOptions::default().max_size(1)).await;
+        let tx = in_tx.begin().await.unwrap();
+        for _ in 0..2 {
+            let mut batches = tx.batch(sql, 1000).await.unwrap();
+            let mut from = 1;
+            while let Some(batch) = batches.next_batch().await.unwrap() {
+                check(&batch, from);
+                from += batch.len() as i32;
+            }
+            assert_eq!(from, 5001);
+        }
+        tx.commit().await.unwrap();
+        in_tx.close_connection_pool().await.unwrap();
         engine.run_ddl("DROP TYPE rows_mood").await.unwrap();
         engine.close_connection_pool().await.unwrap();
     })
