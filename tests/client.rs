@@ -580,16 +580,7 @@ async fn rows_read_together_keep_their_values_when_their_types_are_looked_up() {
             )
             .await
             .unwrap();
-        let sql = "SELECT g, (ARRAY['sad', 'ok', 'happy']::rows_mood[])[g % 3 + 1] AS mood \
-                   FROM generate_series(1, 5000) g";
-        let mood = |g: i32| ["sad", "ok", "happy"][(g % 3) as usize].as_bytes();
-        let check = |rows: &[pgengine::Row], from: i32| {
-            for (row, g) in rows.iter().zip(from..) {
-                assert_eq!(row.get::<_, i32>(0), g);
-                assert_eq!(row.columns()[1].type_().name(), "rows_mood");
-                assert_eq!(row.raw(1), Some(mood(g)));
-            }
-        };
+        let sql = MOODS_SQL;
         // Without a statement cache too: the batch's statement is then the unnamed one.
         let uncached = PostgresEngine::builder(common::tcp_config(TempCluster::SUPERUSER))
             .statement_cache_capacity(0)
@@ -600,18 +591,11 @@ async fn rows_read_together_keep_their_values_when_their_types_are_looked_up() {
             .unwrap();
         for engine in [&engine, &uncached] {
             // Every batch, not only the first: the lookup runs between two of them.
-            let mut batches = engine.batch(sql, 1000).await.unwrap();
-            let mut from = 1;
-            while let Some(batch) = batches.next_batch().await.unwrap() {
-                check(&batch, from);
-                from += batch.len() as i32;
-            }
-            assert_eq!(from, 5001);
-            drop(batches);
+            check_mood_batches(engine.batch(sql, 1000).await.unwrap()).await;
             // The statement the batch cached is run again with the types looked up.
             let rows = engine.query(sql).await.unwrap();
             assert_eq!(rows.len(), 5000);
-            check(&rows, 1);
+            check_moods(&rows, 1);
             let streamed: Vec<_> = engine
                 .query_stream(sql)
                 .await
@@ -619,7 +603,7 @@ async fn rows_read_together_keep_their_values_when_their_types_are_looked_up() {
                 .try_collect()
                 .await
                 .unwrap();
-            check(&streamed, 1);
+            check_moods(&streamed, 1);
         }
         uncached.close_connection_pool().await.unwrap();
         // Inside a transaction of the caller's (the batch opens none, and the lookup runs in
@@ -627,13 +611,7 @@ async fn rows_read_together_keep_their_values_when_their_types_are_looked_up() {
         let in_tx = engine_with(PoolOptions::default().max_size(1)).await;
         let tx = in_tx.begin().await.unwrap();
         for _ in 0..2 {
-            let mut batches = tx.batch(sql, 1000).await.unwrap();
-            let mut from = 1;
-            while let Some(batch) = batches.next_batch().await.unwrap() {
-                check(&batch, from);
-                from += batch.len() as i32;
-            }
-            assert_eq!(from, 5001);
+            check_mood_batches(tx.batch(sql, 1000).await.unwrap()).await;
         }
         tx.commit().await.unwrap();
         in_tx.close_connection_pool().await.unwrap();
@@ -641,6 +619,30 @@ async fn rows_read_together_keep_their_values_when_their_types_are_looked_up() {
         engine.close_connection_pool().await.unwrap();
     })
     .await;
+}
+
+/// 5,000 rows of a type defined at run time: (g, the g-th of sad, ok, happy).
+const MOODS_SQL: &str = "SELECT g, (ARRAY['sad', 'ok', 'happy']::rows_mood[])[g % 3 + 1] AS mood \
+                         FROM generate_series(1, 5000) g";
+
+/// Checks rows of [`MOODS_SQL`] starting with row `from`.
+fn check_moods(rows: &[pgengine::Row], from: i32) {
+    for (row, g) in rows.iter().zip(from..) {
+        assert_eq!(row.get::<_, i32>(0), g);
+        assert_eq!(row.columns()[1].type_().name(), "rows_mood");
+        let mood = ["sad", "ok", "happy"][(g % 3) as usize];
+        assert_eq!(row.raw(1), Some(mood.as_bytes()));
+    }
+}
+
+/// Reads every batch of [`MOODS_SQL`], checking each row, and that all 5,000 came.
+async fn check_mood_batches(mut batches: pgengine::batch::AsyncBatch<'_>) {
+    let mut from = 1;
+    while let Some(batch) = batches.next_batch().await.unwrap() {
+        check_moods(&batch, from);
+        from += batch.len() as i32;
+    }
+    assert_eq!(from, 5001);
 }
 
 async fn engine_with(options: PoolOptions) -> PostgresEngine {

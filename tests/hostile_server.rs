@@ -455,6 +455,16 @@ fn rows_then(bad: Vec<u8>) -> Vec<u8> {
     raw
 }
 
+/// A server that answers an extended `SELECT n` with [`rows_then`] `bad`.
+async fn answering_with_rows_then(bad: Vec<u8>) -> MockServer {
+    MockServer::start(script([
+        trust_login(),
+        extended_query_start(int4_columns(&["n"])),
+        vec![Step::SendRaw(rows_then(bad))],
+    ]))
+    .await
+}
+
 /// The bad rows for [`rows_then`]: one with a column too many, one whose value runs past its
 /// end; and the error each must give.
 fn bad_rows() -> [(Vec<u8>, &'static str); 2] {
@@ -470,12 +480,7 @@ fn bad_rows() -> [(Vec<u8>, &'static str); 2] {
 #[tokio::test]
 async fn a_bad_row_among_rows_read_together_streamed_ends_the_rows_after_those_before_it() {
     for (bad, expected) in bad_rows() {
-        let server = MockServer::start(script([
-            trust_login(),
-            extended_query_start(int4_columns(&["n"])),
-            vec![Step::SendRaw(rows_then(bad))],
-        ]))
-        .await;
+        let server = answering_with_rows_then(bad).await;
         let mut conn = connect(&server.config()).await;
         {
             let mut rows = guard("query_stream", conn.query_stream("SELECT n"))
@@ -508,12 +513,7 @@ async fn a_bad_row_among_rows_read_together_streamed_ends_the_rows_after_those_b
 #[tokio::test]
 async fn a_bad_row_among_rows_read_together_fails_the_query() {
     for (bad, expected) in bad_rows() {
-        let server = MockServer::start(script([
-            trust_login(),
-            extended_query_start(int4_columns(&["n"])),
-            vec![Step::SendRaw(rows_then(bad))],
-        ]))
-        .await;
+        let server = answering_with_rows_then(bad).await;
         let mut conn = connect(&server.config()).await;
         let err = guard("query", conn.query("SELECT n"))
             .await
