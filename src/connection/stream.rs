@@ -343,39 +343,29 @@ impl MessageStream {
     }
 
     /// Takes every DataRow whole at the front of the buffer (up to [`BLOCK_ROWS`] of them),
-    /// handing each row to `each`: a single one alone, several as one [`Block`]. False if the
-    /// next message is not a whole DataRow. Each row's layout is checked, and its column count
+    /// handing each row to `each` (see [`Block::rows`]). False if the next message is not a
+    /// whole DataRow. Each row's layout is checked, and its column count
     /// against `columns`: a bad row fails the call that finds it first.
     pub(crate) fn take_data_rows(
         &mut self,
         columns: &Arc<[Column]>,
-        mut each: impl FnMut(Row),
+        each: impl FnMut(Row),
     ) -> Result<bool> {
         let buf = &self.read_buf[..];
         if buf.first() != Some(&b'D') {
+            // Most calls: a statement without rows, or the rows' end.
             return Ok(false);
-        }
-        let Some(len) = protocol::frame_len(buf, self.max_message_len)? else {
-            return Ok(false);
-        };
-        if buf.len() < 1 + len {
-            return Ok(false);
-        }
-        if buf.get(1 + len) != Some(&b'D') {
-            // One row (a point query's): alone, as the general path makes it.
-            let mut body = self.read_buf.split_to(1 + len).freeze();
-            body.advance(5); // advancing an owned Bytes touches no counter
-            self.streaming = true;
-            each(Row::new(columns.clone(), DataRow::decode(body)?)?);
-            return Ok(true);
         }
         self.row_places.clear();
         let mut pos = 0;
         while buf.get(pos) == Some(&b'D') && self.row_places.len() < BLOCK_ROWS {
             // The rows before a bad one are handed out first, as one at a time they would be;
             // the next call finds it first, and fails.
-            let Ok(Some(len)) = protocol::frame_len(&buf[pos..], self.max_message_len) else {
-                break;
+            let len = match protocol::frame_len(&buf[pos..], self.max_message_len) {
+                Ok(Some(len)) => len,
+                Ok(None) => break,
+                Err(_) if pos > 0 => break,
+                Err(e) => return Err(e),
             };
             let end = pos + 1 + len;
             let Some(body) = buf.get(pos + 5..end) else {
@@ -394,6 +384,9 @@ impl MessageStream {
                 layout,
             });
             pos = end;
+        }
+        if pos == 0 {
+            return Ok(false);
         }
         self.streaming = true;
         let bytes = self.read_buf.split_to(pos).freeze();
